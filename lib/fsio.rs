@@ -1,0 +1,281 @@
+//! The one module that owns durable writes, directory fsync and locking. Nobody else opens a
+//! file for writing under its final name.
+//!
+//! * [`AtomicFile`]: write under a temp name in the same directory, fsync, rename, fsync the
+//!   directory. Dropped without [`AtomicFile::commit`], the temp file is removed, so a failed
+//!   writer never leaves a partial file under a final name (a killed one leaves a `.tmp-` file
+//!   that readers ignore and the next writer may sweep).
+//! * [`RefLock`]: git's `update-ref` protocol for small sidecars such as `latest`: create
+//!   `NAME.lock` with `O_CREAT|O_EXCL`, read and compare the old value, write the new one into
+//!   the lock file, fsync, rename over `NAME`, fsync the directory.
+//! * [`HostLock`]: an exclusive `flock` (std `File::lock`) for host-local mutual exclusion.
+
+use crate::error::{Error, IoContext, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Marker inside every temp name; readers and sweepers recognise temps by it.
+pub const TEMP_MARKER: &str = ".tmp-";
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// True for names this module uses for in-progress files (`.NAME.tmp-PID-N`).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(TEMP_MARKER)
+}
+
+fn temp_path_for(target: &Path) -> PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    target.with_file_name(format!(".{name}{TEMP_MARKER}{}-{n}", std::process::id()))
+}
+
+/// fsync a directory so that renames and creations inside it survive power loss.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Create a directory (and parents) and fsync each parent whose entry changed.
+pub fn create_dir_durable(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if !parent.as_os_str().is_empty() {
+            create_dir_durable(parent)?;
+        }
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => fsync_dir(parent_of(dir)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+/// A file being written under a temp name beside its final name.
+pub struct AtomicFile {
+    target: PathBuf,
+    temp: PathBuf,
+    file: Option<File>,
+}
+
+impl AtomicFile {
+    pub fn create(target: impl AsRef<Path>) -> Result<Self> {
+        let target = target.as_ref().to_path_buf();
+        let temp = temp_path_for(&target);
+        let file = OpenOptions::new().write(true).read(true).create_new(true).mode(0o644).open(&temp).at(&temp)?;
+        Ok(AtomicFile { target, temp, file: Some(file) })
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+    pub fn file(&self) -> &File {
+        self.file.as_ref().expect("AtomicFile used after commit")
+    }
+
+    /// fsync the data, rename over the final name, fsync the directory.
+    pub fn commit(mut self) -> Result<()> {
+        let file = self.file.take().expect("AtomicFile committed twice");
+        crate::failpoint!("fsio.before_fsync");
+        file.sync_all().at(&self.temp)?;
+        drop(file);
+        crate::failpoint!("fsio.before_rename");
+        fs::rename(&self.temp, &self.target).at(&self.target)?;
+        crate::failpoint!("fsio.before_dir_fsync");
+        fsync_dir(parent_of(&self.target))
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.as_mut().expect("AtomicFile used after commit").write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().expect("AtomicFile used after commit").flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Write `bytes` to `path` atomically and durably.
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    let mut f = AtomicFile::create(path.as_ref())?;
+    f.write_all(bytes).at(f.temp_path().to_path_buf())?;
+    f.commit()
+}
+
+/// Copy a file to `dst` atomically and durably (reflink or copy_file_range where the kernel can).
+pub fn copy_atomic(src: &Path, dst: &Path) -> Result<u64> {
+    let f = AtomicFile::create(dst)?;
+    let mut input = File::open(src).at(src)?;
+    let mut out = f.file();
+    let n = io::copy(&mut input, &mut out).at(src)?;
+    f.commit()?;
+    Ok(n)
+}
+
+/// Remove a file and fsync its directory; a missing file is not an error.
+pub fn remove_durable(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => fsync_dir(parent_of(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// git's lockfile protocol for one small sidecar file (`latest`, cursors, counters).
+pub struct RefLock {
+    target: PathBuf,
+    lock: PathBuf,
+    file: Option<File>,
+}
+
+/// How long [`RefLock::acquire`] retries before reporting the lock busy.
+pub const REF_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl RefLock {
+    pub fn lock_path(target: &Path) -> PathBuf {
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        target.with_file_name(format!("{name}.lock"))
+    }
+
+    /// Create `TARGET.lock` exclusively, retrying with jitter until `timeout`.
+    pub fn acquire(target: impl AsRef<Path>, timeout: Duration) -> Result<Self> {
+        let target = target.as_ref().to_path_buf();
+        let lock = Self::lock_path(&target);
+        let start = Instant::now();
+        let mut backoff_ms = 1u64;
+        loop {
+            match OpenOptions::new().write(true).create_new(true).mode(0o644).open(&lock) {
+                Ok(file) => return Ok(RefLock { target, lock, file: Some(file) }),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if start.elapsed() >= timeout {
+                        let age = fs::metadata(&lock)
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .and_then(|t| SystemTime::now().duration_since(t).ok())
+                            .map(|d| format!("{}s old", d.as_secs()))
+                            .unwrap_or_else(|| "age unknown".into());
+                        return Err(Error::Locked {
+                            path: lock,
+                            reason: format!(
+                                "held by another writer for more than {:?} ({age}); if no writer is running, a crashed one left it: remove it by hand",
+                                timeout
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(backoff_ms + jitter_ms(backoff_ms)));
+                    backoff_ms = (backoff_ms * 2).min(100);
+                }
+                Err(e) => return Err(Error::io(&lock, e)),
+            }
+        }
+    }
+
+    /// Current contents of the target (None if it does not exist).
+    pub fn read_current(&self) -> Result<Option<String>> {
+        match fs::read_to_string(&self.target) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&self.target, e)),
+        }
+    }
+
+    /// Write the new value into the lock, fsync, rename over the target, fsync the directory.
+    pub fn commit(mut self, contents: &[u8]) -> Result<()> {
+        let mut file = self.file.take().expect("RefLock committed twice");
+        file.write_all(contents).at(&self.lock)?;
+        file.sync_all().at(&self.lock)?;
+        drop(file);
+        crate::failpoint!("reflock.before_rename");
+        let res = fs::rename(&self.lock, &self.target).at(&self.target);
+        if res.is_err() {
+            let _ = fs::remove_file(&self.lock);
+        }
+        res?;
+        fsync_dir(parent_of(&self.target))
+    }
+}
+
+impl Drop for RefLock {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.lock);
+        }
+    }
+}
+
+fn jitter_ms(scale: u64) -> u64 {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    (nanos as u64 ^ std::process::id() as u64) % (scale + 1)
+}
+
+/// An exclusive advisory lock (flock) on a host-local lock file; released on drop or process death.
+pub struct HostLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl HostLock {
+    /// Block until the lock is ours, or fail after `timeout` (None: wait forever).
+    pub fn acquire(path: impl AsRef<Path>, timeout: Option<Duration>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path).at(&path)?;
+        match timeout {
+            None => file.lock().at(&path)?,
+            Some(t) => {
+                let start = Instant::now();
+                loop {
+                    match file.try_lock() {
+                        Ok(()) => break,
+                        Err(fs::TryLockError::WouldBlock) if start.elapsed() < t => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        Err(fs::TryLockError::WouldBlock) => {
+                            return Err(Error::Locked { path, reason: format!("still held after {t:?}") })
+                        }
+                        Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+                    }
+                }
+            }
+        }
+        Ok(HostLock { _file: file, path })
+    }
+
+    /// Take the lock if it is free right now.
+    pub fn try_acquire(path: impl AsRef<Path>) -> Result<Option<Self>> {
+        let path = path.as_ref().to_path_buf();
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path).at(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(HostLock { _file: file, path })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
