@@ -1,1 +1,86 @@
-fn main(){}
+use clap::Parser;
+use disagg::checksum::ChecksumAlg;
+use disagg::diff::{publish, DiffOptions, DEFAULT_MAX_FILE_BYTES};
+use disagg::version::Encoding;
+use std::path::PathBuf;
+
+/// Publish NEW as weight version N under SRC: a delta against OLD holding only the changed
+/// tensors (slime's format), or with --full a full checkpoint that resets the chain.
+#[derive(Parser)]
+#[command(version, after_help = "Examples:
+  delta-diff ckpt/step_6 ckpt/step_7 --publish /shared/weights --version 7 --json
+  delta-diff ckpt/step_6 ckpt/step_8 --publish /shared/weights --version 8 --encoding overwrite
+  delta-diff ckpt/step_0 ckpt/step_9 --publish /shared/weights --version 9 --full
+
+Exit codes: 0 ok, 2 usage, 3 malformed input, 4 checkpoints differ in tensors/shapes/dtypes,
+5 version already exists (or incomplete), 6 not found, 8 post-write hook failed, 10 I/O.")]
+struct Args {
+    /// The checkpoint the base version holds (directory or .safetensors file).
+    old: PathBuf,
+    /// The checkpoint to publish.
+    new: PathBuf,
+    /// Publish root SRC; the version goes to SRC/weight_v{N:06}.
+    #[arg(long, value_name = "SRC")]
+    publish: PathBuf,
+    /// Version number N (>= 1).
+    #[arg(long, value_name = "N")]
+    version: u64,
+    /// Version the delta applies to (default N-1).
+    #[arg(long, value_name = "M")]
+    base_version: Option<u64>,
+    #[arg(long, default_value = "xor", value_parser = clap::builder::PossibleValuesParser::new(["xor", "overwrite"]))]
+    encoding: String,
+    #[arg(long, default_value = "xxh3-128", value_parser = clap::builder::PossibleValuesParser::new(["xxh3-128", "blake3", "adler32"]))]
+    checksum: String,
+    /// Publish NEW as a full version (OLD is not read).
+    #[arg(long)]
+    full: bool,
+    /// Shell command run after the files are written, before returning (env DISAGG_VERSION,
+    /// DISAGG_VERSION_DIR, DISAGG_SOURCE).
+    #[arg(long, value_name = "CMD")]
+    post_write_hook: Option<String>,
+    /// Remove an incomplete SRC/weight_v{N} left by a crashed publisher and write it again.
+    #[arg(long)]
+    replace_incomplete: bool,
+    /// Cap on payload bytes per delta data file.
+    #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
+    max_file_bytes: u64,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let a = Args::parse();
+    disagg::error::run_main("delta-diff", || {
+        let opts = DiffOptions {
+            old: a.old,
+            new: a.new,
+            publish: a.publish,
+            version: a.version,
+            base_version: a.base_version,
+            encoding: a.encoding.parse::<Encoding>().map_err(disagg::error::Error::Usage)?,
+            checksum: a.checksum.parse::<ChecksumAlg>().map_err(disagg::error::Error::Usage)?,
+            full: a.full,
+            post_write_hook: a.post_write_hook,
+            replace_incomplete: a.replace_incomplete,
+            max_file_bytes: a.max_file_bytes.max(1),
+        };
+        let r = publish(&opts)?;
+        disagg::report::print(&r, a.json, || {
+            format!(
+                "published {} version {} at {}: {}/{} tensors changed, density {:.4}, {} wire bytes in {} file(s), {:.3}s ({:.2} GB/s)",
+                r.kind,
+                r.version,
+                r.path.display(),
+                r.tensors_changed,
+                r.tensors_total,
+                r.density,
+                r.wire_bytes,
+                r.files,
+                r.seconds,
+                r.throughput_gbps
+            )
+        })
+    })
+}

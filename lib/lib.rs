@@ -6,3 +6,13 @@
 pub mod error;
 pub mod failpoint;
 pub mod fsio;
+pub mod checkpoint;
+pub mod checksum;
+pub mod version;
+pub mod pointer;
+pub mod codec;
+pub mod hooks;
+pub mod progress;
+pub mod diff;
+pub mod apply;
+pub mod report;

@@ -1,0 +1,393 @@
+//! `delta-apply`: bring a host-local checkpoint to a published weight version — sglang's
+//! `/pull_weights` algorithm (BRIEF §1) made crash-safe.
+//!
+//! Host state lives in `LOCAL/.weight_sync/`:
+//! * `state.json` — `{"version": "000007"}` (slime's format; `run_id` added when the source
+//!   pointer names a run). Written only after the bytes it names are durable.
+//! * `intent.json` — written (durably) before LOCAL is mutated and removed after `state.json`
+//!   is updated: `{"op": "seed"|"apply", "from": "000006"|null, "to": "000007", "run_id": ..}`.
+//!   Finding one at start means a run died mid-mutation: LOCAL is dirty (an XOR half-applied
+//!   cannot be undone or redone safely), so the next run reseeds and replays the chain. This is
+//!   the fix for slime's "every retry re-XORs and fails forever".
+//! * `lock` — exclusive flock: co-located ranks collapse to one apply; the others wait, then
+//!   find the state at the target and return without work.
+//!
+//! Every version on the path is validated (index, headers, checksums present) before LOCAL
+//! is touched; every patched tensor's checksum is recomputed from the patched bytes; mmapped
+//! writes are msync'ed and fsync'ed before `state.json` names the new version.
+
+use crate::checkpoint::{is_plain_file_name, Checkpoint, SafetensorsFile};
+use crate::codec::{self, PayloadError};
+use crate::error::{Error, IoContext, Result};
+use crate::fsio::{self, HostLock};
+use crate::pointer::{read_latest, Pointer};
+use crate::version::{parse_version_str, version_str, DeltaMeta, VersionDir};
+use memmap2::MmapMut;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const SYNC_DIR: &str = ".weight_sync";
+pub const STATE_NAME: &str = "state.json";
+pub const INTENT_NAME: &str = "intent.json";
+pub const LOCK_NAME: &str = "lock";
+
+/// Which version to bring LOCAL to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Latest,
+    Version(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    pub local: PathBuf,
+    pub base: Option<PathBuf>,
+    pub source: PathBuf,
+    pub target: Target,
+    /// Versions live under SOURCE/RUN_ID (a numeric target; `latest` carries its own run id).
+    pub run_id: Option<String>,
+    pub pre_read_hook: Option<String>,
+    /// None: wait for the host lock as long as it takes.
+    pub lock_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApplyReport {
+    pub version: u64,
+    pub previous: Option<u64>,
+    pub run_id: Option<String>,
+    /// The version LOCAL was reset to a copy of (0 = the base checkpoint), if any.
+    pub seeded_from: Option<u64>,
+    /// True when an interrupted or damaged earlier run was detected and repaired.
+    pub repaired: bool,
+    pub repair_reason: Option<String>,
+    pub applied: Vec<u64>,
+    pub tensors_patched: usize,
+    pub noop: bool,
+    pub seconds: f64,
+    pub seconds_seed: f64,
+    pub seconds_apply: f64,
+}
+
+/// `LOCAL/.weight_sync/state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+}
+
+/// `LOCAL/.weight_sync/intent.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub op: String,
+    pub from: Option<String>,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+}
+
+/// A host-local full checkpoint plus its sync state.
+pub struct LocalCheckpoint {
+    dir: PathBuf,
+    sync: PathBuf,
+}
+
+/// What the sync directory says about LOCAL when we start.
+enum LocalStatus {
+    /// Holds exactly this version.
+    Clean(u64),
+    /// Never synced.
+    Fresh,
+    /// Interrupted or damaged; must be reseeded.
+    Dirty(String),
+}
+
+impl LocalCheckpoint {
+    pub fn new(dir: &Path) -> Self {
+        LocalCheckpoint { dir: dir.to_path_buf(), sync: dir.join(SYNC_DIR) }
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.sync.join(STATE_NAME)
+    }
+    fn intent_path(&self) -> PathBuf {
+        self.sync.join(INTENT_NAME)
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<std::result::Result<T, String>>> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| e.to_string()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// The state as recorded, for `status` style callers.
+    pub fn read_state(&self) -> Result<Option<SyncState>> {
+        match Self::read_json::<SyncState>(&self.state_path())? {
+            Some(Ok(s)) => Ok(Some(s)),
+            Some(Err(e)) => Err(Error::bad_input(self.state_path(), format!("unparseable state: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    fn write_state(&self, version: u64, run_id: &Option<String>) -> Result<()> {
+        let s = SyncState { version: version_str(version), run_id: run_id.clone() };
+        crate::failpoint!("apply.before_state");
+        fsio::write_atomic(self.state_path(), serde_json::to_string(&s).expect("plain JSON").as_bytes())
+    }
+
+    fn write_intent(&self, op: &str, from: Option<u64>, to: u64, run_id: &Option<String>) -> Result<()> {
+        let i = Intent { op: op.into(), from: from.map(version_str), to: version_str(to), run_id: run_id.clone() };
+        fsio::write_atomic(self.intent_path(), serde_json::to_string(&i).expect("plain JSON").as_bytes())
+    }
+
+    fn clear_intent(&self) -> Result<()> {
+        crate::failpoint!("apply.before_clear_intent");
+        fsio::remove_durable(&self.intent_path())
+    }
+
+    fn status(&self, run_id: &Option<String>) -> Result<LocalStatus> {
+        let state = match Self::read_json::<SyncState>(&self.state_path())? {
+            None => None,
+            Some(Err(e)) => return Ok(LocalStatus::Dirty(format!("state.json unparseable ({e})"))),
+            Some(Ok(s)) => match parse_version_str(&s.version) {
+                Some(v) => Some((v, s.run_id)),
+                None => return Ok(LocalStatus::Dirty(format!("state.json version {:?} unparseable", s.version))),
+            },
+        };
+        match Self::read_json::<Intent>(&self.intent_path())? {
+            None => {}
+            Some(Ok(i)) if i.op == "apply" && state.as_ref().is_some_and(|(v, r)| Some(*v) == parse_version_str(&i.to) && *r == i.run_id) => {
+                // Died after recording the new state but before clearing the intent: done.
+                self.clear_intent()?;
+            }
+            Some(Ok(i)) => return Ok(LocalStatus::Dirty(format!("an interrupted {} to version {} was found", i.op, i.to))),
+            Some(Err(e)) => return Ok(LocalStatus::Dirty(format!("intent.json unparseable ({e})"))),
+        }
+        let Some((v, r)) = state else { return Ok(LocalStatus::Fresh) };
+        if r != *run_id {
+            return Ok(LocalStatus::Fresh);
+        }
+        // A torn or tampered checkpoint (truncated file, bad header) is caught here.
+        if let Err(e) = Checkpoint::open(&self.dir) {
+            return Ok(LocalStatus::Dirty(format!("local checkpoint does not validate ({e})")));
+        }
+        Ok(LocalStatus::Clean(v))
+    }
+
+    /// Reset LOCAL to a copy of `seed`: copy every file, delete files the seed lacks, check sizes.
+    fn seed_from(&self, seed: &Path) -> Result<()> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(seed).at(seed)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().map(|t| t.is_file()).unwrap_or(false) && is_plain_file_name(&name) {
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            return Err(Error::not_found(seed, "seed checkpoint directory holds no files"));
+        }
+        names.par_iter().try_for_each(|n| {
+            crate::failpoint!("apply.seed_copy");
+            fsio::copy_atomic(&seed.join(n), &self.dir.join(n)).map(|_| ())
+        })?;
+        for e in std::fs::read_dir(&self.dir).at(&self.dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == SYNC_DIR || e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            if !names.contains(&name) {
+                fsio::remove_durable(&e.path())?;
+            }
+        }
+        for n in &names {
+            let (a, b) = (std::fs::metadata(seed.join(n)).at(seed.join(n))?.len(), std::fs::metadata(self.dir.join(n)).at(self.dir.join(n))?.len());
+            if a != b {
+                return Err(Error::Io { path: self.dir.join(n), source: std::io::Error::other(format!("copied {b} bytes of {a}")) });
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply one validated delta in place; verifies every patched tensor's checksum and makes
+    /// the bytes durable before returning.
+    fn apply_delta(&self, delta: &VersionDir, meta: &DeltaMeta, files: &[SafetensorsFile]) -> Result<usize> {
+        let layout = Checkpoint::open(&self.dir)?;
+        let index = delta.index.as_ref().expect("a delta always has an index");
+        // tensor name → (delta file, entry) and LOCAL file → its tensors to patch.
+        let dnames = index.files();
+        let mut per_local: BTreeMap<usize, Vec<(usize, &str)>> = BTreeMap::new();
+        for (tensor, file) in &index.weight_map {
+            let fi = dnames.iter().position(|n| n == file).expect("listed file");
+            let Some(loc) = layout.loc(tensor) else {
+                return Err(Error::Incompatible(format!(
+                    "{}: delta {} patches tensor {tensor:?}, which the local checkpoint {} does not have",
+                    delta.path.display(),
+                    delta.number,
+                    self.dir.display()
+                )));
+            };
+            per_local.entry(loc.file).or_default().push((fi, tensor));
+        }
+        let mut patched = 0;
+        for (lf, tensors) in per_local {
+            let local_file = &layout.files()[lf];
+            let path = local_file.path().to_path_buf();
+            let file = OpenOptions::new().read(true).write(true).open(&path).at(&path)?;
+            // SAFETY: LOCAL is host-private and guarded by the flock; nothing else maps it for
+            // writing. The layout was validated against this file's length just above.
+            let mut map = unsafe { MmapMut::map_mut(&file) }.at(&path)?;
+            if map.len() != local_file.len() {
+                return Err(Error::conflict(&path, "local file changed size while being patched"));
+            }
+            // Disjoint mutable slices, one per tensor, in file order.
+            let mut work: Vec<(&SafetensorsFile, &str, &crate::checkpoint::TensorEntry)> =
+                tensors.iter().map(|(fi, name)| (&files[*fi], *name, local_file.tensor(name).expect("in layout"))).collect();
+            work.sort_by_key(|(_, _, t)| t.offset);
+            let mut slices = Vec::with_capacity(work.len());
+            let mut rest: &mut [u8] = &mut map[..];
+            let mut consumed = 0usize;
+            for (_, _, t) in &work {
+                let (_, tail) = rest.split_at_mut(t.offset - consumed);
+                let (mine, tail) = tail.split_at_mut(t.len);
+                slices.push(mine);
+                rest = tail;
+                consumed = t.offset + t.len;
+            }
+            work.into_par_iter().zip(slices.into_par_iter()).try_for_each(|((df, name, _), slice)| -> Result<()> {
+                let entry = df.tensor(name).expect("validated");
+                let frame = df.bytes(entry);
+                codec::apply(meta.encoding, frame, slice).map_err(|e| match e {
+                    PayloadError::Io(io) => Error::bad_input(df.path(), format!("tensor {name:?}: corrupt zstd frame: {io}")),
+                    other => Error::bad_input(df.path(), format!("tensor {name:?}: {other}")),
+                })?;
+                crate::failpoint!("apply.after_tensor");
+                let expected = &df.metadata()[name];
+                let actual = meta.checksum.hex(slice);
+                if &actual != expected {
+                    return Err(Error::Checksum { path: df.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual });
+                }
+                Ok(())
+            })?;
+            patched += tensors.len();
+            map.flush().at(&path)?;
+            file.sync_all().at(&path)?;
+        }
+        Ok(patched)
+    }
+}
+
+/// Bring LOCAL to the target version; see the module docs.
+pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
+    let start = Instant::now();
+    if let Some(base) = &opts.base {
+        if let (Ok(a), Ok(b)) = (opts.local.canonicalize(), base.canonicalize()) {
+            if a == b {
+                return Err(Error::Usage(format!("--local and --base are the same directory ({}); LOCAL is patched in place", a.display())));
+            }
+        }
+    }
+    let local = LocalCheckpoint::new(&opts.local);
+    fsio::create_dir_durable(&local.sync)?;
+    let _lock = HostLock::acquire(local.sync.join(LOCK_NAME), opts.lock_timeout)?;
+
+    let target = match &opts.target {
+        Target::Version(v) => Pointer { run_id: opts.run_id.clone(), version: *v },
+        Target::Latest => read_latest(&opts.source)?.ok_or_else(|| Error::not_found(opts.source.join(crate::pointer::POINTER_NAME), "no `latest` pointer has been published yet"))?,
+    };
+    let root = target.root(&opts.source);
+    let run_id = target.run_id.clone();
+    let mut report = ApplyReport { version: target.version, run_id: run_id.clone(), ..Default::default() };
+
+    let applied = match local.status(&run_id)? {
+        LocalStatus::Clean(v) => Some(v),
+        LocalStatus::Fresh => None,
+        LocalStatus::Dirty(reason) => {
+            report.repaired = true;
+            report.repair_reason = Some(reason);
+            None
+        }
+    };
+    report.previous = applied;
+    if applied == Some(target.version) {
+        report.noop = true;
+        report.seconds = start.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+
+    // Walk down from the target along base links to the applied version, a full version, or 0.
+    let mut chain: Vec<VersionDir> = Vec::new();
+    let mut seed: Option<u64> = None;
+    let mut cur = target.version;
+    loop {
+        if Some(cur) == applied {
+            break;
+        }
+        if cur == 0 {
+            seed = Some(0);
+            break;
+        }
+        if let Some(cmd) = &opts.pre_read_hook {
+            crate::hooks::run_hook(cmd, cur, &root.join(crate::version::version_dir_name(cur)), &root)?;
+        }
+        let v = VersionDir::open(&root, cur)?;
+        match v.delta() {
+            None => {
+                seed = Some(cur);
+                chain.push(v);
+                break;
+            }
+            Some(d) => {
+                cur = d.base_version;
+                chain.push(v);
+            }
+        }
+    }
+    chain.reverse();
+    // Validate everything we will read before touching LOCAL.
+    let mut validated = Vec::with_capacity(chain.len());
+    for v in &chain {
+        validated.push(v.validate_files()?);
+    }
+    let mut version_now = applied;
+    let mut steps = chain.iter().zip(validated.iter()).peekable();
+    if let Some(s) = seed {
+        let seed_dir = if s == 0 {
+            opts.base.clone().ok_or_else(|| Error::Usage(format!("reaching version {} needs the base checkpoint (version 0): pass --base", target.version)))?
+        } else {
+            steps.next().expect("seed version is first in the chain").0.path.clone()
+        };
+        let t = Instant::now();
+        local.write_intent("seed", version_now, s, &run_id)?;
+        local.seed_from(&seed_dir)?;
+        // The seed must be a loadable checkpoint before we call it a version.
+        Checkpoint::open(&opts.local)?;
+        local.write_state(s, &run_id)?;
+        local.clear_intent()?;
+        report.seeded_from = Some(s);
+        report.seconds_seed = t.elapsed().as_secs_f64();
+        version_now = Some(s);
+    }
+    let t = Instant::now();
+    for (v, files) in steps {
+        let meta = v.delta().expect("only deltas after the seed");
+        if Some(meta.base_version) != version_now {
+            return Err(Error::conflict(&v.path, format!("delta base_version {} is not the applied version {:?}", meta.base_version, version_now)));
+        }
+        local.write_intent("apply", version_now, v.number, &run_id)?;
+        report.tensors_patched += local.apply_delta(v, meta, files)?;
+        local.write_state(v.number, &run_id)?;
+        local.clear_intent()?;
+        report.applied.push(v.number);
+        version_now = Some(v.number);
+    }
+    report.seconds_apply = t.elapsed().as_secs_f64();
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}

@@ -1,0 +1,272 @@
+//! Hugging Face safetensors checkpoints: one validated parser for files we did not write.
+//!
+//! Files on a shared directory are untrusted. Every header goes through the `safetensors`
+//! crate's validator (header size cap, UTF-8, JSON, offsets contiguous from 0, no overflow in
+//! shape × dtype, data ending exactly at the end of the file) before any offset is used, and
+//! index files are checked here: `weight_map` values must be plain file names inside the
+//! checkpoint directory, every listed tensor must exist in the file named, and no tensor may
+//! appear twice.
+
+use crate::error::{Error, IoContext, Result};
+use memmap2::Mmap;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Name of the sharded-checkpoint index (also the commit marker of a weight version).
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+/// Name of a single-file checkpoint.
+pub const SINGLE_NAME: &str = "model.safetensors";
+/// Refuse index files larger than this (a 1T-parameter model's index is a few MB).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+
+/// One tensor of a safetensors file: where its bytes are, and what they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    /// safetensors dtype name, e.g. `BF16`, `F32`, `U8`.
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the tensor's data in the file.
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// A validated, memory-mapped safetensors file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Tensors in data order.
+    tensors: Vec<TensorEntry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).at(&path)?;
+        let len = file.metadata().at(&path)?.len();
+        if len < 8 {
+            return Err(Error::bad_input(&path, format!("not a safetensors file: {len} bytes, shorter than the 8-byte header length")));
+        }
+        // SAFETY: the map is read-only; a concurrent truncation of a shared file would raise
+        // SIGBUS, which is why writers in this project never modify published files in place.
+        let mmap = unsafe { Mmap::map(&file) }.at(&path)?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::bad_input(&path, format!("not a valid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut tensors: Vec<TensorEntry> = meta
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| TensorEntry {
+                name,
+                dtype: info.dtype.to_string(),
+                shape: info.shape.clone(),
+                offset: data_start + info.data_offsets.0,
+                len: info.data_offsets.1 - info.data_offsets.0,
+            })
+            .collect();
+        tensors.sort_by_key(|t| t.offset);
+        let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+        Ok(SafetensorsFile { path, mmap, tensors, metadata })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+    pub fn len(&self) -> usize {
+        self.mmap.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+    /// The bytes of a tensor of this file (offsets were validated against the file length).
+    pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
+        &self.mmap[t.offset..t.offset + t.len]
+    }
+    pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// Where a tensor of a [`Checkpoint`] lives.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorLoc {
+    pub file: usize,
+    pub entry: usize,
+}
+
+/// An HF checkpoint: a single `.safetensors` file, or a directory with `model.safetensors`, or
+/// shards listed by `model.safetensors.index.json`.
+pub struct Checkpoint {
+    root: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// Parsed index, if the checkpoint has one.
+    index: Option<IndexFile>,
+    by_name: BTreeMap<String, TensorLoc>,
+}
+
+/// A parsed `model.safetensors.index.json`.
+#[derive(Debug, Clone)]
+pub struct IndexFile {
+    pub metadata: Map<String, Value>,
+    /// tensor name → file name, in the order of the file.
+    pub weight_map: Vec<(String, String)>,
+}
+
+/// True for a file name that stays inside its directory (no separators, not `.`/`..`, not hidden).
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && !name.contains('\\') && !name.starts_with('.') && !name.contains('\0')
+}
+
+impl IndexFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).at(path)?;
+        if meta.len() > MAX_INDEX_BYTES {
+            return Err(Error::bad_input(path, format!("index is {} bytes, over the {MAX_INDEX_BYTES}-byte cap", meta.len())));
+        }
+        let text = std::fs::read(path).at(path)?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &[u8]) -> Result<Self> {
+        let v: Value = serde_json::from_slice(text).map_err(|e| Error::bad_input(path, format!("index is not valid JSON: {e}")))?;
+        let Value::Object(mut obj) = v else {
+            return Err(Error::bad_input(path, "index is not a JSON object"));
+        };
+        let metadata = match obj.remove("metadata") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(_) => return Err(Error::bad_input(path, "index `metadata` is not an object")),
+        };
+        let Some(Value::Object(wm)) = obj.remove("weight_map") else {
+            return Err(Error::bad_input(path, "index has no `weight_map` object"));
+        };
+        let mut weight_map = Vec::with_capacity(wm.len());
+        for (name, file) in wm {
+            let Value::String(file) = file else {
+                return Err(Error::bad_input(path, format!("weight_map entry {name:?} is not a string")));
+            };
+            if !is_plain_file_name(&file) {
+                return Err(Error::bad_input(path, format!("weight_map entry {name:?} names {file:?}, which is not a plain file name in the checkpoint directory")));
+            }
+            weight_map.push((name, file));
+        }
+        Ok(IndexFile { metadata, weight_map })
+    }
+
+    /// Distinct file names, in first-mention order.
+    pub fn files(&self) -> Vec<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.weight_map.iter().filter(|(_, f)| seen.insert(f.clone())).map(|(_, f)| f.clone()).collect()
+    }
+
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        self.metadata.get(key).and_then(Value::as_str)
+    }
+}
+
+impl Checkpoint {
+    /// Open and validate a checkpoint; `path` is a directory or a single `.safetensors` file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).at(path)?;
+        if meta.is_file() {
+            let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            return Self::from_files(root, None, vec![SafetensorsFile::open(path)?]);
+        }
+        let index_path = path.join(INDEX_NAME);
+        if index_path.exists() {
+            let index = IndexFile::read(&index_path)?;
+            let files = index.files().iter().map(|f| SafetensorsFile::open(path.join(f))).collect::<Result<Vec<_>>>()?;
+            return Self::from_files(path.to_path_buf(), Some(index), files);
+        }
+        let single = path.join(SINGLE_NAME);
+        if single.exists() {
+            return Self::from_files(path.to_path_buf(), None, vec![SafetensorsFile::open(&single)?]);
+        }
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .at(path)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors") && is_plain_file_name(n))
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            return Err(Error::not_found(path, format!("no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file: not a checkpoint directory")));
+        }
+        let files = names.iter().map(|n| SafetensorsFile::open(path.join(n))).collect::<Result<Vec<_>>>()?;
+        Self::from_files(path.to_path_buf(), None, files)
+    }
+
+    fn from_files(root: PathBuf, index: Option<IndexFile>, files: Vec<SafetensorsFile>) -> Result<Self> {
+        let mut by_name = BTreeMap::new();
+        for (fi, f) in files.iter().enumerate() {
+            for (ei, t) in f.tensors.iter().enumerate() {
+                if by_name.insert(t.name.clone(), TensorLoc { file: fi, entry: ei }).is_some() {
+                    return Err(Error::bad_input(f.path(), format!("tensor {:?} appears in more than one file of the checkpoint", t.name)));
+                }
+            }
+        }
+        if let Some(index) = &index {
+            let index_path = root.join(INDEX_NAME);
+            for (name, file) in &index.weight_map {
+                match by_name.get(name) {
+                    Some(loc) if files[loc.file].path().file_name().is_some_and(|n| n == file.as_str()) => {}
+                    Some(loc) => {
+                        return Err(Error::bad_input(&index_path, format!("index puts tensor {name:?} in {file}, but it is in {}", files[loc.file].path().display())))
+                    }
+                    None => return Err(Error::bad_input(&index_path, format!("index lists tensor {name:?} in {file}, which does not hold it"))),
+                }
+            }
+            if index.weight_map.len() != by_name.len() {
+                return Err(Error::bad_input(&index_path, format!("index lists {} tensors but its files hold {}", index.weight_map.len(), by_name.len())));
+            }
+        }
+        Ok(Checkpoint { root, files, index, by_name })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn files(&self) -> &[SafetensorsFile] {
+        &self.files
+    }
+    pub fn index(&self) -> Option<&IndexFile> {
+        self.index.as_ref()
+    }
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+    /// Tensor names in sorted order with their locations.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, TensorLoc)> {
+        self.by_name.iter().map(|(n, l)| (n.as_str(), *l))
+    }
+    pub fn get(&self, name: &str) -> Option<(&SafetensorsFile, &TensorEntry)> {
+        self.by_name.get(name).map(|l| {
+            let f = &self.files[l.file];
+            (f, &f.tensors[l.entry])
+        })
+    }
+    pub fn loc(&self, name: &str) -> Option<TensorLoc> {
+        self.by_name.get(name).copied()
+    }
+    pub fn entry(&self, loc: TensorLoc) -> (&SafetensorsFile, &TensorEntry) {
+        let f = &self.files[loc.file];
+        (f, &f.tensors[loc.entry])
+    }
+    /// Sum of tensor byte lengths.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().flat_map(|f| f.tensors.iter()).map(|t| t.len as u64).sum()
+    }
+}

@@ -1,0 +1,287 @@
+//! Delta payloads (docs/FORMATS.md, "Delta payloads"): how one tensor's new bytes are encoded
+//! against its old bytes, and decoded in place into a local checkpoint.
+//!
+//! Every payload is one zstd frame whose header records the decompressed size, so Python's
+//! `zstandard.ZstdDecompressor().decompress(frame)` reads it. Encoding and decoding stream in
+//! [`CHUNK`]-sized pieces: memory does not grow with tensor size.
+//!
+//! * `xor`: new ⊕ old over the whole tensor.
+//! * `overwrite`: `u32 LE count`, `count × u32 LE` strictly ascending byte positions, then
+//!   `count` new byte values. Positions are `u32`, so tensors over 4 GiB must use `xor`.
+
+use crate::version::Encoding;
+use std::io::{self, Read, Write};
+
+/// Streaming granularity.
+pub const CHUNK: usize = 1 << 20;
+/// zstd level of published frames (slime uses 1).
+pub const ZSTD_LEVEL: i32 = 1;
+/// Largest tensor the `overwrite` encoding can address.
+pub const MAX_OVERWRITE_TENSOR: usize = 1 << 32;
+/// Largest zstd window a payload may ask for (2^27 = 128 MiB), bounding decoder memory.
+pub const MAX_WINDOW_LOG: u32 = 27;
+
+/// Why a payload could not be decoded; the caller adds the file and tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("not a single zstd frame: {0}")]
+    Frame(String),
+    #[error("frame header has no decompressed size")]
+    NoContentSize,
+    #[error("payload decodes to {actual} bytes, expected {expected}")]
+    Length { expected: u64, actual: u64 },
+    #[error("overwrite position {pos} is out of range for a {len}-byte tensor or not ascending")]
+    Position { pos: u64, len: usize },
+    #[error("overwrite count {count} is larger than the tensor ({len} bytes)")]
+    Count { count: u64, len: usize },
+    #[error("tensor of {0} bytes is too large for the overwrite encoding (4 GiB cap); use xor")]
+    TooLarge(usize),
+    #[error("zstd: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Number of bytes that differ between `old` and `new` (same length).
+pub fn count_changed(old: &[u8], new: &[u8]) -> u64 {
+    debug_assert_eq!(old.len(), new.len());
+    let mut n = 0u64;
+    for (o, w) in old.chunks(4096).zip(new.chunks(4096)) {
+        if o != w {
+            n += o.iter().zip(w).map(|(a, b)| (a != b) as u64).sum::<u64>();
+        }
+    }
+    n
+}
+
+fn new_encoder<W: Write>(out: W, payload_len: u64) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
+    enc.include_contentsize(true)?;
+    enc.include_checksum(false)?;
+    enc.set_pledged_src_size(Some(payload_len))?;
+    Ok(enc)
+}
+
+/// Encode one tensor's change as a zstd frame into `out`; returns the number of changed bytes.
+/// The caller has already found `old != new`.
+pub fn encode<W: Write>(encoding: Encoding, old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
+    assert_eq!(old.len(), new.len(), "encode of tensors of different sizes");
+    match encoding {
+        Encoding::Xor => encode_xor(old, new, out),
+        Encoding::Overwrite => encode_overwrite(old, new, out),
+    }
+}
+
+fn encode_xor<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
+    let mut enc = new_encoder(out, new.len() as u64)?;
+    let mut buf = vec![0u8; CHUNK.min(new.len())];
+    let mut changed = 0u64;
+    for (o, w) in old.chunks(CHUNK).zip(new.chunks(CHUNK)) {
+        let b = &mut buf[..o.len()];
+        for ((x, a), c) in b.iter_mut().zip(o).zip(w) {
+            *x = a ^ c;
+        }
+        changed += b.iter().map(|&x| (x != 0) as u64).sum::<u64>();
+        enc.write_all(b)?;
+    }
+    enc.finish()?;
+    Ok(changed)
+}
+
+/// Call `f(position)` for every differing byte, in ascending order.
+fn for_each_diff(old: &[u8], new: &[u8], mut f: impl FnMut(usize) -> io::Result<()>) -> io::Result<()> {
+    const BLOCK: usize = 64;
+    for (bi, (o, w)) in old.chunks(BLOCK).zip(new.chunks(BLOCK)).enumerate() {
+        if o == w {
+            continue;
+        }
+        for (i, (a, b)) in o.iter().zip(w).enumerate() {
+            if a != b {
+                f(bi * BLOCK + i)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode_overwrite<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
+    if new.len() > MAX_OVERWRITE_TENSOR {
+        return Err(PayloadError::TooLarge(new.len()));
+    }
+    let count = count_changed(old, new);
+    let mut enc = new_encoder(out, 4 + 5 * count)?;
+    enc.write_all(&(count as u32).to_le_bytes())?;
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
+    for_each_diff(old, new, |p| {
+        buf.extend_from_slice(&(p as u32).to_le_bytes());
+        if buf.len() >= CHUNK {
+            enc.write_all(&buf)?;
+            buf.clear();
+        }
+        Ok(())
+    })?;
+    enc.write_all(&buf)?;
+    buf.clear();
+    for_each_diff(old, new, |p| {
+        buf.push(new[p]);
+        if buf.len() >= CHUNK {
+            enc.write_all(&buf)?;
+            buf.clear();
+        }
+        Ok(())
+    })?;
+    enc.write_all(&buf)?;
+    enc.finish()?;
+    Ok(count)
+}
+
+/// Check that `frame` is exactly one zstd frame and return its declared decompressed size.
+pub fn frame_content_size(frame: &[u8]) -> Result<u64, PayloadError> {
+    let compressed = zstd::zstd_safe::find_frame_compressed_size(frame).map_err(|c| PayloadError::Frame(zstd::zstd_safe::get_error_name(c).to_string()))?;
+    if compressed != frame.len() {
+        return Err(PayloadError::Frame(format!("{} trailing bytes after the frame", frame.len() - compressed)));
+    }
+    match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => Err(PayloadError::NoContentSize),
+        Err(_) => Err(PayloadError::Frame("unreadable frame header".into())),
+    }
+}
+
+fn decoder(frame: &[u8]) -> io::Result<zstd::stream::read::Decoder<'static, &[u8]>> {
+    let mut d = zstd::stream::read::Decoder::with_buffer(frame)?.single_frame();
+    d.window_log_max(MAX_WINDOW_LOG)?;
+    Ok(d)
+}
+
+/// Read exactly `buf.len()` bytes or report a short payload.
+fn read_full(r: &mut impl Read, buf: &mut [u8], expected: u64) -> Result<(), PayloadError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => PayloadError::Length { expected, actual: 0 },
+        _ => PayloadError::Io(e),
+    })
+}
+
+/// Apply a payload in place: `target` holds the old bytes on entry and the new bytes on success.
+/// On error `target` may be partly patched; the caller treats the checkpoint as dirty.
+pub fn apply(encoding: Encoding, frame: &[u8], target: &mut [u8]) -> Result<(), PayloadError> {
+    let size = frame_content_size(frame)?;
+    match encoding {
+        Encoding::Xor => {
+            if size != target.len() as u64 {
+                return Err(PayloadError::Length { expected: target.len() as u64, actual: size });
+            }
+            let mut d = decoder(frame)?;
+            let mut buf = vec![0u8; CHUNK.min(target.len())];
+            for t in target.chunks_mut(CHUNK) {
+                let b = &mut buf[..t.len()];
+                read_full(&mut d, b, size)?;
+                for (x, y) in t.iter_mut().zip(b.iter()) {
+                    *x ^= *y;
+                }
+            }
+            Ok(())
+        }
+        Encoding::Overwrite => {
+            if target.len() > MAX_OVERWRITE_TENSOR {
+                return Err(PayloadError::TooLarge(target.len()));
+            }
+            let mut positions = decoder(frame)?;
+            let mut head = [0u8; 4];
+            read_full(&mut positions, &mut head, size)?;
+            let count = u32::from_le_bytes(head) as u64;
+            if count > target.len() as u64 {
+                return Err(PayloadError::Count { count, len: target.len() });
+            }
+            if size != 4 + 5 * count {
+                return Err(PayloadError::Length { expected: 4 + 5 * count, actual: size });
+            }
+            // A second decoder over the same frame reads the values, so neither list is held
+            // in memory whole.
+            let mut values = decoder(frame)?;
+            io::copy(&mut (&mut values).take(4 + 4 * count), &mut io::sink())?;
+            let mut pbuf = vec![0u8; 4 * (CHUNK / 4).min(count as usize).max(1)];
+            let mut vbuf = vec![0u8; pbuf.len() / 4];
+            let mut left = count as usize;
+            let mut next_min = 0u64;
+            while left > 0 {
+                let n = left.min(vbuf.len());
+                read_full(&mut positions, &mut pbuf[..4 * n], size)?;
+                read_full(&mut values, &mut vbuf[..n], size)?;
+                for (p, &v) in pbuf[..4 * n].chunks_exact(4).zip(&vbuf[..n]) {
+                    let pos = u32::from_le_bytes(p.try_into().expect("4 bytes")) as u64;
+                    if pos < next_min || pos >= target.len() as u64 {
+                        return Err(PayloadError::Position { pos, len: target.len() });
+                    }
+                    target[pos as usize] = v;
+                    next_min = pos + 1;
+                }
+                left -= n;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(len: usize, every: usize) -> (Vec<u8>, Vec<u8>) {
+        let old: Vec<u8> = (0..len).map(|i| (i * 31 % 256) as u8).collect();
+        let mut new = old.clone();
+        for i in (0..len).step_by(every) {
+            new[i] = new[i].wrapping_add(1);
+        }
+        (old, new)
+    }
+
+    #[test]
+    fn round_trip_both_encodings() {
+        for len in [1usize, 7, 4096, CHUNK + 13, 3 * CHUNK] {
+            let (old, new) = pair(len, 37);
+            for enc in [Encoding::Xor, Encoding::Overwrite] {
+                let mut frame = Vec::new();
+                let changed = encode(enc, &old, &new, &mut frame).unwrap();
+                assert_eq!(changed, count_changed(&old, &new));
+                let mut t = old.clone();
+                apply(enc, &frame, &mut t).unwrap();
+                assert_eq!(t, new, "{enc} len {len}");
+                let expected = if enc == Encoding::Xor { len as u64 } else { 4 + 5 * changed };
+                assert_eq!(frame_content_size(&frame).unwrap(), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn overwrite_layout_is_count_positions_values() {
+        let old = vec![0u8; 10];
+        let mut new = old.clone();
+        new[2] = 0xaa;
+        new[9] = 0xbb;
+        let mut frame = Vec::new();
+        encode(Encoding::Overwrite, &old, &new, &mut frame).unwrap();
+        let raw = zstd::stream::decode_all(&frame[..]).unwrap();
+        assert_eq!(raw, [2, 0, 0, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0xaa, 0xbb]);
+    }
+
+    #[test]
+    fn rejects_bad_payloads() {
+        let (old, new) = pair(1000, 10);
+        let mut frame = Vec::new();
+        encode(Encoding::Xor, &old, &new, &mut frame).unwrap();
+        let mut short = old[..999].to_vec();
+        assert!(matches!(apply(Encoding::Xor, &frame, &mut short), Err(PayloadError::Length { .. })));
+        let mut t = old.clone();
+        assert!(matches!(apply(Encoding::Xor, &frame[..frame.len() - 3], &mut t), Err(PayloadError::Frame(_))));
+        let mut trailing = frame.clone();
+        trailing.push(0);
+        assert!(matches!(apply(Encoding::Xor, &trailing, &mut t), Err(PayloadError::Frame(_))));
+        // Descending positions.
+        let raw = [2u8, 0, 0, 0, 5, 0, 0, 0, 3, 0, 0, 0, 1, 2];
+        let f = zstd::bulk::compress(&raw, 1).unwrap();
+        assert!(matches!(apply(Encoding::Overwrite, &f, &mut t), Err(PayloadError::Position { pos: 3, .. })));
+        // Out of range.
+        let raw = [1u8, 0, 0, 0, 0xe8, 0x03, 0, 0, 1];
+        let f = zstd::bulk::compress(&raw, 1).unwrap();
+        assert!(matches!(apply(Encoding::Overwrite, &f, &mut t), Err(PayloadError::Position { pos: 1000, .. })));
+    }
+}
