@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// Publish NEW as weight version N under SRC: a delta against OLD holding only the changed
 /// tensors (slime's format), or with --full a full checkpoint that resets the chain.
 #[derive(Parser)]
-#[command(version, after_help = "Examples:
+#[command(after_help = "Examples:
   delta-diff ckpt/step_6 ckpt/step_7 --publish /shared/weights --version 7 --json
   delta-diff ckpt/step_6 ckpt/step_8 --publish /shared/weights --version 8 --encoding overwrite
   delta-diff ckpt/step_0 ckpt/step_9 --publish /shared/weights --version 9 --full

@@ -18,7 +18,8 @@ struct Args {
     /// Publish root.
     src: PathBuf,
     /// Version to point at: a number, `weight_v000007` or `RUN_ID/weight_v000007`.
-    version: String,
+    #[arg(value_name = "VERSION")]
+    target: String,
     /// Only move if the pointer currently names OLD (`none`: only if there is no pointer yet).
     #[arg(long, value_name = "OLD")]
     expect: Option<String>,
@@ -37,8 +38,8 @@ fn main() {
                 return Err(Error::Usage(format!("--run-id {r:?}: use letters, digits, '.', '_' or '-'")));
             }
         }
-        let target = Pointer::parse_arg(&a.version, a.run_id.as_deref())
-            .ok_or_else(|| Error::Usage(format!("VERSION {:?}: expected a number, weight_vNNNNNN or RUN_ID/weight_vNNNNNN (matching --run-id)", a.version)))?;
+        let target = Pointer::parse_arg(&a.target, a.run_id.as_deref())
+            .ok_or_else(|| Error::Usage(format!("VERSION {:?}: expected a number, weight_vNNNNNN or RUN_ID/weight_vNNNNNN (matching --run-id)", a.target)))?;
         let expect = match a.expect.as_deref() {
             None => Expect::Any,
             Some("none") => Expect::Absent,

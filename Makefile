@@ -1,0 +1,45 @@
+# disagg: `make demo` runs the main job on an embedded default, `make test` runs every test.
+# Both set up what they need on a fresh machine (a Python venv for the generators and the
+# interop tests; the Rust toolchain is the machine's).
+
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PY_PKGS := numpy safetensors zstandard xxhash blake3 pytest
+
+.PHONY: build venv test test-rust test-python crash bench demo clean
+
+build:
+	$(CARGO) build --release --locked
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(PY_PKGS)
+	touch $@
+
+venv: $(VENV)/.ready
+
+# Unit, CLI, format-conformance and (bounded) crash tests; failpoints are compiled into the
+# debug test build only, never into the release binaries.
+test-rust:
+	$(CARGO) test --locked --features failpoints
+
+test-python: build venv
+	DISAGG_BIN_DIR=target/release $(PY) -m pytest -q tests/python
+
+test: test-rust test-python
+
+# The crash loop with many more random kills than `make test` runs.
+crash:
+	DISAGG_CRASH_TRIALS=$${DISAGG_CRASH_TRIALS:-500} $(CARGO) test --locked --release --features failpoints --test crash -- --nocapture
+
+bench: build venv
+	bash bench/run.sh
+
+demo: build venv
+	PYTHON=$(PY) bash scripts/demo.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV) bench-data

@@ -1,0 +1,225 @@
+//! Crash tests: `delta-apply` and `delta-diff` killed at every named failpoint and at random
+//! moments (SIGKILL), in a loop on the same LOCAL directory. After every kill one invariant
+//! must hold — if `state.json` names a version and no intent is pending, LOCAL's bytes are
+//! exactly that version — and the next run must converge to its target.
+//!
+//! Built only with `--features failpoints` (see Cargo.toml); `make test` runs it with a
+//! bounded number of trials, `make crash` with many more (DISAGG_CRASH_TRIALS).
+
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const DIFF: &str = env!("CARGO_BIN_EXE_delta-diff");
+const APPLY: &str = env!("CARGO_BIN_EXE_delta-apply");
+const ADVANCE: &str = env!("CARGO_BIN_EXE_pointer-advance");
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("disagg-crash-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A single-file checkpoint of `n` BF16 tensors, each `len` bytes.
+fn write_checkpoint(dir: &Path, tensors: &[Vec<u8>]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut header = Map::new();
+    let mut off = 0usize;
+    for (i, t) in tensors.iter().enumerate() {
+        header.insert(format!("layers.{i}.weight"), json!({"dtype": "BF16", "shape": [t.len() / 2], "data_offsets": [off, off + t.len()]}));
+        off += t.len();
+    }
+    let mut bytes = disagg::diff::safetensors_header(&Value::Object(header));
+    for t in tensors {
+        bytes.extend_from_slice(t);
+    }
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    std::fs::write(dir.join("config.json"), b"{\"model_type\": \"test\"}\n").unwrap();
+}
+
+/// Base checkpoint plus `steps` successors, each changing ~2 % of bytes.
+fn make_steps(root: &Path, steps: usize, rng: &mut Rng) -> Vec<PathBuf> {
+    let mut tensors: Vec<Vec<u8>> = (0..8).map(|_| (0..(256 << 10)).map(|_| rng.next() as u8).collect()).collect();
+    let mut dirs = Vec::new();
+    for s in 0..=steps {
+        let d = root.join(format!("step_{s}"));
+        write_checkpoint(&d, &tensors);
+        dirs.push(d);
+        for t in tensors.iter_mut() {
+            for _ in 0..t.len() / 50 {
+                let i = rng.below(t.len() as u64) as usize;
+                t[i] ^= 1 + (rng.next() as u8 & 7);
+            }
+        }
+    }
+    dirs
+}
+
+fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin);
+    c.args(args).env_remove("DISAGG_FAILPOINT");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok(out: &Output) {
+    assert!(out.status.success(), "failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Publish: v1 delta (xor), v2 delta (overwrite), v3 full, v4 delta (xor).
+fn publish(src: &Path, steps: &[PathBuf]) {
+    let enc = ["xor", "overwrite", "", "xor"];
+    for v in 1..=4usize {
+        let mut args = vec![p(&steps[v - 1]), p(&steps[v]), "--publish", p(src)];
+        let vs = v.to_string();
+        args.extend(["--version", &vs]);
+        if v == 3 {
+            args.push("--full");
+        } else {
+            args.extend(["--encoding", enc[v - 1]]);
+        }
+        ok(&run(DIFF, &args, &[]));
+    }
+    ok(&run(ADVANCE, &[p(src), "4"], &[]));
+}
+
+fn state_version(local: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(local.join(".weight_sync/state.json")).ok()?;
+    let v: Value = serde_json::from_str(&text).expect("state.json is always whole JSON");
+    Some(v["version"].as_str().unwrap().parse().unwrap())
+}
+
+/// The invariant at any crash point: a recorded version with no pending intent is on disk.
+fn check_invariant(local: &Path, steps: &[PathBuf], when: &str) {
+    if local.join(".weight_sync/intent.json").exists() {
+        return;
+    }
+    if let Some(v) = state_version(local) {
+        let have = std::fs::read(local.join("model.safetensors")).unwrap();
+        let want = std::fs::read(steps[v].join("model.safetensors")).unwrap();
+        assert!(have == want, "{when}: state.json says version {v} but LOCAL's bytes differ and no intent is pending");
+    }
+}
+
+fn converge(local: &Path, src: &Path, base: &Path, target: usize, steps: &[PathBuf]) {
+    let t = target.to_string();
+    let out = run(APPLY, &["--local", p(local), "--base", p(base), "--source", p(src), "--target", &t, "--json"], &[]);
+    ok(&out);
+    assert_eq!(state_version(local), Some(target));
+    assert!(!local.join(".weight_sync/intent.json").exists());
+    let have = std::fs::read(local.join("model.safetensors")).unwrap();
+    assert!(have == std::fs::read(steps[target].join("model.safetensors")).unwrap(), "LOCAL bytes differ from version {target} after a successful run");
+}
+
+#[test]
+fn apply_killed_at_every_failpoint_converges() {
+    let root = scratch("failpoints");
+    let mut rng = Rng(0x5eed);
+    let steps = make_steps(&root, 4, &mut rng);
+    let src = root.join("src");
+    publish(&src, &steps);
+    let local = root.join("local");
+    let names = ["apply.seed_copy", "fsio.before_fsync", "fsio.before_rename", "fsio.before_dir_fsync", "apply.after_tensor", "apply.before_state", "apply.before_clear_intent"];
+    for (i, name) in names.iter().enumerate() {
+        for target in [2usize, 4, 1] {
+            let t = target.to_string();
+            let out = run(APPLY, &["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", &t], &[("DISAGG_FAILPOINT", name)]);
+            check_invariant(&local, &steps, &format!("after abort at {name}"));
+            if out.status.success() {
+                // The failpoint was not on this run's path (e.g. a no-op); still converged.
+                converge(&local, &src, &steps[0], target, &steps);
+                continue;
+            }
+            assert!(out.status.code().is_none(), "{name}: expected an abort, got {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+            converge(&local, &src, &steps[0], target, &steps);
+            // Alternate the starting point for the next failpoint.
+            converge(&local, &src, &steps[0], [1, 3, 2][i % 3], &steps);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn apply_killed_at_random_moments_converges() {
+    let trials: usize = std::env::var("DISAGG_CRASH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let root = scratch("random");
+    let mut rng = Rng(0xc0ffee);
+    let steps = make_steps(&root, 4, &mut rng);
+    let src = root.join("src");
+    publish(&src, &steps);
+    let local = root.join("local");
+    let mut killed = 0;
+    for trial in 0..trials {
+        let target = 1 + rng.below(4) as usize;
+        let t = target.to_string();
+        // Sleeps inside the apply widen the windows so kills land mid-mutation.
+        let mut child = Command::new(APPLY)
+            .args(["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", &t])
+            .env("DISAGG_FAILPOINT", "apply.after_tensor:sleep-2,fsio.before_rename:sleep-1,apply.seed_copy:sleep-3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+        }
+        let status = child.wait().unwrap();
+        check_invariant(&local, &steps, &format!("trial {trial} ({status})"));
+        if rng.below(3) == 0 {
+            converge(&local, &src, &steps[0], target, &steps);
+        }
+    }
+    assert!(killed * 2 >= trials, "only {killed} of {trials} runs were killed mid-flight: the test is not exercising crashes");
+    converge(&local, &src, &steps[0], 4, &steps);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn publisher_killed_before_index_is_refused_then_replaced() {
+    let root = scratch("publisher");
+    let mut rng = Rng(0xfeed);
+    let steps = make_steps(&root, 2, &mut rng);
+    let src = root.join("src");
+    ok(&run(DIFF, &[p(&steps[0]), p(&steps[1]), "--publish", p(&src), "--version", "1"], &[]));
+    ok(&run(ADVANCE, &[p(&src), "1"], &[]));
+    let out = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2"], &[("DISAGG_FAILPOINT", "diff.before_index")]);
+    assert!(out.status.code().is_none(), "expected an abort");
+    // The incomplete version cannot be pointed at, nor silently overwritten.
+    let adv = run(ADVANCE, &[p(&src), "2"], &[]);
+    assert_eq!(adv.status.code(), Some(5), "{}", String::from_utf8_lossy(&adv.stderr));
+    assert_eq!(std::fs::read_to_string(src.join("latest")).unwrap(), "weight_v000001\n");
+    let again = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2"], &[]);
+    assert_eq!(again.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("incomplete"));
+    // A host following `latest` still gets version 1.
+    let local = root.join("local");
+    ok(&run(APPLY, &["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src)], &[]));
+    assert_eq!(state_version(&local), Some(1));
+    ok(&run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2", "--replace-incomplete"], &[]));
+    ok(&run(ADVANCE, &[p(&src), "2", "--expect", "weight_v000001"], &[]));
+    converge(&local, &src, &steps[0], 2, &steps);
+    let _ = std::fs::remove_dir_all(&root);
+}

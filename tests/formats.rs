@@ -1,0 +1,113 @@
+//! docs/FORMATS.md is the specification: every `conformance-*` block in it is checked against
+//! the code here, so the text and the implementation cannot drift apart.
+
+use disagg::apply::{Intent, SyncState};
+use disagg::checksum::ChecksumAlg;
+use disagg::pointer::Pointer;
+use disagg::version::{Encoding, VersionDir, VersionKind};
+use std::collections::BTreeMap;
+
+fn blocks() -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMATS.md")).expect("docs/FORMATS.md");
+    let mut out = BTreeMap::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some(tag) = line.strip_prefix("```conformance-") {
+            let body: Vec<&str> = lines.by_ref().take_while(|l| !l.starts_with("```")).collect();
+            assert!(out.insert(tag.trim().to_string(), body.join("\n")).is_none(), "duplicate block {tag}");
+        }
+    }
+    out
+}
+
+fn block(name: &str) -> String {
+    blocks().remove(name).unwrap_or_else(|| panic!("docs/FORMATS.md has no ```conformance-{name} block"))
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+#[test]
+fn exit_code_table_matches_code() {
+    let doc: Vec<(i32, String)> = block("exit-codes")
+        .lines()
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].parse().unwrap(), cells[2].to_string())
+        })
+        .collect();
+    let code: Vec<(i32, String)> = disagg::error::exit::TABLE.iter().map(|(c, n)| (*c, n.to_string())).collect();
+    assert_eq!(doc, code);
+}
+
+#[test]
+fn pointer_examples() {
+    for line in block("pointer-valid").lines() {
+        let p = Pointer::parse(line).unwrap_or_else(|| panic!("documented-valid pointer {line:?} rejected"));
+        assert_eq!(p.to_string(), line, "round trip");
+        assert!(Pointer::parse(&format!("{line}\n")).is_some());
+    }
+    for line in block("pointer-invalid").lines() {
+        assert!(Pointer::parse(line).is_none(), "documented-invalid pointer {line:?} accepted");
+    }
+}
+
+#[test]
+fn overwrite_payload_example() {
+    let b = block("overwrite-payload");
+    let field = |k: &str| unhex(b.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim());
+    let (old, new, payload) = (field("old:"), field("new:"), field("payload:"));
+    let mut frame = Vec::new();
+    disagg::codec::encode(Encoding::Overwrite, &old, &new, &mut frame).unwrap();
+    assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), payload, "encoder output differs from the documented payload");
+    let mut local = old.clone();
+    disagg::codec::apply(Encoding::Overwrite, &zstd::bulk::compress(&payload, 1).unwrap(), &mut local).unwrap();
+    assert_eq!(local, new);
+}
+
+#[test]
+fn checksum_examples() {
+    for line in block("checksums").lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let alg: ChecksumAlg = parts[0].parse().unwrap();
+        let input: &[u8] = if parts[1] == "(empty)" { b"" } else { parts[1].as_bytes() };
+        assert_eq!(alg.hex(input), parts[2], "{line}");
+        assert_eq!(parts[2].len(), alg.hex_len());
+    }
+}
+
+#[test]
+fn delta_index_example_is_read_as_documented() {
+    let dir = std::env::temp_dir().join(format!("disagg-formats-{}", std::process::id()));
+    let vdir = dir.join("weight_v000002");
+    std::fs::create_dir_all(&vdir).unwrap();
+    std::fs::write(vdir.join("model.safetensors.index.json"), block("delta-index")).unwrap();
+    let v = VersionDir::open(&dir, 2).unwrap();
+    match v.kind {
+        VersionKind::Delta(d) => {
+            assert_eq!(d.base_version, 1);
+            assert_eq!(d.encoding, Encoding::Xor);
+            assert_eq!(d.checksum, ChecksumAlg::Xxh3_128);
+        }
+        VersionKind::Full => panic!("documented delta index read as a full version"),
+    }
+    assert_eq!(v.index.unwrap().weight_map.len(), 1);
+    // The version key must match the directory.
+    std::fs::rename(&vdir, dir.join("weight_v000003")).unwrap();
+    assert!(VersionDir::open(&dir, 3).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn sync_state_examples() {
+    for line in block("state").lines() {
+        let s: SyncState = serde_json::from_str(line).unwrap();
+        assert_eq!(serde_json::to_string(&s).unwrap(), line, "we write state.json exactly as documented");
+    }
+    for line in block("intent").lines() {
+        let i: Intent = serde_json::from_str(line).unwrap();
+        assert_eq!(serde_json::to_string(&i).unwrap(), line);
+    }
+}
