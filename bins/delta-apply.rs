@@ -46,6 +46,7 @@ fn main() {
     let a = Args::parse();
     disagg::error::run_main("delta-apply", || {
         let target = match a.target.as_str() {
+            "latest" if a.run_id.is_some() => return Err(Error::Usage("--run-id goes with a numeric --target; `latest` names its own run".into())),
             "latest" => Target::Latest,
             s => Target::Version(disagg::version::parse_version_str(s).ok_or_else(|| Error::Usage(format!("--target {s:?}: expected a number or `latest`")))?),
         };
@@ -56,7 +57,10 @@ fn main() {
             target,
             run_id: a.run_id,
             pre_read_hook: a.pre_read_hook,
-            lock_timeout: a.lock_timeout.map(Duration::from_secs_f64),
+            lock_timeout: a
+                .lock_timeout
+                .map(|s| Duration::try_from_secs_f64(s).map_err(|_| Error::Usage(format!("--lock-timeout {s}: expected a number of seconds >= 0"))))
+                .transpose()?,
         };
         let r = pull(&opts)?;
         disagg::report::print(&r, a.json, || {

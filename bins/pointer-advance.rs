@@ -40,6 +40,9 @@ fn main() {
         }
         let target = Pointer::parse_arg(&a.target, a.run_id.as_deref())
             .ok_or_else(|| Error::Usage(format!("VERSION {:?}: expected a number, weight_vNNNNNN or RUN_ID/weight_vNNNNNN (matching --run-id)", a.target)))?;
+        if target.version == 0 {
+            return Err(Error::Usage("version 0 is the engine's base checkpoint; it is never published or pointed at".into()));
+        }
         let expect = match a.expect.as_deref() {
             None => Expect::Any,
             Some("none") => Expect::Absent,

@@ -11,7 +11,7 @@ use crate::checksum::ChecksumAlg;
 use crate::codec::{self, PayloadError};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{self, AtomicFile};
-use crate::version::{version_dir_name, version_str, Encoding};
+use crate::version::{version_dir_name, version_str, Encoding, INCOMPLETE_MARKER};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -69,6 +69,9 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     let start = Instant::now();
     if opts.version == 0 {
         return Err(Error::Usage("version 0 is the engine's base checkpoint and cannot be published".into()));
+    }
+    if opts.full && opts.base_version.is_some() {
+        return Err(Error::Usage("--base-version does not apply to --full (a full version has no base)".into()));
     }
     let new = Checkpoint::open(&opts.new)?;
     let old = if opts.full { None } else { Some(Checkpoint::open(&opts.old)?) };
@@ -147,6 +150,8 @@ fn create_version_dir(src: &Path, version: u64, replace_incomplete: bool) -> Res
         Err(e) => return Err(Error::io(&dir, e)),
     }
     fsio::fsync_dir(src)?;
+    // Marks the directory as ours and unfinished until the index is written (see VersionDir::open).
+    fsio::write_atomic(dir.join(INCOMPLETE_MARKER), b"")?;
     Ok(dir)
 }
 
@@ -390,6 +395,7 @@ fn write_index(dir: &Path, index: &Value) -> Result<u64> {
     text.push(b'\n');
     crate::failpoint!("diff.before_index");
     fsio::write_atomic(dir.join(INDEX_NAME), &text)?;
+    fsio::remove_durable(&dir.join(INCOMPLETE_MARKER))?;
     Ok(text.len() as u64)
 }
 

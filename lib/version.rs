@@ -11,6 +11,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+/// Written first into a version directory by `delta-diff` and removed after the index: a
+/// directory holding it and no index is an interrupted publish, even if it already holds a
+/// whole `model.safetensors`.
+pub const INCOMPLETE_MARKER: &str = ".incomplete";
+
 /// Prefix of every version directory name.
 pub const VERSION_PREFIX: &str = "weight_v";
 
@@ -111,7 +116,7 @@ impl VersionDir {
         }
         let index_path = path.join(INDEX_NAME);
         if !index_path.exists() {
-            if path.join(SINGLE_NAME).exists() {
+            if path.join(SINGLE_NAME).exists() && !path.join(INCOMPLETE_MARKER).exists() {
                 return Ok(VersionDir { number, path, kind: VersionKind::Full, index: None });
             }
             return Err(Error::conflict(&path, format!("incomplete weight version: no {INDEX_NAME} (its writer has not finished, or crashed)")));

@@ -1,1 +1,1015 @@
+//! Integration tests of the weight plane: `delta-diff`, `pointer-advance` and `delta-apply`
+//! driven as real binaries on fixture checkpoints written by hand (tests/common).
+//!
+//! Exit codes under test: 0 ok, 2 usage, 3 bad input, 4 incompatible, 5 conflict, 6 not found,
+//! 7 checksum, 8 hook, 9 locked, 10 io.
 
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const UP0: &str = "model.layers.0.mlp.up_proj.weight";
+const EMBED: &str = "model.embed_tokens.weight";
+const NORM0: &str = "model.layers.0.input_layernorm.weight";
+
+// ================================================================================================
+// helpers
+// ================================================================================================
+
+fn expected_checksum(alg: &str, data: &[u8]) -> String {
+    match alg {
+        "xxh3-128" => format!("{:032x}", xxhash_rust::xxh3::xxh3_128(data)),
+        "blake3" => blake3::hash(data).to_hex().to_string(),
+        "adler32" => format!("{:08x}", adler32(data)),
+        other => panic!("unknown checksum {other}"),
+    }
+}
+
+fn changed_positions(old: &[u8], new: &[u8]) -> Vec<usize> {
+    old.iter().zip(new).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| i).collect()
+}
+
+fn total_bytes(m: &Model) -> u64 {
+    m.iter().map(|t| t.data.len() as u64).sum()
+}
+
+fn dir_size(d: &Path) -> u64 {
+    fs::read_dir(d).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+/// Check a published delta against the spec from first principles (decode every payload,
+/// recompute every checksum). Returns (changed bytes, bytes of the version dir).
+#[track_caller]
+fn check_delta(src: &Path, v: u64, base: u64, old: &Model, new: &Model, enc: &str, ck: &str) -> (u64, u64) {
+    let d = vdir(src, v);
+    let index = read_json(&d.join(INDEX));
+    assert_eq!(
+        index["metadata"],
+        json!({"version": format!("{v:06}"), "base_version": format!("{base:06}"), "delta_encoding": enc,
+               "compression_format": "zstd", "checksum_format": ck}),
+        "index metadata of v{v}"
+    );
+    let wm = index["weight_map"].as_object().expect("weight_map object");
+    let mut want: Vec<&str> = new.iter().zip(old).filter(|(n, o)| n.data != o.data).map(|(n, _)| n.name.as_str()).collect();
+    want.sort();
+    let mut got: Vec<&str> = wm.keys().map(String::as_str).collect();
+    got.sort();
+    assert_eq!(got, want, "weight_map lists exactly the changed tensors");
+
+    // Data files: model-{i:05}-of-{n:05}.safetensors, i from 0, all named by the index and nothing else.
+    let mut files: Vec<String> = wm.values().map(|f| f.as_str().unwrap().to_string()).collect();
+    files.sort();
+    files.dedup();
+    let n = files.len();
+    let expect_files: Vec<String> = (0..n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect();
+    assert_eq!(files, expect_files, "data file names");
+    let mut on_disk = expect_files.clone();
+    on_disk.push(INDEX.to_string());
+    on_disk.sort();
+    assert_eq!(file_names(&d), on_disk, "files in {}", d.display());
+
+    let mut changed = 0u64;
+    for f in &files {
+        let st = StFile::read(&d.join(f));
+        let mut names = st.names();
+        names.sort();
+        let mut mine: Vec<String> = wm.iter().filter(|(_, file)| *file == f.as_str()).map(|(n, _)| n.clone()).collect();
+        mine.sort();
+        assert_eq!(names, mine, "{f} holds the tensors the index puts there");
+        let meta = st.metadata();
+        assert_eq!(meta.len(), mine.len(), "{f}: one checksum per tensor in __metadata__");
+        for name in &mine {
+            let o = &old.iter().find(|t| &t.name == name).unwrap().data;
+            let w = &new.iter().find(|t| &t.name == name).unwrap().data;
+            let frame = st.data(name);
+            assert_eq!(st.dtype(name), "U8");
+            assert_eq!(st.shape(name), vec![frame.len()], "{name}: 1-D U8 of the payload length");
+            let raw = zstd::stream::decode_all(frame).expect("payload is a zstd frame");
+            assert_eq!(zstd::zstd_safe::get_frame_content_size(frame).unwrap(), Some(raw.len() as u64), "{name}: content size in frame header");
+            let pos = changed_positions(o, w);
+            match enc {
+                "xor" => {
+                    let x: Vec<u8> = o.iter().zip(w).map(|(a, b)| a ^ b).collect();
+                    assert!(raw == x, "{name}: xor payload is new ^ old over the whole tensor");
+                }
+                "overwrite" => {
+                    let count = u32::from_le_bytes(raw[..4].try_into().unwrap()) as usize;
+                    assert_eq!(count, pos.len(), "{name}: overwrite count");
+                    assert_eq!(raw.len(), 4 + 5 * count);
+                    let p: Vec<usize> = raw[4..4 + 4 * count].chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize).collect();
+                    assert_eq!(p, pos, "{name}: positions are the changed bytes, ascending");
+                    let vals: Vec<u8> = pos.iter().map(|&i| w[i]).collect();
+                    assert_eq!(&raw[4 + 4 * count..], &vals[..], "{name}: values are new[pos]");
+                }
+                _ => unreachable!(),
+            }
+            assert_eq!(meta[name].as_str().unwrap(), expected_checksum(ck, w), "{name}: {ck} checksum of the new bytes");
+            changed += pos.len() as u64;
+        }
+    }
+    (changed, dir_size(&d))
+}
+
+fn latest(src: &Path) -> Option<String> {
+    fs::read_to_string(src.join("latest")).ok()
+}
+
+/// `delta-apply --local L [--base B] --source SRC --target T EXTRA..`.
+fn apply(local: &Path, base: Option<&Path>, src: &Path, target: &str, extra: &[&str]) -> Run {
+    let mut args = vec!["--local", local.s()];
+    if let Some(b) = base {
+        args.extend(["--base", b.s()]);
+    }
+    args.extend(["--source", src.s(), "--target", target]);
+    args.extend_from_slice(extra);
+    run(APPLY, &args)
+}
+
+fn applied(r: &Value) -> Vec<u64> {
+    r["applied"].as_array().expect("applied array").iter().map(|v| v.as_u64().unwrap()).collect()
+}
+
+/// Each model file of LOCAL is byte-identical to the one in `want` (same layout), plus tensors.
+#[track_caller]
+fn assert_local_is(local: &Path, want_dir: &Path, want: &Model) {
+    for n in file_names(want_dir) {
+        if n.ends_with(".safetensors") {
+            assert!(fs::read(local.join(&n)).unwrap() == fs::read(want_dir.join(&n)).unwrap(), "{n} of {} differs from {}", local.display(), want_dir.display());
+        }
+    }
+    assert_holds(local, want);
+}
+
+fn model_without(m: &Model, name: &str) -> Model {
+    m.iter().filter(|t| t.name != name).cloned().collect()
+}
+
+// ================================================================================================
+// delta-diff
+// ================================================================================================
+
+#[test]
+fn diff_xor_single_file_matches_spec_and_json() {
+    let t = TestDir::new("diff_xor");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    let r = publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    let (changed, wire) = check_delta(&src, 1, 0, &c.models[0], &c.models[1], "xor", "xxh3-128");
+
+    let wm = read_json(&vdir(&src, 1).join(INDEX))["weight_map"].clone();
+    for tn in &c.models[1] {
+        assert_eq!(wm.get(&tn.name).is_some(), changes_in_step(&tn.name), "{} in weight_map", tn.name);
+    }
+    let total = total_bytes(&c.models[1]);
+    assert_eq!(r["version"], 1);
+    assert_eq!(r["base_version"], 0, "base defaults to N-1");
+    assert_eq!(r["encoding"], "xor");
+    assert_eq!(r["checksum"], "xxh3-128");
+    assert_eq!(r["tensors_total"], 7);
+    assert_eq!(r["tensors_changed"], 4, "embedding, two mlp matrices, counter");
+    assert_eq!(r["total_bytes"], total);
+    assert_eq!(r["changed_bytes"], changed);
+    let density = r["density"].as_f64().unwrap();
+    assert!((density - changed as f64 / total as f64).abs() < 1e-12, "density {density} != {changed}/{total}");
+    assert!(density > 0.005 && density < 0.05, "fixture changes ~2% of some tensors: {density}");
+    assert_eq!(r["wire_bytes"], wire, "wire_bytes = sum of the version dir's file sizes");
+    assert!(r["seconds"].as_f64().unwrap() >= 0.0);
+    assert_no_temp_files(&src);
+}
+
+#[test]
+fn diff_overwrite_matches_spec() {
+    let t = TestDir::new("diff_overwrite");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    let r = publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--encoding", "overwrite"]);
+    let (changed, wire) = check_delta(&src, 1, 0, &c.models[0], &c.models[1], "overwrite", "xxh3-128");
+    assert_eq!(r["encoding"], "overwrite");
+    assert_eq!(r["changed_bytes"], changed);
+    assert_eq!(r["wire_bytes"], wire);
+    // The counter tensor changes in its low byte only: exactly one position.
+    let counter = StFile::read(&delta_file_of(&src, 1, "model.step_counter"));
+    let raw = zstd::stream::decode_all(counter.data("model.step_counter")).unwrap();
+    assert_eq!(&raw[..8], &[1, 0, 0, 0, 0, 0, 0, 0][..], "count 1, position 0");
+}
+
+#[test]
+fn diff_every_checksum_alg() {
+    // The hand-written adler32 agrees with zlib's published values.
+    assert_eq!(adler32(b"abc"), 0x024d_0127);
+    assert_eq!(adler32(b"Wikipedia"), 0x11e6_0398);
+    let t = TestDir::new("diff_checksums");
+    let c = make_chain(&t.path, 1, 1);
+    for (ck, enc) in [("xxh3-128", "overwrite"), ("blake3", "xor"), ("adler32", "xor"), ("adler32", "overwrite")] {
+        let src = t.join(format!("src-{ck}-{enc}"));
+        let r = publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--checksum", ck, "--encoding", enc]);
+        assert_eq!(r["checksum"], ck);
+        check_delta(&src, 1, 0, &c.models[0], &c.models[1], enc, ck);
+    }
+    // One value spelled out: the adler32 text of the embedding's new bytes.
+    let src = t.join("src-adler32-xor");
+    let st = StFile::read(&delta_file_of(&src, 1, EMBED));
+    let want = format!("{:08x}", adler32(&c.models[1][0].data));
+    assert_eq!(st.metadata()[EMBED], json!(want));
+}
+
+#[test]
+fn diff_base_version_option() {
+    let t = TestDir::new("diff_base_version");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    let r = publish(&c.ckpts[0], &c.ckpts[2], &src, 5, &["--base-version", "2"]);
+    assert_eq!(r["version"], 5);
+    assert_eq!(r["base_version"], 2);
+    check_delta(&src, 5, 2, &c.models[0], &c.models[2], "xor", "xxh3-128");
+    assert_eq!(file_names(&src), vec!["weight_v000005"]);
+}
+
+#[test]
+fn diff_full_version_is_a_loadable_checkpoint() {
+    let t = TestDir::new("diff_full");
+    let c = make_chain(&t.path, 1, 3);
+    let src = t.join("src");
+    let r = publish(&c.ckpts[0], &c.ckpts[1], &src, 3, &["--full"]);
+    let d = vdir(&src, 3);
+    let new = &c.ckpts[1];
+    assert_eq!(file_names(&d), file_names(new), "shards, index and config files");
+    for n in file_names(new) {
+        if n != INDEX {
+            assert!(fs::read(d.join(&n)).unwrap() == fs::read(new.join(&n)).unwrap(), "{n} copied byte for byte");
+        }
+    }
+    let index = read_json(&d.join(INDEX));
+    assert_eq!(index["metadata"]["version"], "000003");
+    assert_eq!(index["metadata"]["total_size"], total_bytes(&c.models[1]));
+    assert!(index["metadata"].get("delta_encoding").is_none(), "a full version has no delta_encoding");
+    assert_eq!(index["weight_map"], read_json(&new.join(INDEX))["weight_map"]);
+    assert_holds(&d, &c.models[1]);
+    assert_eq!(r["kind"], "full");
+    assert_eq!(r["tensors_total"], 7);
+    assert_eq!(r["wire_bytes"], dir_size(&d));
+
+    // NEW given as a lone .safetensors file becomes model.safetensors; OLD is not read.
+    let single = t.join("single");
+    write_checkpoint(&single, &c.models[1], 1);
+    publish(&t.join("no-such-old"), &single.join(SINGLE), &src, 4, &["--full"]);
+    let d4 = vdir(&src, 4);
+    assert_eq!(file_names(&d4), vec![SINGLE.to_string(), INDEX.to_string()]);
+    let idx = read_json(&d4.join(INDEX));
+    assert_eq!(idx["metadata"]["version"], "000004");
+    assert!(idx["weight_map"].as_object().unwrap().values().all(|f| f == SINGLE));
+    assert_eq!(idx["weight_map"].as_object().unwrap().len(), 7);
+    assert_holds(&d4, &c.models[1]);
+}
+
+#[test]
+fn diff_post_write_hook() {
+    let t = TestDir::new("diff_hook");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    let marker = t.join("marker");
+    let hook = format!(
+        "echo \"$DISAGG_VERSION\" > {m} && test -f \"$DISAGG_VERSION_DIR/{INDEX}\" && echo indexed >> {m}",
+        m = marker.s()
+    );
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--post-write-hook", &hook]);
+    assert_eq!(fs::read_to_string(&marker).unwrap(), "1\nindexed\n", "hook ran after the index was written, with DISAGG_VERSION");
+
+    let marker2 = t.join("marker2");
+    let failing = format!("touch {} && exit 3", marker2.s());
+    run(DIFF, [c.ckpts[1].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "2", "--post-write-hook", &failing])
+        .code(8)
+        .stderr_contains("hook")
+        .stderr_contains(&failing);
+    assert!(marker2.exists(), "the failing hook did run");
+}
+
+#[test]
+fn diff_replace_incomplete() {
+    let t = TestDir::new("diff_replace_incomplete");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    let d = vdir(&src, 1);
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join("model-00000-of-00001.safetensors"), b"partial").unwrap();
+    let args = [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1"];
+    run(DIFF, args).code(5).stderr_contains("incomplete").stderr_contains("--replace-incomplete").stderr_contains(d.s());
+    assert_eq!(fs::read(d.join("model-00000-of-00001.safetensors")).unwrap(), b"partial", "refusal leaves the dir alone");
+    assert!(!d.join(INDEX).exists());
+
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--replace-incomplete"]);
+    check_delta(&src, 1, 0, &c.models[0], &c.models[1], "xor", "xxh3-128");
+
+    // A complete version is never replaced, flag or not.
+    let before = snapshot(&src);
+    run(DIFF, [c.ckpts[0].s(), c.ckpts[0].s(), "--publish", src.s(), "--version", "1", "--replace-incomplete"])
+        .code(5)
+        .stderr_contains("already published");
+    assert!(snapshot(&src) == before);
+}
+
+#[test]
+fn diff_refuses_existing_version() {
+    let t = TestDir::new("diff_existing");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    let before = snapshot(&src);
+    run(DIFF, [c.ckpts[1].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "1"])
+        .code(5)
+        .stderr_contains("weight_v000001");
+    assert!(snapshot(&src) == before, "existing version untouched");
+    assert_no_temp_files(&src);
+}
+
+#[test]
+fn diff_concurrent_publishers_of_one_version() {
+    let t = TestDir::new("diff_race");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    let args = [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1"];
+    let children: Vec<_> = (0..3).map(|_| spawn(DIFF, args)).collect();
+    let codes: Vec<i32> = children.into_iter().map(|(ch, _)| ch.wait_with_output().unwrap().status.code().unwrap()).collect();
+    assert_eq!(codes.iter().filter(|&&c| c == 0).count(), 1, "exactly one publisher wins: {codes:?}");
+    assert!(codes.iter().all(|&c| c == 0 || c == 5), "the others get a conflict: {codes:?}");
+    check_delta(&src, 1, 0, &c.models[0], &c.models[1], "xor", "xxh3-128");
+    assert_no_temp_files(&src);
+}
+
+#[test]
+fn diff_identical_checkpoints_give_an_empty_delta() {
+    let t = TestDir::new("diff_empty");
+    let c = make_chain(&t.path, 0, 1);
+    let src = t.join("src");
+    let r = publish(&c.ckpts[0], &c.ckpts[0], &src, 1, &[]);
+    let d = vdir(&src, 1);
+    assert_eq!(file_names(&d), vec![INDEX], "no data files");
+    assert_eq!(read_json(&d.join(INDEX))["weight_map"], json!({}));
+    assert_eq!(r["tensors_changed"], 0);
+    assert_eq!(r["changed_bytes"], 0);
+    assert_eq!(r["density"].as_f64(), Some(0.0));
+    assert_eq!(r["wire_bytes"], dir_size(&d));
+    // Publishable and applicable.
+    run(ADVANCE, [src.s(), "1"]).ok();
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "latest", &[]).ok();
+    assert_local_is(&local, &c.ckpts[0], &c.models[0]);
+    assert_eq!(state_version(&local), "000001");
+}
+
+#[test]
+fn diff_refuses_incompatible_checkpoints() {
+    let t = TestDir::new("diff_incompatible");
+    let c = make_chain(&t.path, 0, 1);
+    let m = &c.models[0];
+    let mut extra = m.clone();
+    extra.push(tensor("extra.bias", "F32", &[8], &mut Rng::new(1)));
+    let mut shape = m.clone();
+    shape[1].shape = vec![64, 128]; // same bytes, transposed shape
+    let mut dtype = m.clone();
+    dtype[2].dtype = "I32".into(); // same bytes, other dtype
+    let cases: [(&str, Model, &str); 4] = [
+        ("missing", model_without(m, "lm_head.weight"), "lm_head.weight"),
+        ("extra", extra, "extra.bias"),
+        ("shape", shape, UP0),
+        ("dtype", dtype, NORM0),
+    ];
+    for (what, model, name) in cases {
+        let new = t.join(what);
+        write_checkpoint(&new, &model, 1);
+        let src = t.join(format!("src-{what}"));
+        let r = run(DIFF, [c.ckpts[0].s(), new.s(), "--publish", src.s(), "--version", "1"]);
+        r.code(4).stderr_contains(name);
+        assert!(!vdir(&src, 1).exists(), "{what}: no version dir after the refusal");
+    }
+}
+
+#[test]
+fn diff_refuses_malformed_inputs() {
+    let t = TestDir::new("diff_malformed");
+    let c = make_chain(&t.path, 1, 3);
+    let good = fs::read(c.ckpts[1].join("model-00001-of-00003.safetensors")).unwrap();
+    let mut huge_header = good.clone();
+    huge_header[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("text", b"this is not a safetensors file at all\n".to_vec()),
+        ("tiny", b"abc".to_vec()),
+        ("truncated", good[..good.len() - 100].to_vec()),
+        ("huge-header", huge_header),
+    ];
+    for (what, bytes) in cases {
+        let new = t.join(what);
+        write_checkpoint(&new, &c.models[1], 3);
+        let bad = new.join("model-00001-of-00003.safetensors");
+        fs::write(&bad, bytes).unwrap();
+        let src = t.join(format!("src-{what}"));
+        // As NEW, and as OLD.
+        run(DIFF, [c.ckpts[0].s(), new.s(), "--publish", src.s(), "--version", "1"]).code(3).stderr_contains(bad.s());
+        run(DIFF, [new.s(), c.ckpts[0].s(), "--publish", src.s(), "--version", "1"]).code(3).stderr_contains(bad.s());
+        assert!(!vdir(&src, 1).exists(), "{what}: nothing published");
+    }
+    // An index naming a file outside the checkpoint.
+    let new = t.join("escape");
+    write_checkpoint(&new, &c.models[1], 3);
+    let idx_path = new.join(INDEX);
+    let mut idx = read_json(&idx_path);
+    idx["weight_map"][EMBED] = json!("../x.safetensors");
+    fs::write(&idx_path, serde_json::to_vec(&idx).unwrap()).unwrap();
+    let src = t.join("src-escape");
+    run(DIFF, [c.ckpts[0].s(), new.s(), "--publish", src.s(), "--version", "1"]).code(3).stderr_contains(idx_path.s()).stderr_contains("../x");
+    assert!(!vdir(&src, 1).exists());
+}
+
+#[test]
+fn diff_usage_and_not_found() {
+    let t = TestDir::new("diff_usage");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    let (o, n) = (c.ckpts[0].s(), c.ckpts[1].s());
+    let missing = t.join("missing");
+    run(DIFF, [missing.s(), n, "--publish", src.s(), "--version", "1"]).code(6).stderr_contains(missing.s());
+    run(DIFF, [o, missing.s(), "--publish", src.s(), "--version", "1"]).code(6).stderr_contains(missing.s());
+    run(DIFF, [o, n, "--publish", src.s(), "--version", "0"]).code(2).stderr_contains("version 0");
+    run(DIFF, [o, n, "--publish", src.s(), "--version", "3", "--base-version", "3"]).code(2).stderr_contains("--base-version");
+    run(DIFF, [o, n, "--publish", src.s(), "--version", "3", "--base-version", "4"]).code(2);
+    run(DIFF, [o, n, "--publish", src.s(), "--version", "1", "--encoding", "gzip"]).code(2);
+    run(DIFF, [o, n, "--publish", src.s(), "--version", "1", "--checksum", "md5"]).code(2);
+    run(DIFF, [o, n, "--publish", src.s()]).code(2);
+    assert!(!src.exists() || list_versions(&src).is_empty(), "no version dir after any refusal");
+}
+
+fn list_versions(src: &Path) -> Vec<String> {
+    file_names(src).into_iter().filter(|n| n.starts_with("weight_v")).collect()
+}
+
+#[test]
+fn diff_splits_data_files_and_allows_different_sharding() {
+    let t = TestDir::new("diff_split");
+    let single = make_chain(&t.join("single"), 1, 1);
+    let sharded = make_chain(&t.join("sharded"), 1, 3);
+    let src = t.join("src");
+    // OLD single-file, NEW sharded: sharding may differ. One tensor per data file.
+    let r = publish(&single.ckpts[0], &sharded.ckpts[1], &src, 1, &["--max-file-bytes", "1"]);
+    assert_eq!(r["files"], 4);
+    check_delta(&src, 1, 0, &single.models[0], &sharded.models[1], "xor", "xxh3-128");
+    assert_eq!(data_files(&src, 1).len(), 4, "one changed tensor per data file");
+}
+
+// ================================================================================================
+// pointer-advance
+// ================================================================================================
+
+#[test]
+fn pointer_first_advance_forward_same_and_backwards() {
+    let t = TestDir::new("ptr_basic");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+
+    let r = run(ADVANCE, [src.s(), "1", "--json"]).ok().json();
+    assert_eq!(r, json!({"previous": null, "current": "weight_v000001", "changed": true}));
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000001\n"), "one line ending with a newline");
+
+    run(ADVANCE, [src.s(), "weight_v000002"]).ok();
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000002\n"));
+
+    let r = run(ADVANCE, [src.s(), "2", "--json"]).ok().json();
+    assert_eq!(r["changed"], false, "same version: ok, no change");
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000002\n"));
+
+    run(ADVANCE, [src.s(), "1"]).code(5).stderr_contains("backwards");
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000002\n"), "backwards move refused");
+
+    run(ADVANCE, [src.s(), "3"]).ok();
+    let text = latest(&src).unwrap();
+    assert!(text.ends_with('\n') && text.lines().count() == 1);
+    assert_eq!(text.trim_end().strip_prefix("weight_v").map(|d| d.parse::<u64>().unwrap()), Some(3));
+    assert!(!src.join("latest.lock").exists(), "lock released");
+    assert_no_temp_files(&src);
+}
+
+#[test]
+fn pointer_expect() {
+    let t = TestDir::new("ptr_expect");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+
+    run(ADVANCE, [src.s(), "1", "--expect", "weight_v000001"]).code(5);
+    assert_eq!(latest(&src), None, "no pointer written on mismatch");
+    run(ADVANCE, [src.s(), "1", "--expect", "none"]).ok();
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000001\n"));
+    run(ADVANCE, [src.s(), "2", "--expect", "none"]).code(5);
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000001\n"));
+    run(ADVANCE, [src.s(), "2", "--expect", "weight_v000001"]).ok();
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000002\n"));
+    run(ADVANCE, [src.s(), "3", "--expect", "1"]).code(5).stderr_contains("weight_v000002");
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000002\n"), "pointer unchanged on --expect mismatch");
+    run(ADVANCE, [src.s(), "3", "--expect", "2"]).ok();
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000003\n"));
+    run(ADVANCE, [src.s(), "3", "--expect", "bogus"]).code(2);
+}
+
+#[test]
+fn pointer_run_id_and_apply_follows_it() {
+    let t = TestDir::new("ptr_run_id");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src.join("run-a"));
+
+    run(ADVANCE, [src.s(), "3", "--run-id", "run-a", "--expect", "none"]).ok();
+    assert_eq!(latest(&src).as_deref(), Some("run-a/weight_v000003\n"));
+    let r = run(ADVANCE, [src.s(), "run-a/weight_v000003", "--json"]).ok().json();
+    assert_eq!(r["changed"], false);
+    run(ADVANCE, [src.s(), "3", "--run-id", "run-b"]).code(6);
+    run(ADVANCE, [src.s(), "3", "--run-id", "../x"]).code(2);
+    run(ADVANCE, [src.s(), "run-b/weight_v000003", "--run-id", "run-a"]).code(2);
+    run(ADVANCE, [src.s(), "3"]).code(6).stderr_contains("weight_v000003"); // not under SRC itself
+    assert_eq!(latest(&src).as_deref(), Some("run-a/weight_v000003\n"));
+
+    let local = t.join("local");
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "latest", &["--json"]).ok().json();
+    assert_eq!(r["version"], 3);
+    assert_eq!(r["run_id"], "run-a");
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+    let st = read_json(&local.join(".weight_sync/state.json"));
+    assert_eq!(st["version"], "000003");
+    assert_eq!(st["run_id"], "run-a");
+    // Numeric target with --run-id.
+    let local2 = t.join("local2");
+    apply(&local2, Some(&c.ckpts[0]), &src, "2", &["--run-id", "run-a"]).ok();
+    assert_local_is(&local2, &c.ckpts[2], &c.models[2]);
+}
+
+#[test]
+fn pointer_refusals() {
+    let t = TestDir::new("ptr_refusals");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    run(ADVANCE, [src.s(), "1"]).ok();
+    let at1 = Some("weight_v000001\n".to_string());
+
+    run(ADVANCE, [src.s(), "7"]).code(6).stderr_contains("weight_v000007");
+    run(ADVANCE, [src.s(), "seven"]).code(2);
+
+    // Incomplete: a crashed publisher's dir without the index.
+    let d5 = vdir(&src, 5);
+    fs::create_dir_all(&d5).unwrap();
+    fs::write(d5.join("model-00000-of-00001.safetensors"), b"partial").unwrap();
+    run(ADVANCE, [src.s(), "5"]).code(5).stderr_contains("incomplete");
+
+    // Delta whose base is missing, and whose base is incomplete.
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 9, &["--base-version", "8"]);
+    run(ADVANCE, [src.s(), "9"]).code(5).stderr_contains("base");
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 6, &["--base-version", "5"]);
+    run(ADVANCE, [src.s(), "6"]).code(5).stderr_contains("base");
+
+    // A malformed data file in the version.
+    let f = data_files(&src, 3)[0].clone();
+    let bytes = fs::read(&f).unwrap();
+    fs::write(&f, &bytes[..bytes.len() - 10]).unwrap();
+    run(ADVANCE, [src.s(), "3"]).code(3).stderr_contains(f.s());
+    fs::write(&f, &bytes).unwrap();
+
+    assert_eq!(latest(&src), at1, "no refusal moved the pointer");
+    assert!(!src.join("latest.lock").exists());
+
+    // An existing pointer that does not parse is an error, never overwritten.
+    fs::write(src.join("latest"), "garbage\n").unwrap();
+    run(ADVANCE, [src.s(), "2"]).code(3).stderr_contains("latest");
+    assert_eq!(latest(&src).as_deref(), Some("garbage\n"));
+    assert!(!src.join("latest.lock").exists());
+}
+
+#[test]
+fn pointer_chain_may_stop_at_a_full_version() {
+    let t = TestDir::new("ptr_full");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 2, &["--full"]);
+    publish(&c.ckpts[2], &c.ckpts[3], &src, 3, &[]);
+    fs::remove_dir_all(vdir(&src, 1)).unwrap(); // below the full version: not needed
+    run(ADVANCE, [src.s(), "3"]).ok();
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000003\n"));
+}
+
+/// The index is a version's commit marker: `delta-diff --full` of a single-file checkpoint writes
+/// `.incomplete`, copies `model.safetensors` and config files, then writes the index and removes
+/// the marker, so a publisher that dies in between leaves exactly this directory. It must count as incomplete (exit 5), as
+/// `delta-diff` itself treats it (it refuses to overwrite it without --replace-incomplete).
+#[test]
+fn pointer_refuses_full_version_dir_without_index() {
+    let t = TestDir::new("ptr_full_no_index");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--full"]);
+    // The state a crash before the index leaves: data and config whole, marker present, no index.
+    fs::remove_file(vdir(&src, 1).join(INDEX)).unwrap();
+    fs::write(vdir(&src, 1).join(".incomplete"), b"").unwrap();
+    run(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1", "--full"]).code(5).stderr_contains("incomplete");
+    run(ADVANCE, [src.s(), "1"]).code(5).stderr_contains("incomplete");
+    assert_eq!(latest(&src), None);
+}
+
+#[test]
+fn pointer_stale_lock_times_out() {
+    let t = TestDir::new("ptr_stale_lock");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    fs::write(src.join("latest.lock"), b"").unwrap();
+    let start = Instant::now();
+    run(ADVANCE, [src.s(), "1"]).code(9).stderr_contains("latest.lock");
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(9500), "gave up after {took:?}, before the 10 s timeout");
+    assert_eq!(latest(&src), None);
+    assert!(src.join("latest.lock").exists(), "someone else's lock is not removed");
+}
+
+// ================================================================================================
+// delta-apply
+// ================================================================================================
+
+#[test]
+fn apply_chain_on_a_fresh_host_then_noop() {
+    let t = TestDir::new("apply_chain");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 2, &["--encoding", "overwrite", "--checksum", "blake3"]);
+    publish(&c.ckpts[2], &c.ckpts[3], &src, 3, &["--checksum", "adler32"]);
+    let local = t.join("local");
+
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "3", &["--json"]).ok().json();
+    assert_eq!(r["version"], 3);
+    assert_eq!(r["previous"], Value::Null);
+    assert_eq!(r["seeded_from"], 0);
+    assert_eq!(applied(&r), vec![1, 2, 3]);
+    assert_eq!(r["noop"], false);
+    assert_eq!(r["repaired"], false);
+    assert!(r["seconds"].as_f64().unwrap() >= 0.0);
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+    assert_eq!(fs::read(local.join("config.json")).unwrap(), fs::read(c.ckpts[0].join("config.json")).unwrap());
+    assert_eq!(state_version(&local), "000003");
+    assert!(!intent_exists(&local));
+    assert_no_temp_files(&local);
+    write_checkpoint(&t.join("pristine0"), &c.models[0], 1);
+    assert!(fs::read(c.ckpts[0].join(SINGLE)).unwrap() == fs::read(t.join("pristine0").join(SINGLE)).unwrap(), "BASE untouched");
+
+    let before = snapshot(&local);
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "3", &["--json"]).ok().json();
+    assert_eq!(r["noop"], true);
+    assert_eq!(r["previous"], 3);
+    assert_eq!(r["seeded_from"], Value::Null);
+    assert!(applied(&r).is_empty());
+    assert!(snapshot(&local) == before, "a no-op writes nothing");
+    let human = apply(&local, Some(&c.ckpts[0]), &src, "3", &[]).ok().stdout();
+    assert!(human.contains("already at version 3"), "{human}");
+}
+
+#[test]
+fn apply_target_latest_follows_the_pointer() {
+    let t = TestDir::new("apply_latest");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+
+    apply(&local, Some(&c.ckpts[0]), &src, "latest", &[]).code(6).stderr_contains("latest");
+    assert!(!local.join(".weight_sync/state.json").exists());
+
+    run(ADVANCE, [src.s(), "2"]).ok();
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "latest", &["--json"]).ok().json();
+    assert_eq!((r["version"].clone(), applied(&r)), (json!(2), vec![1, 2]));
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+
+    run(ADVANCE, [src.s(), "3"]).ok();
+    // --target defaults to latest.
+    let r = run(APPLY, ["--local", local.s(), "--base", c.ckpts[0].s(), "--source", src.s(), "--json"]).ok().json();
+    assert_eq!(r["previous"], 2);
+    assert_eq!(r["seeded_from"], Value::Null, "an up-to-date host applies only the new delta");
+    assert_eq!(applied(&r), vec![3]);
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+    assert_eq!(state_version(&local), "000003");
+}
+
+#[test]
+fn apply_full_version_in_the_chain_reseeds() {
+    let t = TestDir::new("apply_full_mid");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 2, &["--full"]);
+    publish(&c.ckpts[2], &c.ckpts[3], &src, 3, &["--encoding", "overwrite"]);
+
+    // Fresh host: seeds from the full version, no BASE needed.
+    let fresh = t.join("fresh");
+    let r = apply(&fresh, None, &src, "3", &["--json"]).ok().json();
+    assert_eq!(r["seeded_from"], 2);
+    assert_eq!(applied(&r), vec![3]);
+    assert_local_is(&fresh, &c.ckpts[3], &c.models[3]);
+
+    // A host at v1: the full v2 resets it.
+    let host = t.join("host");
+    apply(&host, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    assert_local_is(&host, &c.ckpts[1], &c.models[1]);
+    let r = apply(&host, Some(&c.ckpts[0]), &src, "3", &["--json"]).ok().json();
+    assert_eq!((r["previous"].clone(), r["seeded_from"].clone(), applied(&r)), (json!(1), json!(2), vec![3]));
+    assert_local_is(&host, &c.ckpts[3], &c.models[3]);
+    assert_eq!(state_version(&host), "000003");
+}
+
+#[test]
+fn apply_rollback_reseeds_and_converges() {
+    let t = TestDir::new("apply_rollback");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "3", &[]).ok();
+
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "1", &["--json"]).ok().json();
+    assert_eq!((r["previous"].clone(), r["seeded_from"].clone(), applied(&r)), (json!(3), json!(0), vec![1]));
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+    assert_eq!(state_version(&local), "000001");
+
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "3", &["--json"]).ok().json();
+    assert_eq!((r["seeded_from"].clone(), applied(&r)), (Value::Null, vec![2, 3]));
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+
+    // All the way back to the base checkpoint.
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "0", &["--json"]).ok().json();
+    assert_eq!((r["seeded_from"].clone(), applied(&r)), (json!(0), vec![]));
+    assert_local_is(&local, &c.ckpts[0], &c.models[0]);
+    assert_eq!(state_version(&local), "000000");
+}
+
+#[test]
+fn apply_sharded_checkpoints() {
+    let t = TestDir::new("apply_sharded");
+    let c = make_chain(&t.join("sharded"), 2, 3);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--max-file-bytes", "1"]);
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 2, &["--encoding", "overwrite"]);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "2", &[]).ok();
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+    assert_eq!(fs::read(local.join(INDEX)).unwrap(), fs::read(c.ckpts[2].join(INDEX)).unwrap());
+
+    // Deltas computed on single-file checkpoints patch a sharded host by tensor name.
+    let single = make_chain(&t.join("single"), 2, 1);
+    let src2 = t.join("src2");
+    publish_chain(&single, &src2);
+    let local2 = t.join("local2");
+    apply(&local2, Some(&c.ckpts[0]), &src2, "2", &[]).ok();
+    assert_local_is(&local2, &c.ckpts[2], &c.models[2]);
+}
+
+#[test]
+fn apply_checksum_mismatch_then_repair() {
+    let t = TestDir::new("apply_checksum");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let f = delta_file_of(&src, 2, UP0);
+    let good = fs::read(&f).unwrap();
+    tamper_checksum(&f, UP0);
+    let local = t.join("local");
+
+    apply(&local, Some(&c.ckpts[0]), &src, "2", &[]).code(7).stderr_contains(UP0).stderr_contains(f.s());
+    assert_eq!(state_version(&local), "000001", "state not advanced past the bad delta");
+    assert!(intent_exists(&local), "intent.json marks LOCAL dirty");
+
+    fs::write(&f, &good).unwrap();
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &["--json"]).ok().json();
+    assert_eq!(r["repaired"], true);
+    assert_eq!(r["seeded_from"], 0);
+    assert_eq!(applied(&r), vec![1, 2]);
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+    assert_eq!(state_version(&local), "000002");
+    assert!(!intent_exists(&local));
+}
+
+#[test]
+fn apply_tampered_payload_fails_its_checksum() {
+    let t = TestDir::new("apply_payload");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    for (i, enc) in ["xor", "overwrite"].into_iter().enumerate() {
+        let s = src.join(enc);
+        publish(&c.ckpts[0], &c.ckpts[1], &s, 1, &["--encoding", enc, "--checksum", ["blake3", "adler32"][i]]);
+        let f = delta_file_of(&s, 1, EMBED);
+        let good = fs::read(&f).unwrap();
+        rewrite_payload(&f, EMBED, |raw| {
+            let last = raw.len() - 1; // xor: last byte of the tensor; overwrite: last new value
+            raw[last] ^= 0x40;
+        });
+        let local = t.join(format!("local-{enc}"));
+        apply(&local, Some(&c.ckpts[0]), &s, "1", &[]).code(7).stderr_contains(EMBED);
+        assert_ne!(state_version(&local), "000001");
+        assert!(intent_exists(&local));
+
+        fs::write(&f, &good).unwrap();
+        let r = apply(&local, Some(&c.ckpts[0]), &s, "1", &["--json"]).ok().json();
+        assert_eq!(r["repaired"], true);
+        assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+    }
+}
+
+#[test]
+fn apply_corrupt_zstd_frame() {
+    let t = TestDir::new("apply_zstd");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let f = delta_file_of(&src, 1, UP0);
+    let good = fs::read(&f).unwrap();
+    corrupt_frame(&f, UP0);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).code(3).stderr_contains(f.s()).stderr_contains(UP0);
+    assert_ne!(state_version(&local), "000001");
+
+    fs::write(&f, &good).unwrap();
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "1", &["--json"]).ok().json();
+    assert_eq!(r["repaired"], true);
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+    assert!(!intent_exists(&local));
+}
+
+#[test]
+fn apply_base_checks() {
+    let t = TestDir::new("apply_base");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let base_before = snapshot(&c.ckpts[0]);
+
+    // A fresh host needs BASE.
+    let local = t.join("local");
+    apply(&local, None, &src, "1", &[]).code(2).stderr_contains("--base");
+    assert!(!local.join(SINGLE).exists());
+    assert!(!local.join(".weight_sync/state.json").exists());
+
+    // LOCAL must not be BASE, however spelled.
+    apply(&c.ckpts[0], Some(&c.ckpts[0]), &src, "1", &[]).code(2);
+    let alias = c.ckpts[0].join("..").join("ckpt0");
+    apply(&alias, Some(&c.ckpts[0]), &src, "1", &[]).code(2);
+    assert!(snapshot(&c.ckpts[0]) == base_before, "BASE untouched");
+
+    // A host past version 0 does not need BASE.
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    apply(&local, None, &src, "2", &[]).ok();
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+
+    // A BASE that lacks a tensor the delta patches: incompatible, named.
+    let partial = t.join("partial-base");
+    write_checkpoint(&partial, &model_without(&c.models[0], EMBED), 1);
+    apply(&t.join("local2"), Some(&partial), &src, "1", &[]).code(4).stderr_contains(EMBED);
+}
+
+#[test]
+fn apply_pre_read_hook() {
+    let t = TestDir::new("apply_hook");
+    let c = make_chain(&t.path, 4, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let log = t.join("hook.log");
+    let hook = format!("echo \"$DISAGG_VERSION $(basename \"$DISAGG_VERSION_DIR\")\" >> {}", log.s());
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "3", &["--pre-read-hook", &hook]).ok();
+    let mut lines: Vec<String> = fs::read_to_string(&log).unwrap().lines().map(String::from).collect();
+    lines.sort();
+    assert_eq!(lines, vec!["1 weight_v000001", "2 weight_v000002", "3 weight_v000003"]);
+
+    let before = snapshot(&local);
+    apply(&local, Some(&c.ckpts[0]), &src, "4", &["--pre-read-hook", "exit 1"]).code(8).stderr_contains("exit 1");
+    assert_eq!(state_version(&local), "000003");
+    assert!(snapshot(&local) == before, "a failed pre-read hook leaves LOCAL as it was");
+    assert!(!intent_exists(&local));
+}
+
+#[test]
+fn apply_concurrent_invocations_collapse_to_one() {
+    let t = TestDir::new("apply_concurrent");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    let args = ["--local", local.s(), "--base", c.ckpts[0].s(), "--source", src.s(), "--target", "3", "--json"];
+    let children: Vec<_> = (0..4).map(|_| spawn(APPLY, args)).collect();
+    let mut workers = 0;
+    for (child, cmdline) in children {
+        let out = child.wait_with_output().unwrap();
+        let r = Run { cmdline, out };
+        let j = r.ok().json();
+        assert_eq!(j["version"], 3);
+        if j["noop"] == false {
+            workers += 1;
+            assert_eq!(applied(&j), vec![1, 2, 3]);
+        }
+    }
+    assert_eq!(workers, 1, "exactly one invocation does the work, the others find it done");
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+    assert!(!intent_exists(&local));
+}
+
+#[test]
+fn apply_lock_timeout() {
+    let t = TestDir::new("apply_lock");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    fs::create_dir_all(local.join(".weight_sync")).unwrap();
+    let lock_path = local.join(".weight_sync/lock");
+    let held = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path).unwrap();
+    held.lock().unwrap();
+
+    let start = Instant::now();
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &["--lock-timeout", "0.3"]).code(9).stderr_contains(lock_path.s());
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "lock wait took {took:?}");
+    assert!(!local.join(SINGLE).exists(), "nothing done without the lock");
+
+    drop(held);
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &["--lock-timeout", "0.3"]).ok();
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+}
+
+/// `--lock-timeout` takes seconds; a value that is no duration is a usage error (2), not a crash.
+#[test]
+fn apply_rejects_a_lock_timeout_that_is_no_duration() {
+    let t = TestDir::new("apply_lock_arg");
+    let src = t.join("src");
+    let local = t.join("local");
+    for bad in ["nan", "-1", "inf", "1e30"] {
+        let flag = format!("--lock-timeout={bad}");
+        run(APPLY, ["--local", local.s(), "--source", src.s(), "--target", "1", flag.as_str()]).code(2);
+    }
+}
+
+#[test]
+fn apply_detects_a_torn_local_checkpoint() {
+    let t = TestDir::new("apply_torn");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "2", &[]).ok();
+
+    let f = OpenOptions::new().write(true).open(local.join(SINGLE)).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    assert_eq!(state_version(&local), "000002", "state still says clean");
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &["--json"]).ok().json();
+    assert_eq!(r["repaired"], true);
+    assert_eq!(r["noop"], false);
+    assert_eq!((r["seeded_from"].clone(), applied(&r)), (json!(0), vec![1, 2]));
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+
+    // A deleted model file is repaired the same way.
+    fs::remove_file(local.join(SINGLE)).unwrap();
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &["--json"]).ok().json();
+    assert_eq!(r["repaired"], true);
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+}
+
+#[test]
+fn apply_refusals() {
+    let t = TestDir::new("apply_refusals");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    let base = Some(c.ckpts[0].as_path());
+
+    apply(&local, base, &src, "seven", &[]).code(2);
+    apply(&local, base, &src, "9", &[]).code(6).stderr_contains("weight_v000009");
+
+    // An unparseable pointer is an error, never a fallback to the base model.
+    fs::write(src.join("latest"), "weight_v1\n").unwrap();
+    apply(&local, base, &src, "latest", &[]).code(3).stderr_contains(src.join("latest").s());
+
+    // An incomplete version on the chain.
+    let d3 = vdir(&src, 3);
+    fs::create_dir_all(&d3).unwrap();
+    fs::write(d3.join("model-00000-of-00001.safetensors"), b"partial").unwrap();
+    apply(&local, base, &src, "3", &[]).code(5).stderr_contains("incomplete");
+
+    // A malformed delta anywhere on the chain is found before LOCAL is touched.
+    let f = data_files(&src, 2)[0].clone();
+    let bytes = fs::read(&f).unwrap();
+    fs::write(&f, &bytes[..bytes.len() - 7]).unwrap();
+    apply(&local, base, &src, "2", &[]).code(3).stderr_contains(f.s());
+
+    assert!(!local.join(SINGLE).exists(), "no refusal touched LOCAL");
+    assert!(!local.join(".weight_sync/state.json").exists());
+    assert!(!intent_exists(&local));
+}
