@@ -6,3 +6,4 @@
 pub mod error;
 pub mod failpoint;
 pub mod fsio;
+pub mod dataplane;
