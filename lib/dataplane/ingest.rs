@@ -204,15 +204,33 @@ enum Outcome {
     Skipped(SampleRef),
 }
 
-fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions) -> std::result::Result<Outcome, String> {
+/// Why a file was not ingested: its own fault (skipped, counted) or the store's (fatal).
+enum Failure {
+    Invalid(String),
+    Fatal(Error),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Invalid(s)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(s: &str) -> Self {
+        Failure::Invalid(s.to_string())
+    }
+}
+
+fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions) -> std::result::Result<Outcome, Failure> {
     let id = sample_id_for(rel);
     if !super::store::valid_id(&id) {
-        return Err(format!("sample id {id:?} derived from the path is not usable (too long?)"));
+        return Err(format!("sample id {id:?} derived from the path is not usable (too long?)").into());
     }
     let src_meta = fs::metadata(src).map_err(|e| e.to_string())?;
     if let Some((obj, specs)) = intact_existing(store, &id, src, &src_meta) {
         if opts.mode == PlaceMode::Move && obj_differs_from(src, &obj) {
-            fsio::remove_durable(src).map_err(|e| e.to_string())?;
+            fsio::remove_durable(src).map_err(Failure::Fatal)?;
         }
         return Ok(Outcome::Skipped(ref_for_object(store, &obj, &specs, rel, opts)));
     }
@@ -239,11 +257,11 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions)
                 store.put_file(&id, src, mode, opts.retain_on_release)
             }
         }
-        .map_err(|e| e.to_string())?;
+        .map_err(Failure::Fatal)?;
         (obj, specs)
     } else {
         if opts.mode == PlaceMode::Link {
-            return Err("--mode link needs .safetensors input: a torch checkpoint must be converted (use --mode copy or move)".into());
+            return Err(Failure::Invalid("--mode link needs .safetensors input: a torch checkpoint must be converted (use --mode copy or move)".into()));
         }
         let map = mmap(src).map_err(|e| e.to_string())?;
         let unzipped;
@@ -257,9 +275,9 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions)
         for t in &tensors {
             check_nan(&t.name, t.dtype, &t.data)?;
         }
-        let obj = store.put(&id, &tensors, &md, opts.retain_on_release).map_err(|e| e.to_string())?;
+        let obj = store.put(&id, &tensors, &md, opts.retain_on_release).map_err(Failure::Fatal)?;
         if opts.mode == PlaceMode::Move {
-            fsio::remove_durable(src).map_err(|e| e.to_string())?;
+            fsio::remove_durable(src).map_err(Failure::Fatal)?;
         }
         (obj, tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect())
     };
@@ -297,7 +315,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     };
     // Duplicate sample ids (data_1.ckpt and data_1.ckpt.gz) cannot both be stored.
     let mut seen = std::collections::HashMap::new();
-    let results: Vec<std::result::Result<Outcome, String>> = inputs
+    let results: Vec<std::result::Result<Outcome, Failure>> = inputs
         .iter()
         .map(|(_, rel)| seen.insert(sample_id_for(rel), rel.clone()))
         .collect::<Vec<_>>()
@@ -307,7 +325,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         .into_par_iter()
         .map(|(dup, (src, rel))| {
             let r = match dup {
-                Some(other) if other != *rel => Err(format!("sample id {} is also derived from {other}", sample_id_for(rel))),
+                Some(other) if other != *rel => Err(Failure::Invalid(format!("sample id {} is also derived from {other}", sample_id_for(rel)))),
                 _ => ingest_one(&store, src, rel, opts),
             };
             if let Some(b) = &bar {
@@ -343,7 +361,8 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
                 summary.skipped_intact += 1;
                 refs.push(r);
             }
-            Err(reason) => {
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Invalid(reason)) => {
                 if opts.strict {
                     return Err(Error::bad_input(src, reason));
                 }
