@@ -20,7 +20,7 @@ pub mod exit {
     /// Two checkpoints cannot be compared: tensor sets, shapes or dtypes differ.
     pub const INCOMPATIBLE: i32 = 4;
     /// The operation conflicts with what is on disk: version exists, pointer moved, backwards move,
-    /// incomplete version, delta base mismatch.
+    /// incomplete version, delta base mismatch, a ref producer that failed, a closed stream.
     pub const CONFLICT: i32 = 5;
     /// Something that must exist does not: version directory, tensor, base checkpoint.
     pub const NOT_FOUND: i32 = 6;
@@ -28,9 +28,9 @@ pub mod exit {
     pub const CHECKSUM: i32 = 7;
     /// A user hook (post-write, pre-read, reload) failed.
     pub const HOOK: i32 = 8;
-    /// A lock could not be taken in time.
+    /// A lock could not be taken in time, or a channel tail timed out with no live producer.
     pub const LOCKED: i32 = 9;
-    /// An operating-system I/O error (disk full, permission denied, ...).
+    /// An operating-system I/O error (disk full, permission denied, ...), or the store quota.
     pub const IO: i32 = 10;
 
     /// (code, name) for every documented code, for docs conformance tests.

@@ -6,13 +6,18 @@
 pub mod error;
 pub mod failpoint;
 pub mod fsio;
+pub mod progress;
+pub mod report;
+
+// Weight plane.
+pub mod apply;
 pub mod checkpoint;
 pub mod checksum;
-pub mod version;
-pub mod pointer;
 pub mod codec;
-pub mod hooks;
-pub mod progress;
 pub mod diff;
-pub mod apply;
-pub mod report;
+pub mod hooks;
+pub mod pointer;
+pub mod version;
+
+// Data plane.
+pub mod dataplane;

@@ -83,7 +83,12 @@ fn parse_file(path: &Path, text: &str) -> Result<Pointer> {
 /// Read `SRC/latest`; `Ok(None)` if no pointer has been written yet.
 pub fn read_latest(src: &Path) -> Result<Option<Pointer>> {
     let path = src.join(POINTER_NAME);
-    match std::fs::read(&path) {
+    let read = std::fs::File::open(&path).and_then(|f| {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_POINTER_BYTES as u64 + 1), &mut bytes).map(|_| bytes)
+    });
+    match read {
+        Ok(bytes) if bytes.len() > MAX_POINTER_BYTES => Err(Error::bad_input(&path, format!("over {MAX_POINTER_BYTES} bytes: not a weight pointer"))),
         Ok(bytes) => {
             let text = String::from_utf8(bytes).map_err(|_| Error::bad_input(&path, "pointer is not UTF-8"))?;
             parse_file(&path, &text).map(Some)

@@ -1,0 +1,1066 @@
+//! RefChannel: a stream of SampleRefs through files, safe on NFS and object-store FUSE.
+//!
+//! Layout of a channel directory (specified byte by byte in `docs/FORMATS.md`, "Ref channel"):
+//!
+//! ```text
+//! CHANNEL/producers/<producer>/seg-<first_seq:016>-<epoch:08>.jsonl   one writer per file
+//! CHANNEL/producers/<producer>/heartbeat                             {"pid":..,"host":..,"unix_ms":..,"published":..}
+//! CHANNEL/producers/<producer>/closed                                {"published":N}
+//! CHANNEL/producers/<producer>/failed                                reason text
+//! CHANNEL/cursors/<name>[.r<rank>of<world>].json                     consumer positions and counts
+//! ```
+//!
+//! Every line is a compact SampleRef whose `metadata` ends with
+//! `"disagg":{"producer":"P","seq":N,"xxh3":"HHHHHHHHHHHHHHHH"}`; the checksum is the xxh3-64 of
+//! the line's bytes before the 16 hex digits, so a line is checked without re-serializing it.
+//! A restarted producer derives its published count from its last segment and starts a new
+//! segment (new epoch) at the next sequence number; a partial line left by a killed writer is
+//! torn only once a later segment exists or the producer closed.
+//!
+//! SpecForge's single-file layout (`refs.jsonl`, `.closed`, `.failed`, `.consumed_count`,
+//! `.consumer_done`, `.consumer_failed`) is read and written with [`Layout::SingleFile`].
+
+use super::sample_ref::{SampleRef, MAX_REF_BYTES};
+use super::staleness;
+use crate::error::{Error, IoContext, Result};
+use crate::fsio;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const PRODUCERS_DIR: &str = "producers";
+pub const CURSORS_DIR: &str = "cursors";
+pub const HEARTBEAT_FILE: &str = "heartbeat";
+pub const CLOSED_FILE: &str = "closed";
+pub const FAILED_FILE: &str = "failed";
+/// SpecForge's single-file layout.
+pub const SINGLE_FILE: &str = "refs.jsonl";
+/// A producer starts a new segment once its current one is this large.
+pub const SEGMENT_MAX_BYTES: u64 = 64 << 20;
+/// A line longer than this is corrupt (a ref is at most [`MAX_REF_BYTES`] plus our metadata).
+pub const MAX_LINE_BYTES: usize = MAX_REF_BYTES + 512;
+/// How often a running producer rewrites its heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest producer, cursor or consumer name.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Most lines a tail handles per producer in one round (bounds memory and keeps rounds fair).
+pub const MAX_LINES_PER_ROUND: usize = 16_384;
+/// The bytes after the checksum digits at the end of every channel line.
+const LINE_END: &[u8] = b"\"}}}";
+const TAIL_MARK: &[u8] = b"\"disagg\":{\"producer\":\"";
+
+/// Which on-disk layout a channel uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Per-producer segments (the default).
+    Segments,
+    /// SpecForge's `refs.jsonl` plus sidecars, one producer.
+    SingleFile,
+}
+
+/// True for names usable as producer and cursor names: `[A-Za-z0-9._-]{1,128}`, not starting with `.`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_BYTES
+        && !s.starts_with('.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+fn check_name(what: &str, s: &str) -> Result<()> {
+    if valid_name(s) {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!("{what} {s:?} must match [A-Za-z0-9._-]{{1,{MAX_NAME_BYTES}}} and not start with '.'")))
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Encode a ref as one channel line (without the newline), stamping producer, seq and checksum.
+pub fn encode_line(r: &SampleRef, producer: &str, seq: u64) -> String {
+    let mut r = r.clone();
+    r.metadata.remove("disagg");
+    r.metadata.insert(
+        "disagg".into(),
+        serde_json::json!({"producer": producer, "seq": seq, "xxh3": "0000000000000000"}),
+    );
+    let mut line = r.to_json();
+    let digits_at = line.len() - LINE_END.len() - 16;
+    let sum = xxhash_rust::xxh3::xxh3_64(&line.as_bytes()[..digits_at]);
+    line.replace_range(digits_at..digits_at + 16, &format!("{sum:016x}"));
+    line
+}
+
+/// What a checked channel line says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineStamp {
+    pub producer: String,
+    pub seq: u64,
+}
+
+/// Why a line was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LineError {
+    #[error("line is {0} bytes, more than {MAX_LINE_BYTES}")]
+    TooLong(usize),
+    #[error("no disagg stamp at the end of the line")]
+    NoStamp,
+    #[error("checksum mismatch: line says {stated}, bytes hash to {actual}")]
+    Checksum { stated: String, actual: String },
+    #[error("not valid JSON: {0}")]
+    Json(String),
+}
+
+/// Check a line's stamp and checksum and that it is JSON; returns producer and seq.
+pub fn check_line(line: &[u8]) -> std::result::Result<LineStamp, LineError> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(LineError::TooLong(line.len()));
+    }
+    let stamp = parse_stamp(line).ok_or(LineError::NoStamp)?;
+    let digits_at = line.len() - LINE_END.len() - 16;
+    let stated = std::str::from_utf8(&line[digits_at..digits_at + 16]).map_err(|_| LineError::NoStamp)?;
+    let actual = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&line[..digits_at]));
+    if stated != actual {
+        return Err(LineError::Checksum { stated: stated.to_string(), actual });
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(line).map_err(|e| LineError::Json(e.to_string()))?;
+    Ok(stamp)
+}
+
+/// Parse `"disagg":{"producer":"P","seq":N,"xxh3":"H16"}}}` at the end of a line.
+fn parse_stamp(line: &[u8]) -> Option<LineStamp> {
+    if !line.ends_with(LINE_END) || line.len() < TAIL_MARK.len() + 40 {
+        return None;
+    }
+    let start = line.windows(TAIL_MARK.len()).rposition(|w| w == TAIL_MARK)? + TAIL_MARK.len();
+    let rest = line.get(start..)?;
+    let q = rest.iter().position(|&b| b == b'"')?;
+    let producer = std::str::from_utf8(rest.get(..q)?).ok()?;
+    let rest = rest.get(q..)?.strip_prefix(b"\",\"seq\":")?;
+    let d = rest.iter().position(|b| !b.is_ascii_digit())?;
+    if d == 0 || d > 20 {
+        return None;
+    }
+    let seq: u64 = std::str::from_utf8(rest.get(..d)?).ok()?.parse().ok()?;
+    let rest = rest.get(d..)?.strip_prefix(b",\"xxh3\":\"")?;
+    if rest.len() != 16 + LINE_END.len() || !rest[..16].iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
+        return None;
+    }
+    valid_name(producer).then(|| LineStamp { producer: producer.to_string(), seq })
+}
+
+/// Segment file name for a producer's segment starting at `first_seq`, written by `epoch`.
+pub fn segment_name(first_seq: u64, epoch: u64) -> String {
+    format!("seg-{first_seq:016}-{epoch:08}.jsonl")
+}
+
+/// Parse a segment name into (first_seq, epoch).
+pub fn parse_segment_name(name: &str) -> Option<(u64, u64)> {
+    let core = name.strip_prefix("seg-")?.strip_suffix(".jsonl")?;
+    let (a, b) = core.split_once('-')?;
+    if a.len() != 16 || b.len() != 8 || !a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// A producer's segments, oldest first.
+fn list_segments(dir: &Path) -> Result<Vec<(u64, u64, String)>> {
+    let mut segs = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(segs),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    for ent in rd {
+        let ent = ent.at(dir)?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if let Some((first, epoch)) = parse_segment_name(&name) {
+            segs.push((first, epoch, name));
+        }
+    }
+    segs.sort();
+    Ok(segs)
+}
+
+/// Split a buffer into complete lines; returns the lines and the length consumed.
+fn complete_lines(buf: &[u8]) -> (Vec<&[u8]>, usize) {
+    let mut lines = Vec::new();
+    let mut at = 0;
+    while let Some(nl) = buf[at..].iter().position(|&b| b == b'\n') {
+        lines.push(&buf[at..at + nl]);
+        at += nl + 1;
+    }
+    (lines, at)
+}
+
+/// The last valid sequence number in a segment (None if it holds no valid line).
+fn last_valid_seq(path: &Path, producer: &str) -> Result<Option<u64>> {
+    let bytes = fs::read(path).at(path)?;
+    let (lines, _) = complete_lines(&bytes);
+    Ok(lines
+        .iter()
+        .rev()
+        .filter_map(|l| check_line(l).ok())
+        .find(|s| s.producer == producer)
+        .map(|s| s.seq))
+}
+
+/// Heartbeat file contents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub pid: u32,
+    pub host: String,
+    pub unix_ms: u64,
+    pub published: u64,
+}
+
+/// `closed` file contents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Closed {
+    pub published: u64,
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// The writing end of a channel for one producer.
+pub struct RefProducer {
+    channel: PathBuf,
+    dir: PathBuf,
+    name: String,
+    layout: Layout,
+    next_seq: u64,
+    epoch: u64,
+    segment: Option<(File, PathBuf, u64)>,
+    fsync: bool,
+    published: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    heartbeat: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RefProducer {
+    /// Open (or resume) producer `name`: its published count is derived from its files.
+    pub fn open(channel: &Path, name: &str, layout: Layout, fsync: bool) -> Result<Self> {
+        check_name("producer", name)?;
+        fsio::create_dir_durable(channel)?;
+        let (dir, next_seq, epoch) = match layout {
+            Layout::Segments => {
+                let dir = channel.join(PRODUCERS_DIR).join(name);
+                fsio::create_dir_durable(&dir)?;
+                for marker in [CLOSED_FILE, FAILED_FILE] {
+                    if dir.join(marker).exists() {
+                        return Err(Error::conflict(dir.join(marker), format!("producer {name} already ended its stream")));
+                    }
+                }
+                let segs = list_segments(&dir)?;
+                let epoch = segs.iter().map(|s| s.1).max().map_or(0, |e| e + 1);
+                let mut next = 0;
+                for (first, _, seg) in segs.iter().rev() {
+                    if let Some(last) = last_valid_seq(&dir.join(seg), name)? {
+                        next = last + 1;
+                        break;
+                    }
+                    // A segment with no valid line still says where its writer meant to start.
+                    next = next.max(*first);
+                }
+                (dir, next, epoch)
+            }
+            Layout::SingleFile => {
+                for marker in [".closed", ".failed"] {
+                    if channel.join(marker).exists() {
+                        return Err(Error::conflict(channel.join(marker), "the stream has already ended"));
+                    }
+                }
+                let path = channel.join(SINGLE_FILE);
+                let count = match fs::read(&path) {
+                    Ok(b) => {
+                        let (lines, used) = complete_lines(&b);
+                        if used != b.len() {
+                            return Err(Error::bad_input(&path, "ends with a partial line (torn write by a killed producer): the single-file layout cannot resume past it"));
+                        }
+                        lines.len() as u64
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                    Err(e) => return Err(Error::io(&path, e)),
+                };
+                (channel.to_path_buf(), count, 0)
+            }
+        };
+        let published = Arc::new(AtomicU64::new(next_seq));
+        let stop = Arc::new(AtomicBool::new(false));
+        let heartbeat = (layout == Layout::Segments).then(|| {
+            let (path, published, stop) = (dir.join(HEARTBEAT_FILE), published.clone(), stop.clone());
+            let host = hostname();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let hb = Heartbeat {
+                        pid: std::process::id(),
+                        host: host.clone(),
+                        unix_ms: unix_ms(),
+                        published: published.load(Ordering::Relaxed),
+                    };
+                    let _ = fsio::write_atomic(&path, format!("{}\n", serde_json::to_string(&hb).unwrap_or_default()).as_bytes());
+                    let mut slept = Duration::ZERO;
+                    while slept < HEARTBEAT_INTERVAL && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        slept += Duration::from_millis(20);
+                    }
+                }
+            })
+        });
+        Ok(RefProducer {
+            channel: channel.to_path_buf(),
+            dir,
+            name: name.to_string(),
+            layout,
+            next_seq,
+            epoch,
+            segment: None,
+            fsync,
+            published,
+            stop,
+            heartbeat,
+        })
+    }
+
+    /// Refs durably published so far by this producer (over all its runs).
+    pub fn published(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Refs of this producer acknowledged by consumers (cursors, or `.consumed_count`).
+    pub fn consumed(&self) -> Result<u64> {
+        match self.layout {
+            Layout::Segments => consumed_by_cursors(&self.channel, &self.name),
+            Layout::SingleFile => {
+                let path = self.channel.join(".consumed_count");
+                match fs::read_to_string(&path) {
+                    Ok(s) => s.trim().parse().map_err(|_| Error::bad_input(&path, format!("{:?} is not a count", s.trim()))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+                    Err(e) => Err(Error::io(&path, e)),
+                }
+            }
+        }
+    }
+
+    /// Append refs (already checked) as one write, then fsync if asked.
+    pub fn append(&mut self, refs: &[SampleRef]) -> Result<()> {
+        if refs.is_empty() {
+            return Ok(());
+        }
+        let mut buf = String::with_capacity(refs.len() * 700);
+        for (i, r) in refs.iter().enumerate() {
+            buf.push_str(&encode_line(r, &self.name, self.next_seq + i as u64));
+            buf.push('\n');
+        }
+        self.append_encoded(buf.as_bytes(), refs.len() as u64)
+    }
+
+    fn append_encoded(&mut self, bytes: &[u8], count: u64) -> Result<()> {
+        if self.segment.as_ref().is_some_and(|s| s.2 >= SEGMENT_MAX_BYTES) {
+            self.segment = None;
+        }
+        if self.segment.is_none() {
+            let (path, file) = match self.layout {
+                Layout::Segments => {
+                    let path = self.dir.join(segment_name(self.next_seq, self.epoch));
+                    self.epoch += 1;
+                    let f = OpenOptions::new().write(true).create_new(true).open(&path).at(&path)?;
+                    fsio::fsync_dir(&self.dir)?;
+                    (path, f)
+                }
+                Layout::SingleFile => {
+                    let path = self.channel.join(SINGLE_FILE);
+                    let f = OpenOptions::new().append(true).create(true).open(&path).at(&path)?;
+                    (path, f)
+                }
+            };
+            self.segment = Some((file, path, 0));
+        }
+        let (file, path, len) = self.segment.as_mut().expect("segment opened above");
+        crate::failpoint!("publish.before_write");
+        file.write_all(bytes).at(&*path)?;
+        crate::failpoint!("publish.after_write");
+        if self.fsync {
+            file.sync_data().at(&*path)?;
+        }
+        *len += bytes.len() as u64;
+        self.next_seq += count;
+        self.published.store(self.next_seq, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// End the stream: `closed` with the published count (single file: `.closed`).
+    pub fn close(mut self) -> Result<()> {
+        self.stop_heartbeat();
+        match self.layout {
+            Layout::Segments => fsio::write_atomic(
+                self.dir.join(CLOSED_FILE),
+                format!("{}\n", serde_json::to_string(&Closed { published: self.next_seq }).expect("serializes")).as_bytes(),
+            ),
+            Layout::SingleFile => fsio::write_atomic(self.channel.join(".closed"), b""),
+        }
+    }
+
+    /// Fail the stream with a reason (`failed`; single file: `.failed`).
+    pub fn fail(mut self, reason: &str) -> Result<()> {
+        self.stop_heartbeat();
+        let path = match self.layout {
+            Layout::Segments => self.dir.join(FAILED_FILE),
+            Layout::SingleFile => self.channel.join(".failed"),
+        };
+        fsio::write_atomic(path, format!("{}\n", reason.trim_end()).as_bytes())
+    }
+
+    fn stop_heartbeat(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.heartbeat.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for RefProducer {
+    fn drop(&mut self) {
+        self.stop_heartbeat();
+    }
+}
+
+/// Sum of `consumed` for `producer` over every cursor file of the channel.
+pub fn consumed_by_cursors(channel: &Path, producer: &str) -> Result<u64> {
+    let dir = channel.join(CURSORS_DIR);
+    let rd = match fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut total = 0u64;
+    for ent in rd {
+        let ent = ent.at(&dir)?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if fsio::is_temp_name(&name) || !name.ends_with(".json") {
+            continue;
+        }
+        let path = ent.path();
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let c: Cursor = serde_json::from_slice(&text).map_err(|e| Error::bad_input(&path, format!("not a cursor: {e}")))?;
+        total = total.saturating_add(c.producers.get(producer).map_or(0, |p| p.consumed));
+    }
+    Ok(total)
+}
+
+/// Options of `ref-publish`.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    pub channel: PathBuf,
+    pub producer: String,
+    pub max_in_flight: Option<u64>,
+    pub close: bool,
+    pub fail: Option<String>,
+    /// Skip the first `published` input lines (a restarted producer fed the same input resumes).
+    pub resume: bool,
+    pub layout: Layout,
+    pub fsync: bool,
+    pub json: bool,
+}
+
+/// What `ref-publish` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishSummary {
+    pub producer: String,
+    pub published_before: u64,
+    pub published_now: u64,
+    pub published_total: u64,
+    pub skipped_resumed: u64,
+    pub waited_ms: u64,
+    pub closed: bool,
+}
+
+/// Low watermark for a high watermark `n`: producers resume below 3/4 of it.
+pub fn low_watermark(n: u64) -> u64 {
+    n - n / 4
+}
+
+/// `ref-publish`: read refs (JSON lines) from `input`, check, append; then close or fail.
+pub fn publish(opts: &PublishOptions, input: &mut dyn BufRead) -> Result<PublishSummary> {
+    if opts.max_in_flight == Some(0) {
+        return Err(Error::Usage("--max-in-flight must be at least 1".into()));
+    }
+    let mut p = RefProducer::open(&opts.channel, &opts.producer, opts.layout, opts.fsync)?;
+    let before = p.published();
+    let mut summary = PublishSummary {
+        producer: opts.producer.clone(),
+        published_before: before,
+        published_now: 0,
+        published_total: before,
+        skipped_resumed: 0,
+        waited_ms: 0,
+        closed: false,
+    };
+    if let Some(reason) = &opts.fail {
+        p.fail(reason)?;
+        return Ok(summary);
+    }
+    let mut to_skip = if opts.resume { before } else { 0 };
+    let mut line_no = 0u64;
+    let mut pending = Vec::<u8>::new();
+    let mut paused = false;
+    loop {
+        let chunk = input.fill_buf().at("<stdin>")?;
+        let eof = chunk.is_empty();
+        let n = chunk.len();
+        pending.extend_from_slice(chunk);
+        input.consume(n);
+        if eof && !pending.is_empty() && *pending.last().expect("nonempty") != b'\n' {
+            pending.push(b'\n');
+        }
+        let (lines, used) = complete_lines(&pending);
+        let mut batch = Vec::with_capacity(lines.len());
+        for l in lines {
+            line_no += 1;
+            if l.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            if to_skip > 0 {
+                to_skip -= 1;
+                summary.skipped_resumed += 1;
+                continue;
+            }
+            let r = SampleRef::parse(l).map_err(|e| Error::bad_input("<stdin>", format!("line {line_no}: {e}")))?;
+            batch.push(r);
+        }
+        pending.drain(..used);
+        if pending.len() > MAX_LINE_BYTES {
+            return Err(Error::bad_input("<stdin>", format!("line {} is longer than {MAX_LINE_BYTES} bytes", line_no + 1)));
+        }
+        let mut rest = &batch[..];
+        while !rest.is_empty() {
+            let room = match opts.max_in_flight {
+                None => rest.len() as u64,
+                Some(high) => {
+                    let started = Instant::now();
+                    let mut sleep = Duration::from_micros(200);
+                    let room = loop {
+                        let in_flight = p.published().saturating_sub(p.consumed()?);
+                        if paused && in_flight < low_watermark(high) {
+                            paused = false;
+                        } else if !paused && in_flight >= high {
+                            paused = true;
+                        }
+                        if !paused {
+                            break high - in_flight;
+                        }
+                        std::thread::sleep(sleep);
+                        sleep = (sleep * 2).min(Duration::from_millis(20));
+                    };
+                    summary.waited_ms += started.elapsed().as_millis() as u64;
+                    room
+                }
+            };
+            let take = (room as usize).min(rest.len()).max(1);
+            p.append(&rest[..take])?;
+            summary.published_now += take as u64;
+            rest = &rest[take..];
+        }
+        if eof {
+            break;
+        }
+    }
+    summary.published_total = p.published();
+    if opts.close {
+        p.close()?;
+        summary.closed = true;
+    }
+    Ok(summary)
+}
+
+/// A consumer's position in one producer's stream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Position {
+    pub segment: String,
+    pub offset: u64,
+    pub next_seq: u64,
+    pub consumed: u64,
+}
+
+/// A cursor file: positions per producer plus counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Cursor {
+    pub schema_version: u64,
+    pub name: String,
+    pub rank: u64,
+    pub world: u64,
+    pub producers: BTreeMap<String, Position>,
+    pub delivered: u64,
+    pub stale: u64,
+}
+
+/// The rank (of `world`) that owns the ref stamped (producer, seq): `xxh3_64("P:SEQ") % world`.
+pub fn shard_of(producer: &str, seq: u64, world: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(format!("{producer}:{seq}").as_bytes()) % world.max(1)
+}
+
+/// Options of `ref-tail`.
+#[derive(Debug, Clone)]
+pub struct TailOptions {
+    pub channel: PathBuf,
+    pub cursor: Option<String>,
+    pub follow: bool,
+    pub idle_timeout: Option<Duration>,
+    pub rank: u64,
+    pub world: u64,
+    pub max_staleness: Option<u64>,
+    pub pointer: Option<PathBuf>,
+    pub stale_out: Option<PathBuf>,
+    pub expect_producers: usize,
+    pub json: bool,
+}
+
+/// What `ref-tail` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TailSummary {
+    pub delivered: u64,
+    pub stale: u64,
+    pub other_shards: u64,
+    pub torn: u64,
+    pub corrupt: u64,
+    pub duplicates: u64,
+    pub producers: usize,
+    pub latest_version: Option<u64>,
+}
+
+struct Stream {
+    name: String,
+    dir: PathBuf,
+    pos: Position,
+    /// Bytes read past `pos.offset` that do not yet end in a newline.
+    partial: Vec<u8>,
+    closed: Option<u64>,
+    done: bool,
+}
+
+/// `ref-tail`: print complete, checked refs on `out`, in order per producer.
+pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
+    if opts.world == 0 || opts.rank >= opts.world {
+        return Err(Error::Usage(format!("--rank {} must be below --world {}", opts.rank, opts.world)));
+    }
+    if opts.max_staleness.is_some() != opts.pointer.is_some() {
+        return Err(Error::Usage("--max-staleness and --pointer go together".into()));
+    }
+    if let Some(c) = &opts.cursor {
+        check_name("cursor", c)?;
+    }
+    let layout = if opts.channel.join(SINGLE_FILE).exists() && !opts.channel.join(PRODUCERS_DIR).exists() {
+        Layout::SingleFile
+    } else {
+        Layout::Segments
+    };
+    if !opts.channel.is_dir() {
+        return Err(Error::not_found(&opts.channel, "no such channel directory"));
+    }
+    let cursor_path = opts.cursor.as_ref().map(|c| {
+        let file = if opts.world > 1 { format!("{c}.r{}of{}.json", opts.rank, opts.world) } else { format!("{c}.json") };
+        match layout {
+            Layout::Segments => opts.channel.join(CURSORS_DIR).join(file),
+            Layout::SingleFile => opts.channel.join(format!(".cursor-{file}")),
+        }
+    });
+    let mut cursor = Cursor { schema_version: 1, rank: opts.rank, world: opts.world, ..Default::default() };
+    if let Some(path) = &cursor_path {
+        match fs::read(path) {
+            Ok(b) => {
+                cursor = serde_json::from_slice(&b).map_err(|e| Error::bad_input(path, format!("not a cursor: {e}")))?;
+                if cursor.rank != opts.rank || cursor.world != opts.world {
+                    return Err(Error::conflict(path, format!("cursor was written for rank {} of {}", cursor.rank, cursor.world)));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if layout == Layout::Segments {
+                    fsio::create_dir_durable(&opts.channel.join(CURSORS_DIR))?;
+                }
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        }
+        cursor.name = opts.cursor.clone().unwrap_or_default();
+    }
+    let mut stale_out = match &opts.stale_out {
+        Some(p) => Some((OpenOptions::new().append(true).create(true).open(p).at(p)?, p.clone())),
+        None => None,
+    };
+    let mut streams: BTreeMap<String, Stream> = BTreeMap::new();
+    let mut summary = TailSummary::default();
+    let mut latest: Option<(u64, Instant)> = None;
+    let mut last_activity = Instant::now();
+    let mut sleep = Duration::from_micros(250);
+    let mut outbuf: Vec<u8> = Vec::with_capacity(1 << 20);
+    loop {
+        // Discover producers.
+        match layout {
+            Layout::Segments => {
+                let pdir = opts.channel.join(PRODUCERS_DIR);
+                if let Ok(rd) = fs::read_dir(&pdir) {
+                    for ent in rd {
+                        let ent = ent.at(&pdir)?;
+                        let name = ent.file_name().to_string_lossy().into_owned();
+                        if valid_name(&name) && !streams.contains_key(&name) {
+                            let pos = cursor.producers.get(&name).cloned().unwrap_or_default();
+                            streams.insert(name.clone(), Stream { dir: ent.path(), name, pos, partial: Vec::new(), closed: None, done: false });
+                        }
+                    }
+                }
+            }
+            Layout::SingleFile => {
+                if streams.is_empty() {
+                    let name = SINGLE_FILE.to_string();
+                    let mut pos = cursor.producers.get(&name).cloned().unwrap_or_default();
+                    pos.segment = SINGLE_FILE.into();
+                    streams.insert(name.clone(), Stream { dir: opts.channel.clone(), name, pos, partial: Vec::new(), closed: None, done: false });
+                }
+            }
+        }
+        summary.producers = streams.len();
+        // Pointer for staleness, re-read at most every 100 ms.
+        if let (Some(src), Some(_)) = (&opts.pointer, opts.max_staleness) {
+            if latest.is_none_or(|(_, at)| at.elapsed() > Duration::from_millis(100)) {
+                let v = staleness::read_latest_version(src)?;
+                latest = Some((v, Instant::now()));
+                summary.latest_version = Some(v);
+            }
+        }
+        let mut progressed = false;
+        let mut acked = false;
+        for s in streams.values_mut() {
+            if s.done {
+                continue;
+            }
+            // Failure wins over everything.
+            let failed_path = match layout {
+                Layout::Segments => s.dir.join(FAILED_FILE),
+                Layout::SingleFile => s.dir.join(".failed"),
+            };
+            if let Ok(reason) = fs::read_to_string(&failed_path) {
+                flush_out(out, &mut outbuf)?;
+                if layout == Layout::SingleFile {
+                    let _ = fsio::write_atomic(opts.channel.join(".consumer_failed"), reason.as_bytes());
+                }
+                return Err(Error::conflict(&failed_path, format!("producer {} failed: {}", s.name, reason.trim_end())));
+            }
+            // Read `closed` before the data so that everything written before it is seen.
+            if s.closed.is_none() {
+                s.closed = match layout {
+                    Layout::Segments => match fs::read(s.dir.join(CLOSED_FILE)) {
+                        Ok(b) => Some(
+                            serde_json::from_slice::<Closed>(&b)
+                                .map_err(|e| Error::bad_input(s.dir.join(CLOSED_FILE), format!("not a closed marker: {e}")))?
+                                .published,
+                        ),
+                        Err(_) => None,
+                    },
+                    Layout::SingleFile => s.dir.join(".closed").exists().then_some(u64::MAX),
+                };
+            }
+            let closed_now = s.closed.is_some();
+            let r = read_stream(s, layout, opts, latest.map(|l| l.0), &mut cursor, &mut summary, &mut outbuf, &mut stale_out, closed_now)?;
+            progressed |= r.0;
+            acked |= r.1;
+            if closed_now && r.2 {
+                if let Some(n) = s.closed.filter(|&n| n != u64::MAX) {
+                    if s.pos.next_seq < n {
+                        return Err(Error::bad_input(
+                            &s.dir,
+                            format!("producer {} closed with {n} refs published but its segments end at {}", s.name, s.pos.next_seq),
+                        ));
+                    }
+                }
+                s.done = true;
+            }
+        }
+        if acked {
+            flush_out(out, &mut outbuf)?;
+            if let Some(path) = &cursor_path {
+                for s in streams.values() {
+                    cursor.producers.insert(s.name.clone(), s.pos.clone());
+                }
+                fsio::write_atomic(path, format!("{}\n", serde_json::to_string(&cursor).expect("serializes")).as_bytes())?;
+                if layout == Layout::SingleFile {
+                    let consumed: u64 = cursor.producers.values().map(|p| p.consumed).sum();
+                    fsio::write_atomic(opts.channel.join(".consumed_count"), format!("{consumed}\n").as_bytes())?;
+                }
+            }
+        }
+        let all_done = !streams.is_empty() && streams.len() >= opts.expect_producers && streams.values().all(|s| s.done);
+        if all_done {
+            flush_out(out, &mut outbuf)?;
+            if layout == Layout::SingleFile && opts.follow {
+                fsio::write_atomic(opts.channel.join(".consumer_done"), b"")?;
+            }
+            return Ok(summary);
+        }
+        if progressed {
+            last_activity = Instant::now();
+            sleep = Duration::from_micros(250);
+            continue;
+        }
+        if !opts.follow {
+            flush_out(out, &mut outbuf)?;
+            return Ok(summary);
+        }
+        if let Some(limit) = opts.idle_timeout {
+            if last_activity.elapsed() > limit {
+                let fresh: Vec<String> = streams
+                    .values()
+                    .filter(|s| !s.done && heartbeat_age(&s.dir).is_some_and(|a| a < limit))
+                    .map(|s| s.name.clone())
+                    .collect();
+                if fresh.is_empty() {
+                    let open: Vec<String> = streams
+                        .values()
+                        .filter(|s| !s.done)
+                        .map(|s| match heartbeat_age(&s.dir) {
+                            Some(a) => format!("{} (last heartbeat {:.1}s ago)", s.name, a.as_secs_f64()),
+                            None => format!("{} (no heartbeat)", s.name),
+                        })
+                        .collect();
+                    let what = if open.is_empty() {
+                        format!("no producer closed (expected {})", opts.expect_producers.max(1))
+                    } else {
+                        open.join(", ")
+                    };
+                    if layout == Layout::SingleFile {
+                        let _ = fsio::write_atomic(opts.channel.join(".consumer_failed"), b"idle timeout\n");
+                    }
+                    return Err(Error::Locked {
+                        path: opts.channel.clone(),
+                        reason: format!("idle for {:.1}s with streams still open: {what}; producer dead?", limit.as_secs_f64()),
+                    });
+                }
+                // Alive but slow: keep waiting.
+                last_activity = Instant::now();
+            }
+        }
+        flush_out(out, &mut outbuf)?;
+        std::thread::sleep(sleep);
+        sleep = (sleep * 2).min(Duration::from_millis(10));
+    }
+}
+
+fn flush_out(out: &mut dyn Write, buf: &mut Vec<u8>) -> Result<()> {
+    if !buf.is_empty() {
+        out.write_all(buf).at("<stdout>")?;
+        buf.clear();
+    }
+    out.flush().at("<stdout>")
+}
+
+fn heartbeat_age(dir: &Path) -> Option<Duration> {
+    let b = fs::read(dir.join(HEARTBEAT_FILE)).ok()?;
+    let hb: Heartbeat = serde_json::from_slice(&b).ok()?;
+    Some(Duration::from_millis(unix_ms().saturating_sub(hb.unix_ms)))
+}
+
+/// Read what is new in one stream. Returns (progressed, acknowledged something, at end of data).
+#[allow(clippy::too_many_arguments)]
+fn read_stream(
+    s: &mut Stream,
+    layout: Layout,
+    opts: &TailOptions,
+    latest: Option<u64>,
+    cursor: &mut Cursor,
+    summary: &mut TailSummary,
+    out: &mut Vec<u8>,
+    stale_out: &mut Option<(File, PathBuf)>,
+    closed: bool,
+) -> Result<(bool, bool, bool)> {
+    let mut progressed = false;
+    let mut acked = false;
+    let mut budget = MAX_LINES_PER_ROUND;
+    loop {
+        // Which segment are we in, and is there a later one?
+        let (cur, later) = match layout {
+            Layout::SingleFile => (Some(SINGLE_FILE.to_string()), None),
+            Layout::Segments => {
+                let segs = list_segments(&s.dir)?;
+                let cur = if s.pos.segment.is_empty() { segs.first().map(|x| x.2.clone()) } else { Some(s.pos.segment.clone()) };
+                let later = cur.as_ref().and_then(|c| segs.iter().map(|x| &x.2).find(|n| *n > c).cloned());
+                (cur, later)
+            }
+        };
+        let Some(cur) = cur else { return Ok((progressed, acked, true)) };
+        if s.pos.segment != cur {
+            s.pos.segment = cur.clone();
+            s.pos.offset = 0;
+            s.partial.clear();
+        }
+        let path = s.dir.join(&cur);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && layout == Layout::SingleFile => return Ok((progressed, acked, true)),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let start = s.pos.offset + s.partial.len() as u64;
+        f.seek(SeekFrom::Start(start)).at(&path)?;
+        let mut buf = std::mem::take(&mut s.partial);
+        let want = (budget * 1024).clamp(1 << 16, 16 << 20) as u64;
+        let read_n = f.take(want).read_to_end(&mut buf).at(&path)? as u64;
+        let (lines, used) = complete_lines(&buf);
+        let n_lines = lines.len().min(budget);
+        let mut consumed_bytes = 0usize;
+        for line in lines.into_iter().take(n_lines) {
+            consumed_bytes += line.len() + 1;
+            let stamp = match layout {
+                Layout::Segments => check_line(line).and_then(|st| {
+                    if st.producer == s.name {
+                        Ok(st.seq)
+                    } else {
+                        Err(LineError::Json(format!("line is stamped by producer {:?}, not {:?}", st.producer, s.name)))
+                    }
+                }),
+                Layout::SingleFile => {
+                    if line.ends_with(LINE_END) && parse_stamp(line).is_some() {
+                        check_line(line).map(|_| s.pos.next_seq)
+                    } else {
+                        SampleRef::parse(line).map(|_| s.pos.next_seq).map_err(|e| LineError::Json(e.to_string()))
+                    }
+                }
+            };
+            let seq = match stamp {
+                Ok(seq) => seq,
+                Err(e) => {
+                    eprintln!(
+                        "ref-tail: warning: {}: skipping corrupt line at byte {}: {e}",
+                        path.display(),
+                        s.pos.offset + (consumed_bytes - line.len() - 1) as u64
+                    );
+                    summary.corrupt += 1;
+                    continue;
+                }
+            };
+            if seq < s.pos.next_seq {
+                summary.duplicates += 1;
+                continue;
+            }
+            if seq > s.pos.next_seq {
+                eprintln!("ref-tail: warning: {}: sequence jumps from {} to {seq}", path.display(), s.pos.next_seq);
+            }
+            s.pos.next_seq = seq + 1;
+            progressed = true;
+            if shard_of(&s.name, seq, opts.world) != opts.rank {
+                summary.other_shards += 1;
+                continue;
+            }
+            acked = true;
+            s.pos.consumed += 1;
+            if let (Some(latest), Some(k)) = (latest, opts.max_staleness) {
+                let r = SampleRef::parse(line).map_err(|e| Error::bad_input(&path, format!("line with seq {seq}: {e}")))?;
+                if staleness::is_stale(&r, latest, k) {
+                    summary.stale += 1;
+                    cursor.stale += 1;
+                    if let Some((f, p)) = stale_out {
+                        let mut l = line.to_vec();
+                        l.push(b'\n');
+                        f.write_all(&l).at(&*p)?;
+                    }
+                    continue;
+                }
+            }
+            out.extend_from_slice(line);
+            out.push(b'\n');
+            summary.delivered += 1;
+            cursor.delivered += 1;
+        }
+        budget -= n_lines;
+        s.pos.offset += consumed_bytes as u64;
+        let rest = &buf[consumed_bytes..];
+        if budget == 0 {
+            s.partial = if consumed_bytes == used { rest.to_vec() } else { Vec::new() };
+            return Ok((progressed, acked, false));
+        }
+        if rest.len() > MAX_LINE_BYTES {
+            eprintln!("ref-tail: warning: {}: skipping a line longer than {MAX_LINE_BYTES} bytes at byte {}", path.display(), s.pos.offset);
+            summary.corrupt += 1;
+            let skip = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |p| p + 1);
+            s.pos.offset += skip as u64;
+            progressed = true;
+            continue;
+        }
+        if read_n == want {
+            // There may be more on disk: keep the partial line and read on.
+            s.partial = rest.to_vec();
+            continue;
+        }
+        // At the end of the bytes written so far.
+        match later {
+            Some(next) => {
+                if !rest.is_empty() {
+                    eprintln!(
+                        "ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; its writer was restarted)",
+                        path.display(),
+                        s.pos.offset,
+                        rest.len()
+                    );
+                    summary.torn += 1;
+                }
+                s.pos.segment = next;
+                s.pos.offset = 0;
+                s.partial.clear();
+                progressed = true;
+                continue;
+            }
+            None => {
+                if closed && !rest.is_empty() {
+                    eprintln!(
+                        "ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; the producer closed)",
+                        path.display(),
+                        s.pos.offset,
+                        rest.len()
+                    );
+                    summary.torn += 1;
+                    s.pos.offset += rest.len() as u64;
+                    progressed = true;
+                } else {
+                    s.partial = rest.to_vec();
+                }
+                return Ok((progressed, acked, closed));
+            }
+        }
+    }
+}
+
+/// `ref-publish` on stdin, with its summary printed when `--json`.
+pub fn run_publish(opts: &PublishOptions) -> Result<()> {
+    let stdin = io::stdin();
+    let mut input = io::BufReader::with_capacity(1 << 20, stdin.lock());
+    let s = publish(opts, &mut input)?;
+    if opts.json {
+        println!("{}", serde_json::to_string(&s).expect("serializes"));
+    }
+    Ok(())
+}
+
+/// `ref-tail` to stdout, with its summary on stderr when `--json`.
+pub fn run_tail(opts: &TailOptions) -> Result<()> {
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let s = tail(opts, &mut out)?;
+    if opts.json {
+        eprintln!("{}", serde_json::to_string(&s).expect("serializes"));
+    }
+    Ok(())
+}

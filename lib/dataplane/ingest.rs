@@ -1,0 +1,437 @@
+//! `feature-ingest`: SpecForge offline feature files into the feature store, plus refs.
+//!
+//! Inputs are `torch.save` files (`.ckpt`, `.ckpt.gz`) and `.safetensors`, found by walking INPUT
+//! once (O(N) in the number of files). Each file is validated (archive structure, pickle,
+//! storages, NaN in float tensors); a bad file is reported with its reason and skipped, or is
+//! fatal with `--strict`. Files are processed in parallel. The sample id is the path relative
+//! to INPUT without its extension, `/` replaced by `__` and any other character outside
+//! `[A-Za-z0-9._-]` by `_`. A rerun skips samples whose current object is intact and was made
+//! from the same source (size and mtime recorded in the object, or the same inode for links).
+
+use super::channel::{self, Layout, RefProducer};
+use super::sample_ref::{FeatureSpec, Manifest, SampleRef, SCHEMA_VERSION};
+use super::store::{Dtype, FeatureStore, PlaceMode, StoreOptions, StoredObject, TensorData};
+use super::torch_ckpt;
+use crate::error::{Error, IoContext, Result};
+use crate::fsio;
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{json, Map};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::IsTerminal;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Input file kinds, by name.
+const EXTENSIONS: [&str; 3] = [".ckpt.gz", ".ckpt", ".safetensors"];
+
+/// Options of `feature-ingest`.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    pub input: PathBuf,
+    pub store: PathBuf,
+    pub store_id: Option<String>,
+    pub run_id: Option<String>,
+    pub manifest: Option<PathBuf>,
+    pub publish: Option<PathBuf>,
+    pub producer: String,
+    pub mode: PlaceMode,
+    pub strategy: String,
+    pub strict: bool,
+    /// Keep objects on release (offline, multi-epoch); false: consume-once.
+    pub retain_on_release: bool,
+    pub quota_bytes: Option<u64>,
+    pub quota_wait: Duration,
+    pub json: bool,
+}
+
+/// One file that was skipped as invalid.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InvalidFile {
+    pub file: String,
+    pub reason: String,
+}
+
+/// What `feature-ingest` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestSummary {
+    pub files: usize,
+    pub ingested: usize,
+    pub skipped_intact: usize,
+    pub invalid: usize,
+    pub invalid_files: Vec<InvalidFile>,
+    pub bytes_in: u64,
+    pub seconds: f64,
+    pub gb_per_s: f64,
+    pub refs: usize,
+    pub published: u64,
+}
+
+/// The sample id of an input file, from its path relative to INPUT.
+pub fn sample_id_for(rel: &str) -> String {
+    let stem = EXTENSIONS.iter().find_map(|e| rel.strip_suffix(e)).unwrap_or(rel);
+    let mut id: String = stem
+        .replace('/', "__")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    if id.starts_with('.') {
+        id.replace_range(0..1, "_");
+    }
+    id
+}
+
+fn list_inputs(input: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let meta = fs::metadata(input).at(input)?;
+    if meta.is_file() {
+        let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        return Ok(vec![(input.to_path_buf(), name)]);
+    }
+    let mut out = Vec::new();
+    let mut dirs = vec![input.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for ent in fs::read_dir(&dir).at(&dir)? {
+            let ent = ent.at(&dir)?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let ft = ent.file_type().at(ent.path())?;
+            if ft.is_dir() {
+                dirs.push(ent.path());
+            } else if ft.is_file() && EXTENSIONS.iter().any(|e| name.ends_with(e)) {
+                let rel = ent.path().strip_prefix(input).map(|p| p.to_string_lossy().into_owned()).unwrap_or(name);
+                out.push((ent.path(), rel));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok(out)
+}
+
+/// Describe a stored object as a ref (tensor-free).
+pub fn ref_for_object(store: &FeatureStore, obj: &StoredObject, specs: &[(String, Dtype, Vec<usize>)], rel: &str, opts: &IngestOptions) -> SampleRef {
+    let mut keys = BTreeMap::new();
+    let mut fspecs = BTreeMap::new();
+    let mut bytes = 0u64;
+    for (name, dtype, shape) in specs {
+        keys.insert(name.clone(), format!("{}#{name}", obj.key));
+        fspecs.insert(
+            name.clone(),
+            FeatureSpec {
+                name: name.clone(),
+                shape: shape.iter().map(|&d| d as i64).collect(),
+                dtype: dtype.torch_name().to_string(),
+                device_hint: Some("cpu".into()),
+                required: true,
+                target_repr: None,
+                target_meta: None,
+            },
+        );
+        bytes += shape.iter().product::<usize>() as u64 * dtype.size() as u64;
+    }
+    let num_tokens = specs.iter().find(|s| s.0 == "input_ids").and_then(|s| s.2.last().copied()).map(|n| n as u64);
+    let mut metadata = Map::new();
+    metadata.insert("generation".into(), json!(obj.generation));
+    metadata.insert("store_key".into(), json!(obj.key));
+    if let Some(id) = &opts.store_id {
+        metadata.insert("store_id".into(), json!(id));
+    }
+    SampleRef {
+        sample_id: obj.sample_id.clone(),
+        run_id: opts.run_id.clone(),
+        source_task_id: Some(rel.to_string()),
+        feature_store_uri: store.uri(),
+        feature_keys: keys,
+        feature_specs: fspecs,
+        strategy: Some(opts.strategy.clone()),
+        schema_version: SCHEMA_VERSION,
+        target_model_version: None,
+        draft_weight_version: None,
+        tokenizer_version: None,
+        num_tokens,
+        estimated_bytes: Some(bytes),
+        metadata,
+    }
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i128 {
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+fn mmap(path: &Path) -> Result<memmap2::Mmap> {
+    let f = fs::File::open(path).at(path)?;
+    // SAFETY: inputs and store objects are never modified in place by disagg; a concurrent
+    // external writer would at worst make us read inconsistent bytes, which validation catches.
+    unsafe { memmap2::Mmap::map(&f) }.at(path)
+}
+
+/// Tensor list of a safetensors buffer, validated by the `safetensors` crate.
+fn safetensors_specs(buf: &[u8]) -> std::result::Result<(Vec<(String, Dtype, Vec<usize>)>, safetensors::SafeTensors<'_>), String> {
+    let st = safetensors::SafeTensors::deserialize(buf).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let mut specs = Vec::new();
+    let mut tensors = st.tensors();
+    tensors.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
+    for (name, view) in tensors {
+        let dtype = Dtype::from_safetensors(view.dtype()).ok_or_else(|| format!("tensor {name}: dtype {:?} not supported", view.dtype()))?;
+        specs.push((name, dtype, view.shape().to_vec()));
+    }
+    Ok((specs, st))
+}
+
+/// The existing object, if intact and made from this very source.
+fn intact_existing(store: &FeatureStore, id: &str, src: &Path, src_meta: &fs::Metadata) -> Option<(StoredObject, Vec<(String, Dtype, Vec<usize>)>)> {
+    let obj = store.current(id).ok()??;
+    let obj_meta = fs::metadata(&obj.path).ok()?;
+    let map = mmap(&obj.path).ok()?;
+    let (specs, _) = safetensors_specs(&map).ok()?;
+    let same_inode = obj_meta.ino() == src_meta.ino() && obj_meta.dev() == src_meta.dev();
+    if !same_inode {
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&map).ok()?;
+        let md = meta.metadata().as_ref()?;
+        if md.get("disagg.source_size")? != &src_meta.len().to_string() || md.get("disagg.source_mtime_ns")? != &mtime_ns(src_meta).to_string() {
+            return None;
+        }
+    }
+    let _ = src;
+    Some((obj, specs))
+}
+
+enum Outcome {
+    Ingested(SampleRef, u64),
+    Skipped(SampleRef),
+}
+
+/// Why a file was not ingested: its own fault (skipped, counted) or the store's (fatal).
+enum Failure {
+    Invalid(String),
+    Fatal(Error),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Invalid(s)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(s: &str) -> Self {
+        Failure::Invalid(s.to_string())
+    }
+}
+
+fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions) -> std::result::Result<Outcome, Failure> {
+    let id = sample_id_for(rel);
+    if !super::store::valid_id(&id) {
+        return Err(format!("sample id {id:?} derived from the path is not usable (too long?)").into());
+    }
+    let src_meta = fs::metadata(src).map_err(|e| e.to_string())?;
+    if let Some((obj, specs)) = intact_existing(store, &id, src, &src_meta) {
+        if opts.mode == PlaceMode::Move && obj_differs_from(src, &obj) {
+            fsio::remove_durable(src).map_err(Failure::Fatal)?;
+        }
+        return Ok(Outcome::Skipped(ref_for_object(store, &obj, &specs, rel, opts)));
+    }
+    let mut md = BTreeMap::new();
+    md.insert("disagg.sample_id".to_string(), id.clone());
+    md.insert("disagg.source".to_string(), rel.to_string());
+    md.insert("disagg.source_size".to_string(), src_meta.len().to_string());
+    md.insert("disagg.source_mtime_ns".to_string(), mtime_ns(&src_meta).to_string());
+    let is_safetensors = rel.ends_with(".safetensors");
+    let (obj, specs) = if is_safetensors {
+        let map = mmap(src).map_err(|e| e.to_string())?;
+        let (specs, st) = safetensors_specs(&map)?;
+        let mut tensors = Vec::with_capacity(specs.len());
+        for (name, dtype, shape) in &specs {
+            let view = st.tensor(name).map_err(|e| e.to_string())?;
+            check_nan(name, *dtype, view.data())?;
+            tensors.push(TensorData { name: name.clone(), dtype: *dtype, shape: shape.clone(), data: view.data().into() });
+        }
+        let obj = match opts.mode {
+            PlaceMode::Copy => store.put(&id, &tensors, &md, opts.retain_on_release),
+            mode => {
+                drop(tensors);
+                drop(map);
+                store.put_file(&id, src, mode, opts.retain_on_release)
+            }
+        }
+        .map_err(Failure::Fatal)?;
+        (obj, specs)
+    } else {
+        if opts.mode == PlaceMode::Link {
+            return Err(Failure::Invalid("--mode link needs .safetensors input: a torch checkpoint must be converted (use --mode copy or move)".into()));
+        }
+        let map = mmap(src).map_err(|e| e.to_string())?;
+        let unzipped;
+        let bytes: &[u8] = if rel.ends_with(".gz") {
+            unzipped = torch_ckpt::gunzip(&map).map_err(|e| e.to_string())?;
+            &unzipped
+        } else {
+            &map
+        };
+        let tensors = torch_ckpt::read_checkpoint(bytes).map_err(|e| e.to_string())?;
+        for t in &tensors {
+            check_nan(&t.name, t.dtype, &t.data)?;
+        }
+        let obj = store.put(&id, &tensors, &md, opts.retain_on_release).map_err(Failure::Fatal)?;
+        if opts.mode == PlaceMode::Move {
+            fsio::remove_durable(src).map_err(Failure::Fatal)?;
+        }
+        (obj, tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect())
+    };
+    Ok(Outcome::Ingested(ref_for_object(store, &obj, &specs, rel, opts), src_meta.len()))
+}
+
+fn obj_differs_from(src: &Path, obj: &StoredObject) -> bool {
+    match (fs::metadata(src), fs::metadata(&obj.path)) {
+        (Ok(a), Ok(b)) => a.ino() != b.ino() || a.dev() != b.dev(),
+        _ => false,
+    }
+}
+
+fn check_nan(name: &str, dtype: Dtype, data: &[u8]) -> std::result::Result<(), String> {
+    match dtype.first_nan(data) {
+        Some(i) => Err(format!("tensor {name:?} has NaN at element {i}")),
+        None => Ok(()),
+    }
+}
+
+/// Run `feature-ingest`.
+pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
+    if opts.manifest.is_some() && opts.publish.is_some() {
+        return Err(Error::Usage("--manifest and --publish are exclusive".into()));
+    }
+    let start = Instant::now();
+    let store = FeatureStore::open(&opts.store, StoreOptions { quota_bytes: opts.quota_bytes, quota_wait: opts.quota_wait })?;
+    let inputs = list_inputs(&opts.input)?;
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(inputs.len() as u64);
+        b.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed} ETA {eta}").expect("template"));
+        Some(b)
+    } else {
+        None
+    };
+    // Duplicate sample ids (data_1.ckpt and data_1.ckpt.gz) cannot both be stored.
+    let mut seen = std::collections::HashMap::new();
+    let results: Vec<std::result::Result<Outcome, Failure>> = inputs
+        .iter()
+        .map(|(_, rel)| seen.insert(sample_id_for(rel), rel.clone()))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .zip(&inputs)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|(dup, (src, rel))| {
+            let r = match dup {
+                Some(other) if other != *rel => Err(Failure::Invalid(format!("sample id {} is also derived from {other}", sample_id_for(rel)))),
+                _ => ingest_one(&store, src, rel, opts),
+            };
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            r
+        })
+        .collect();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let mut refs = Vec::new();
+    let mut summary = IngestSummary {
+        files: inputs.len(),
+        ingested: 0,
+        skipped_intact: 0,
+        invalid: 0,
+        invalid_files: Vec::new(),
+        bytes_in: 0,
+        seconds: 0.0,
+        gb_per_s: 0.0,
+        refs: 0,
+        published: 0,
+    };
+    for ((src, _), r) in inputs.iter().zip(results) {
+        match r {
+            Ok(Outcome::Ingested(r, n)) => {
+                summary.ingested += 1;
+                summary.bytes_in += n;
+                refs.push(r);
+            }
+            Ok(Outcome::Skipped(r)) => {
+                summary.skipped_intact += 1;
+                refs.push(r);
+            }
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Invalid(reason)) => {
+                if opts.strict {
+                    return Err(Error::bad_input(src, reason));
+                }
+                eprintln!("feature-ingest: warning: {}: skipped: {reason}", src.display());
+                summary.invalid += 1;
+                summary.invalid_files.push(InvalidFile { file: src.display().to_string(), reason });
+            }
+        }
+    }
+    for r in &refs {
+        r.check().map_err(|e| Error::Internal(format!("ref for {}: {e}", r.sample_id)))?;
+    }
+    summary.refs = refs.len();
+    if let Some(path) = &opts.manifest {
+        let m = Manifest { schema_version: SCHEMA_VERSION, refs };
+        let mut text = serde_json::to_vec(&m).expect("serializes");
+        text.push(b'\n');
+        fsio::write_atomic(path, &text)?;
+        fsio::write_atomic(sentinel(path, "done"), b"")?;
+    } else if let Some(ch) = &opts.publish {
+        let pdir = ch.join(channel::PRODUCERS_DIR).join(&opts.producer);
+        if let Ok(b) = fs::read(pdir.join(channel::CLOSED_FILE)) {
+            let closed: channel::Closed = serde_json::from_slice(&b).map_err(|e| Error::bad_input(pdir.join(channel::CLOSED_FILE), e))?;
+            if closed.published != refs.len() as u64 {
+                return Err(Error::conflict(
+                    pdir.join(channel::CLOSED_FILE),
+                    format!("producer {} already closed with {} refs; this ingest has {}", opts.producer, closed.published, refs.len()),
+                ));
+            }
+            summary.published = closed.published;
+        } else {
+            let mut p = RefProducer::open(ch, &opts.producer, Layout::Segments, true)?;
+            let done = (p.published() as usize).min(refs.len());
+            for chunk in refs[done..].chunks(4096) {
+                p.append(chunk)?;
+            }
+            summary.published = p.published();
+            p.close()?;
+        }
+    }
+    summary.seconds = start.elapsed().as_secs_f64();
+    summary.gb_per_s = summary.bytes_in as f64 / 1e9 / summary.seconds.max(1e-9);
+    Ok(summary)
+}
+
+/// `MANIFEST.done` / `.failed` / `.consumed` beside the manifest.
+pub fn sentinel(manifest: &Path, what: &str) -> PathBuf {
+    let mut s = manifest.as_os_str().to_owned();
+    s.push(format!(".{what}"));
+    PathBuf::from(s)
+}
+
+/// `feature-ingest` with its summary printed (JSON with `--json`).
+pub fn run_ingest(opts: &IngestOptions) -> Result<()> {
+    let s = ingest(opts)?;
+    if opts.json {
+        println!("{}", serde_json::to_string(&s).expect("serializes"));
+    } else {
+        println!(
+            "ingested {} of {} files ({} already intact, {} invalid), {:.1} MB in {:.2}s ({:.2} GB/s), {} refs",
+            s.ingested,
+            s.files,
+            s.skipped_intact,
+            s.invalid,
+            s.bytes_in as f64 / 1e6,
+            s.seconds,
+            s.gb_per_s,
+            s.refs
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! SampleRef: SpecForge's tensor-free reference to one sample in a feature store.
+//!
+//! A ref is one JSON object (schema_version 1) with exactly SpecForge's field names, so a
+//! SpecForge-style reader can build its dataclass from it. Refs never carry tensor data: every
+//! write path calls [`SampleRef::check`], which bounds the size of the ref and of every array in
+//! it. disagg's own fields live under `metadata` (see `docs/FORMATS.md`, "SampleRef"):
+//! `metadata.weight_version` (integer), `metadata.weight_versions` (`[min, max]` for partial
+//! trajectories), `metadata.generation` (store generation) and, on channel lines only,
+//! `metadata.disagg` (producer, sequence number, checksum).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// The only schema version this module reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+/// A ref larger than this (compact JSON bytes) is refused: refs carry keys, not tensors.
+pub const MAX_REF_BYTES: usize = 64 * 1024;
+/// The longest array allowed anywhere in a ref (shapes, version spans); longer ones look like data.
+pub const MAX_INLINE_ARRAY: usize = 64;
+/// The deepest JSON nesting allowed in a ref.
+pub const MAX_DEPTH: usize = 16;
+
+/// One feature's description, SpecForge's `FeatureSpec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    pub name: String,
+    pub shape: Vec<i64>,
+    /// torch dtype name without `torch.`: `bfloat16`, `float16`, `float32`, `int64`, ...
+    pub dtype: String,
+    #[serde(default)]
+    pub device_hint: Option<String>,
+    #[serde(default = "default_true")]
+    pub required: bool,
+    #[serde(default)]
+    pub target_repr: Option<String>,
+    #[serde(default)]
+    pub target_meta: Option<Value>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// SpecForge's SampleRef, field for field and in SpecForge's order (`metadata` last).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleRef {
+    pub sample_id: String,
+    #[serde(default)]
+    pub run_id: Option<String>,
+    #[serde(default)]
+    pub source_task_id: Option<String>,
+    pub feature_store_uri: String,
+    pub feature_keys: BTreeMap<String, String>,
+    #[serde(default)]
+    pub feature_specs: BTreeMap<String, FeatureSpec>,
+    #[serde(default)]
+    pub strategy: Option<String>,
+    pub schema_version: u64,
+    #[serde(default)]
+    pub target_model_version: Option<String>,
+    #[serde(default)]
+    pub draft_weight_version: Option<String>,
+    #[serde(default)]
+    pub tokenizer_version: Option<String>,
+    #[serde(default)]
+    pub num_tokens: Option<u64>,
+    #[serde(default)]
+    pub estimated_bytes: Option<u64>,
+    #[serde(default)]
+    pub metadata: Map<String, Value>,
+}
+
+/// Why a ref was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RefError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("ref is {0} bytes, more than the {MAX_REF_BYTES}-byte limit (refs must not carry tensors)")]
+    TooLarge(usize),
+    #[error("array at {0} has {1} elements, more than {MAX_INLINE_ARRAY} (refs must not carry tensors)")]
+    InlineArray(String, usize),
+    #[error("JSON nested deeper than {MAX_DEPTH} at {0}")]
+    TooDeep(String),
+    #[error("schema_version {0} is not supported (only {SCHEMA_VERSION})")]
+    Schema(u64),
+    #[error("field {0} is invalid: {1}")]
+    Field(&'static str, String),
+}
+
+impl SampleRef {
+    /// Parse one ref from JSON text and check it.
+    pub fn parse(text: &[u8]) -> Result<SampleRef, RefError> {
+        if text.len() > MAX_REF_BYTES {
+            return Err(RefError::TooLarge(text.len()));
+        }
+        let value: Value = serde_json::from_slice(text).map_err(|e| RefError::Json(e.to_string()))?;
+        check_tensor_free(&value, "$", 0)?;
+        let r: SampleRef = serde_json::from_value(value).map_err(|e| RefError::Json(e.to_string()))?;
+        r.check_fields()?;
+        Ok(r)
+    }
+
+    /// The checks every writer runs: schema, ids, tensor-free.
+    pub fn check(&self) -> Result<(), RefError> {
+        self.check_fields()?;
+        let value = serde_json::to_value(self).map_err(|e| RefError::Json(e.to_string()))?;
+        let len = value.to_string().len();
+        if len > MAX_REF_BYTES {
+            return Err(RefError::TooLarge(len));
+        }
+        check_tensor_free(&value, "$", 0)
+    }
+
+    fn check_fields(&self) -> Result<(), RefError> {
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(RefError::Schema(self.schema_version));
+        }
+        if self.sample_id.is_empty() {
+            return Err(RefError::Field("sample_id", "empty".into()));
+        }
+        if self.feature_store_uri.is_empty() {
+            return Err(RefError::Field("feature_store_uri", "empty".into()));
+        }
+        for (name, spec) in &self.feature_specs {
+            if &spec.name != name {
+                return Err(RefError::Field("feature_specs", format!("key {name:?} names spec {:?}", spec.name)));
+            }
+        }
+        if let Some(v) = self.metadata.get("weight_version") {
+            if !v.is_u64() {
+                return Err(RefError::Field("metadata.weight_version", format!("{v} is not a non-negative integer")));
+            }
+        }
+        if let Some(v) = self.metadata.get("weight_versions") {
+            parse_span(v).ok_or_else(|| RefError::Field("metadata.weight_versions", format!("{v} is not [min, max]")))?;
+        }
+        Ok(())
+    }
+
+    /// Compact JSON, one line, no newline.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a SampleRef always serializes")
+    }
+
+    /// The oldest weight version this ref's sample was generated with: the minimum of
+    /// `metadata.weight_versions` when present, else `metadata.weight_version`; None if unversioned.
+    pub fn oldest_weight_version(&self) -> Option<u64> {
+        if let Some(span) = self.metadata.get("weight_versions").and_then(parse_span) {
+            return Some(span.0);
+        }
+        self.metadata.get("weight_version").and_then(Value::as_u64)
+    }
+}
+
+fn parse_span(v: &Value) -> Option<(u64, u64)> {
+    let a = v.as_array()?;
+    if a.len() != 2 {
+        return None;
+    }
+    let (lo, hi) = (a[0].as_u64()?, a[1].as_u64()?);
+    (lo <= hi).then_some((lo, hi))
+}
+
+/// Reject anything that looks like tensor data: long arrays, deep nesting.
+pub fn check_tensor_free(v: &Value, at: &str, depth: usize) -> Result<(), RefError> {
+    if depth > MAX_DEPTH {
+        return Err(RefError::TooDeep(at.to_string()));
+    }
+    match v {
+        Value::Array(a) => {
+            if a.len() > MAX_INLINE_ARRAY {
+                return Err(RefError::InlineArray(at.to_string(), a.len()));
+            }
+            for (i, x) in a.iter().enumerate() {
+                check_tensor_free(x, &format!("{at}[{i}]"), depth + 1)?;
+            }
+        }
+        Value::Object(m) => {
+            for (k, x) in m {
+                check_tensor_free(x, &format!("{at}.{k}"), depth + 1)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The offline manifest: `{"schema_version":1,"refs":[...]}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema_version: u64,
+    pub refs: Vec<SampleRef>,
+}

@@ -1,0 +1,661 @@
+//! FeatureStore: SpecForge's shared-dir store with leases on disk and a byte quota.
+//!
+//! Layout (specified in `docs/FORMATS.md`, "Feature store"):
+//!
+//! ```text
+//! STORE/objects/<xx>/<sample_id>/generation                     highest generation ever assigned (decimal)
+//! STORE/objects/<xx>/<sample_id>/g<gen:08>.safetensors          one object per sample and generation
+//! STORE/objects/<xx>/<sample_id>/g<gen:08>.retain               present: keep the object on release
+//! STORE/objects/<xx>/<sample_id>/g<gen:08>.lease.<holder>       one lease: {"holder",..,"expires_unix_ms"}
+//! ```
+//!
+//! `<xx>` is the first two hex digits of xxh3-64(sample_id). Objects are plain safetensors files
+//! (`safetensors.safe_open` reads them), written with [`fsio::AtomicFile`]. Generations come
+//! from the `generation` counter, advanced under a [`fsio::RefLock`] before the object is
+//! written, so a generation is never reused even after its object is deleted or a writer crashed.
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsio;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const OBJECTS_DIR: &str = "objects";
+pub const GENERATION_FILE: &str = "generation";
+/// Longest sample id (it is a directory name).
+pub const MAX_SAMPLE_ID_BYTES: usize = 200;
+/// Largest safetensors header we write or accept (the `safetensors` crate's limit).
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
+/// Temp files older than this are swept by [`FeatureStore::gc`].
+pub const TEMP_SWEEP_AGE: Duration = Duration::from_secs(3600);
+
+/// Element types the store and the torch reader know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    BF16,
+    F16,
+    F32,
+    F64,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    Bool,
+}
+
+impl Dtype {
+    pub const ALL: [Dtype; 10] =
+        [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64, Dtype::I64, Dtype::I32, Dtype::I16, Dtype::I8, Dtype::U8, Dtype::Bool];
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::BF16 | Dtype::F16 | Dtype::I16 => 2,
+            Dtype::I8 | Dtype::U8 | Dtype::Bool => 1,
+        }
+    }
+    /// The safetensors header name.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            Dtype::BF16 => "BF16",
+            Dtype::F16 => "F16",
+            Dtype::F32 => "F32",
+            Dtype::F64 => "F64",
+            Dtype::I64 => "I64",
+            Dtype::I32 => "I32",
+            Dtype::I16 => "I16",
+            Dtype::I8 => "I8",
+            Dtype::U8 => "U8",
+            Dtype::Bool => "BOOL",
+        }
+    }
+    /// The torch name without `torch.` (SampleRef `feature_specs[..].dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Dtype::BF16 => "bfloat16",
+            Dtype::F16 => "float16",
+            Dtype::F32 => "float32",
+            Dtype::F64 => "float64",
+            Dtype::I64 => "int64",
+            Dtype::I32 => "int32",
+            Dtype::I16 => "int16",
+            Dtype::I8 => "int8",
+            Dtype::U8 => "uint8",
+            Dtype::Bool => "bool",
+        }
+    }
+    /// The legacy storage class torch.save pickles (`torch.BFloat16Storage`, ...).
+    pub fn torch_storage(self) -> &'static str {
+        match self {
+            Dtype::BF16 => "BFloat16Storage",
+            Dtype::F16 => "HalfStorage",
+            Dtype::F32 => "FloatStorage",
+            Dtype::F64 => "DoubleStorage",
+            Dtype::I64 => "LongStorage",
+            Dtype::I32 => "IntStorage",
+            Dtype::I16 => "ShortStorage",
+            Dtype::I8 => "CharStorage",
+            Dtype::U8 => "ByteStorage",
+            Dtype::Bool => "BoolStorage",
+        }
+    }
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<Dtype> {
+        use safetensors::Dtype as S;
+        Some(match d {
+            S::BF16 => Dtype::BF16,
+            S::F16 => Dtype::F16,
+            S::F32 => Dtype::F32,
+            S::F64 => Dtype::F64,
+            S::I64 => Dtype::I64,
+            S::I32 => Dtype::I32,
+            S::I16 => Dtype::I16,
+            S::I8 => Dtype::I8,
+            S::U8 => Dtype::U8,
+            S::BOOL => Dtype::Bool,
+            _ => return None,
+        })
+    }
+    pub fn from_torch_storage(name: &str) -> Option<Dtype> {
+        Dtype::ALL.into_iter().find(|d| d.torch_storage() == name)
+    }
+
+    /// Index of the first NaN element in little-endian `data`, if any (floats only).
+    pub fn first_nan(self, data: &[u8]) -> Option<usize> {
+        match self {
+            Dtype::BF16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x7f80),
+            Dtype::F16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x7c00),
+            Dtype::F32 => data.chunks_exact(4).position(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_nan()),
+            Dtype::F64 => data.chunks_exact(8).position(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")).is_nan()),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor to store: row-major, little-endian bytes.
+#[derive(Debug, Clone)]
+pub struct TensorData<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Cow<'a, [u8]>,
+}
+
+/// A stored object: one sample at one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredObject {
+    pub sample_id: String,
+    pub generation: u64,
+    /// Path relative to the store root: `objects/<xx>/<sample_id>/g<gen:08>.safetensors`.
+    pub key: String,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// A lease file's contents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LeaseRecord {
+    pub holder: String,
+    pub host: String,
+    pub pid: u32,
+    pub generation: u64,
+    pub acquired_unix_ms: u64,
+    pub expires_unix_ms: u64,
+}
+
+/// A lease held on one object (on disk, not in memory: a crashed holder's lease expires).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub object: StoredObject,
+    pub record: LeaseRecord,
+    pub lease_path: PathBuf,
+}
+
+/// How a file that already is safetensors enters the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaceMode {
+    Copy,
+    /// Hard link: no extra disk; the source must stay unmodified.
+    Link,
+    /// Rename (copy and remove across file systems).
+    Move,
+}
+
+/// Store settings.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// Refuse puts that would take the objects above this many bytes.
+    pub quota_bytes: Option<u64>,
+    /// How long a put waits for space under the quota before failing.
+    pub quota_wait: Duration,
+}
+
+/// What [`FeatureStore::gc`] did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct GcReport {
+    pub leases_expired: u64,
+    pub objects_freed: u64,
+    pub bytes_freed: u64,
+    pub temps_swept: u64,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// True for ids usable as sample ids and lease holders: `[A-Za-z0-9._-]{1,200}`, not starting
+/// with `.` (no colons: SpecForge's ids with colons break on some file systems).
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_SAMPLE_ID_BYTES
+        && !s.starts_with('.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// The shard directory of a sample: two lowercase hex digits.
+pub fn shard_of(sample_id: &str) -> String {
+    format!("{:02x}", xxhash_rust::xxh3::xxh3_64(sample_id.as_bytes()) >> 56)
+}
+
+/// The object key of (sample, generation), relative to the store root.
+pub fn object_key(sample_id: &str, generation: u64) -> String {
+    format!("{OBJECTS_DIR}/{}/{sample_id}/g{generation:08}.safetensors", shard_of(sample_id))
+}
+
+fn parse_object_name(name: &str) -> Option<u64> {
+    let g = name.strip_prefix('g')?.strip_suffix(".safetensors")?;
+    (g.len() >= 8 && g.bytes().all(|b| b.is_ascii_digit())).then(|| g.parse().ok()).flatten()
+}
+
+fn parse_lease_name(name: &str) -> Option<(u64, &str)> {
+    let rest = name.strip_prefix('g')?;
+    let (g, holder) = rest.split_once(".lease.")?;
+    (g.len() >= 8 && g.bytes().all(|b| b.is_ascii_digit()) && !fsio::is_temp_name(name)).then(|| Some((g.parse().ok()?, holder))).flatten()
+}
+
+/// Build the safetensors header (length prefix included, padded with spaces to 8 bytes).
+pub fn safetensors_header(tensors: &[TensorData<'_>], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let mut map = serde_json::Map::new();
+    if !metadata.is_empty() {
+        map.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let len = numel.and_then(|n| n.checked_mul(t.dtype.size()));
+        if len != Some(t.data.len()) {
+            return Err(Error::Internal(format!("tensor {}: {} bytes for shape {:?} {:?}", t.name, t.data.len(), t.shape, t.dtype)));
+        }
+        let end = offset + t.data.len();
+        map.insert(t.name.clone(), serde_json::json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}));
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&map).expect("serializes");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    if json.len() > MAX_HEADER_BYTES {
+        return Err(Error::Internal(format!("safetensors header of {} bytes is over {MAX_HEADER_BYTES}", json.len())));
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// A shared-dir feature store.
+pub struct FeatureStore {
+    root: PathBuf,
+    opts: StoreOptions,
+    /// Bytes of objects as last counted plus what this process added since.
+    usage: Mutex<Option<u64>>,
+}
+
+impl FeatureStore {
+    /// Open (create) a store at `root`.
+    pub fn open(root: &Path, opts: StoreOptions) -> Result<Self> {
+        fsio::create_dir_durable(&root.join(OBJECTS_DIR))?;
+        let root = fs::canonicalize(root).at(root)?;
+        Ok(FeatureStore { root, opts, usage: Mutex::new(None) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `file://` + the absolute store root: a ref's `feature_store_uri`.
+    pub fn uri(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn check_id(&self, what: &str, id: &str) -> Result<()> {
+        if valid_id(id) {
+            Ok(())
+        } else {
+            Err(Error::bad_input(&self.root, format!("{what} {id:?} must match [A-Za-z0-9._-]{{1,{MAX_SAMPLE_ID_BYTES}}} and not start with '.'")))
+        }
+    }
+
+    pub fn sample_dir(&self, sample_id: &str) -> PathBuf {
+        self.root.join(OBJECTS_DIR).join(shard_of(sample_id)).join(sample_id)
+    }
+
+    fn object(&self, sample_id: &str, generation: u64) -> StoredObject {
+        let key = object_key(sample_id, generation);
+        let path = self.root.join(&key);
+        let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        StoredObject { sample_id: sample_id.to_string(), generation, key, path, bytes }
+    }
+
+    /// Generations of the sample that have an object, ascending.
+    pub fn generations(&self, sample_id: &str) -> Result<Vec<u64>> {
+        self.check_id("sample id", sample_id)?;
+        let dir = self.sample_dir(sample_id);
+        let mut gens = Vec::new();
+        match fs::read_dir(&dir) {
+            Ok(rd) => {
+                for ent in rd {
+                    let ent = ent.at(&dir)?;
+                    if let Some(g) = parse_object_name(&ent.file_name().to_string_lossy()) {
+                        gens.push(g);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&dir, e)),
+        }
+        gens.sort_unstable();
+        Ok(gens)
+    }
+
+    /// The current (highest) generation's object, if any.
+    pub fn current(&self, sample_id: &str) -> Result<Option<StoredObject>> {
+        Ok(self.generations(sample_id)?.last().map(|&g| self.object(sample_id, g)))
+    }
+
+    /// Advance the sample's generation counter (never reused, even after a crash).
+    fn next_generation(&self, sample_id: &str) -> Result<u64> {
+        let dir = self.sample_dir(sample_id);
+        fsio::create_dir_durable(&dir)?;
+        let path = dir.join(GENERATION_FILE);
+        let lock = fsio::RefLock::acquire(&path, fsio::REF_LOCK_TIMEOUT)?;
+        let listed = self.generations(sample_id)?.last().copied().unwrap_or(0);
+        let stored = match lock.read_current()? {
+            Some(t) => t.trim().parse::<u64>().map_err(|_| Error::bad_input(&path, format!("{:?} is not a generation", t.trim())))?,
+            None => 0,
+        };
+        let next = stored.max(listed) + 1;
+        lock.commit(format!("{next}\n").as_bytes())?;
+        Ok(next)
+    }
+
+    fn count_usage(&self) -> Result<u64> {
+        let mut total = 0u64;
+        let objects = self.root.join(OBJECTS_DIR);
+        for shard in fs::read_dir(&objects).at(&objects)? {
+            let shard = shard.at(&objects)?.path();
+            let Ok(samples) = fs::read_dir(&shard) else { continue };
+            for sample in samples.flatten() {
+                let Ok(files) = fs::read_dir(sample.path()) else { continue };
+                for f in files.flatten() {
+                    if parse_object_name(&f.file_name().to_string_lossy()).is_some() {
+                        total += f.metadata().map(|m| m.len()).unwrap_or(0);
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Bytes held by objects now (counted from the files).
+    pub fn usage(&self) -> Result<u64> {
+        let n = self.count_usage()?;
+        *self.usage.lock().expect("usage lock") = Some(n);
+        Ok(n)
+    }
+
+    /// Wait until `bytes` more fit under the quota, then account for them.
+    fn reserve(&self, bytes: u64) -> Result<()> {
+        let Some(quota) = self.opts.quota_bytes else { return Ok(()) };
+        let start = Instant::now();
+        let mut recount = false;
+        loop {
+            {
+                let mut usage = self.usage.lock().expect("usage lock");
+                if usage.is_none() || recount {
+                    *usage = Some(self.count_usage()?);
+                }
+                let used = usage.expect("counted");
+                if used.saturating_add(bytes) <= quota {
+                    *usage = Some(used + bytes);
+                    return Ok(());
+                }
+                if start.elapsed() >= self.opts.quota_wait {
+                    return Err(Error::io(
+                        &self.root,
+                        io::Error::new(
+                            io::ErrorKind::StorageFull,
+                            format!(
+                                "store quota of {quota} bytes exceeded: {used} bytes held, object needs {bytes}; waited {:.1}s for consumers to release (raise the quota, release or gc samples)",
+                                start.elapsed().as_secs_f64()
+                            ),
+                        ),
+                    ));
+                }
+            }
+            recount = true;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn unreserve(&self, bytes: u64) {
+        if let Some(u) = self.usage.lock().expect("usage lock").as_mut() {
+            *u = u.saturating_sub(bytes);
+        }
+    }
+
+    /// Store tensors as a new generation of `sample_id`; older unleased generations are removed.
+    pub fn put(&self, sample_id: &str, tensors: &[TensorData<'_>], metadata: &BTreeMap<String, String>, retain_on_release: bool) -> Result<StoredObject> {
+        self.check_id("sample id", sample_id)?;
+        let mut names = std::collections::HashSet::new();
+        for t in tensors {
+            if t.name.is_empty() || t.name == "__metadata__" || !names.insert(&t.name) {
+                return Err(Error::bad_input(&self.root, format!("sample {sample_id}: bad or duplicate tensor name {:?}", t.name)));
+            }
+        }
+        let mut metadata = metadata.clone();
+        metadata.entry("format".into()).or_insert_with(|| "pt".into());
+        let header = safetensors_header(tensors, &metadata)?;
+        let bytes = header.len() as u64 + tensors.iter().map(|t| t.data.len() as u64).sum::<u64>();
+        self.reserve(bytes)?;
+        let res = (|| {
+            let generation = self.next_generation(sample_id)?;
+            let obj = self.object(sample_id, generation);
+            let mut f = fsio::AtomicFile::create(&obj.path)?;
+            let temp = f.temp_path().to_path_buf();
+            f.write_all(&header).at(&temp)?;
+            for t in tensors {
+                f.write_all(&t.data).at(&temp)?;
+            }
+            crate::failpoint!("store.before_commit");
+            if retain_on_release {
+                fsio::write_atomic(self.retain_path(sample_id, generation), b"")?;
+            }
+            f.commit()?;
+            Ok(StoredObject { bytes, ..obj })
+        })();
+        match res {
+            Ok(obj) => {
+                self.drop_superseded(sample_id, obj.generation)?;
+                Ok(obj)
+            }
+            Err(e) => {
+                self.unreserve(bytes);
+                Err(e)
+            }
+        }
+    }
+
+    /// Place an existing, already validated safetensors file as a new generation.
+    pub fn put_file(&self, sample_id: &str, src: &Path, mode: PlaceMode, retain_on_release: bool) -> Result<StoredObject> {
+        self.check_id("sample id", sample_id)?;
+        let len = fs::metadata(src).at(src)?.len();
+        let extra = if mode == PlaceMode::Copy { len } else { 0 };
+        self.reserve(extra)?;
+        let generation = self.next_generation(sample_id)?;
+        let obj = self.object(sample_id, generation);
+        if retain_on_release {
+            fsio::write_atomic(self.retain_path(sample_id, generation), b"")?;
+        }
+        let placed = match mode {
+            PlaceMode::Copy => fsio::copy_atomic(src, &obj.path).map(|_| ()),
+            PlaceMode::Link => fs::hard_link(src, &obj.path).at(&obj.path).and_then(|_| fsio::fsync_dir(obj.path.parent().expect("in a dir"))),
+            PlaceMode::Move => match fs::rename(src, &obj.path) {
+                Ok(()) => fsio::fsync_dir(obj.path.parent().expect("in a dir")).and_then(|_| fsio::fsync_dir(src.parent().unwrap_or(Path::new(".")))),
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                    fsio::copy_atomic(src, &obj.path).and_then(|_| fsio::remove_durable(src))
+                }
+                Err(e) => Err(Error::io(&obj.path, e)),
+            },
+        };
+        if let Err(e) = placed {
+            self.unreserve(extra);
+            return Err(e);
+        }
+        self.drop_superseded(sample_id, generation)?;
+        Ok(StoredObject { bytes: len, ..obj })
+    }
+
+    fn retain_path(&self, sample_id: &str, generation: u64) -> PathBuf {
+        self.sample_dir(sample_id).join(format!("g{generation:08}.retain"))
+    }
+
+    fn lease_path(&self, sample_id: &str, generation: u64, holder: &str) -> PathBuf {
+        self.sample_dir(sample_id).join(format!("g{generation:08}.lease.{holder}"))
+    }
+
+    /// Live (unexpired) leases per generation, and the paths of expired ones.
+    fn leases(&self, sample_id: &str, now_ms: u64) -> Result<(BTreeMap<u64, Vec<LeaseRecord>>, Vec<(u64, PathBuf)>)> {
+        let dir = self.sample_dir(sample_id);
+        let mut live: BTreeMap<u64, Vec<LeaseRecord>> = BTreeMap::new();
+        let mut expired = Vec::new();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((live, expired)),
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        for ent in rd {
+            let ent = ent.at(&dir)?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let Some((g, _)) = parse_lease_name(&name) else { continue };
+            let path = ent.path();
+            let rec: LeaseRecord = match fs::read(&path) {
+                Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::bad_input(&path, format!("not a lease: {e}")))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            };
+            if rec.expires_unix_ms <= now_ms {
+                expired.push((g, path));
+            } else {
+                live.entry(g).or_default().push(rec);
+            }
+        }
+        Ok((live, expired))
+    }
+
+    /// Remove generations older than `current` that nobody holds.
+    fn drop_superseded(&self, sample_id: &str, current: u64) -> Result<()> {
+        let (live, _) = self.leases(sample_id, unix_ms())?;
+        for g in self.generations(sample_id)? {
+            if g < current && !live.contains_key(&g) {
+                self.delete_object(sample_id, g)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_object(&self, sample_id: &str, generation: u64) -> Result<u64> {
+        let obj = self.object(sample_id, generation);
+        fsio::remove_durable(&obj.path)?;
+        fsio::remove_durable(&self.retain_path(sample_id, generation))?;
+        self.unreserve(obj.bytes);
+        Ok(obj.bytes)
+    }
+
+    /// Lease the current generation of `sample_id` for `holder` until `ttl` from now.
+    pub fn get(&self, sample_id: &str, holder: &str, ttl: Duration) -> Result<Lease> {
+        self.check_id("sample id", sample_id)?;
+        self.check_id("lease holder", holder)?;
+        let obj = self
+            .current(sample_id)?
+            .ok_or_else(|| Error::not_found(self.sample_dir(sample_id), format!("sample {sample_id} has no object")))?;
+        let now = unix_ms();
+        let record = LeaseRecord {
+            holder: holder.to_string(),
+            host: fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default(),
+            pid: std::process::id(),
+            generation: obj.generation,
+            acquired_unix_ms: now,
+            expires_unix_ms: now.saturating_add(ttl.as_millis() as u64),
+        };
+        let lease_path = self.lease_path(sample_id, obj.generation, holder);
+        fsio::write_atomic(&lease_path, format!("{}\n", serde_json::to_string(&record).expect("serializes")).as_bytes())?;
+        if !obj.path.exists() {
+            fsio::remove_durable(&lease_path)?;
+            return Err(Error::not_found(&obj.path, "released by another holder while leasing"));
+        }
+        Ok(Lease { object: obj, record, lease_path })
+    }
+
+    /// Drop a lease. The object is deleted when this was the last live lease of its generation
+    /// and the generation is superseded or not retained. Returns whether it was deleted.
+    pub fn release(&self, lease: &Lease) -> Result<bool> {
+        fsio::remove_durable(&lease.lease_path)?;
+        let o = &lease.object;
+        let (live, _) = self.leases(&o.sample_id, unix_ms())?;
+        if live.contains_key(&o.generation) || !o.path.exists() {
+            return Ok(false);
+        }
+        let current = self.generations(&o.sample_id)?.last().copied().unwrap_or(0);
+        let retained = self.retain_path(&o.sample_id, o.generation).exists();
+        if o.generation < current || !retained {
+            self.delete_object(&o.sample_id, o.generation)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Evict a sample now: every generation, lease and marker (the counter stays).
+    pub fn abort(&self, sample_id: &str) -> Result<()> {
+        self.check_id("sample id", sample_id)?;
+        let dir = self.sample_dir(sample_id);
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&dir, e)),
+        };
+        for ent in rd {
+            let ent = ent.at(&dir)?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if let Some(g) = parse_object_name(&name) {
+                self.delete_object(sample_id, g)?;
+            } else if name != GENERATION_FILE && !name.ends_with(".lock") {
+                fsio::remove_durable(&ent.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove expired leases; free objects whose holder's lease expired (consume-once, not
+    /// retained), and any unleased object older than `max_unleased_age`; sweep old temp files.
+    pub fn gc(&self, max_unleased_age: Option<Duration>) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        let now = unix_ms();
+        let objects = self.root.join(OBJECTS_DIR);
+        for shard in fs::read_dir(&objects).at(&objects)? {
+            let shard = shard.at(&objects)?.path();
+            let Ok(samples) = fs::read_dir(&shard) else { continue };
+            for sample in samples.flatten() {
+                let sample_id = sample.file_name().to_string_lossy().into_owned();
+                if !valid_id(&sample_id) {
+                    continue;
+                }
+                for f in fs::read_dir(sample.path()).at(sample.path())?.flatten() {
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    let old = f.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > TEMP_SWEEP_AGE);
+                    if fsio::is_temp_name(&name) && old {
+                        fsio::remove_durable(&f.path())?;
+                        report.temps_swept += 1;
+                    }
+                }
+                let (live, expired) = self.leases(&sample_id, now)?;
+                let mut freed_by_expiry = std::collections::BTreeSet::new();
+                for (g, path) in expired {
+                    fsio::remove_durable(&path)?;
+                    report.leases_expired += 1;
+                    freed_by_expiry.insert(g);
+                }
+                for g in self.generations(&sample_id)? {
+                    if live.contains_key(&g) {
+                        continue;
+                    }
+                    let obj = self.object(&sample_id, g);
+                    let retained = self.retain_path(&sample_id, g).exists();
+                    let too_old = max_unleased_age.is_some_and(|max| {
+                        fs::metadata(&obj.path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > max)
+                    });
+                    if (freed_by_expiry.contains(&g) && !retained) || too_old {
+                        report.bytes_freed += self.delete_object(&sample_id, g)?;
+                        report.objects_freed += 1;
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}

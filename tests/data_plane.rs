@@ -1,0 +1,590 @@
+//! Data plane: feature-ingest, ref-publish and ref-tail driven as real binaries in temp dirs,
+//! plus the store's lease, gc and quota semantics through the library.
+
+use disagg::dataplane::channel::{self, Cursor};
+use disagg::dataplane::sample_ref::{Manifest, SampleRef};
+use disagg::dataplane::store::{FeatureStore, LeaseRecord, StoreOptions, TensorData, Dtype};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const PUBLISH: &str = env!("CARGO_BIN_EXE_ref-publish");
+const TAIL: &str = env!("CARGO_BIN_EXE_ref-tail");
+const INGEST: &str = env!("CARGO_BIN_EXE_feature-ingest");
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let d = std::env::temp_dir().join(format!("disagg-dp-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn sample_ref(id: &str, version: Option<u64>) -> Value {
+    let mut meta = serde_json::Map::new();
+    if let Some(v) = version {
+        meta.insert("weight_version".into(), json!(v));
+    }
+    json!({"sample_id": id, "feature_store_uri": "file:///store", "feature_keys": {"h": format!("objects/00/{id}/g00000001.safetensors#h")},
+           "schema_version": 1, "metadata": meta})
+}
+
+fn refs_text(prefix: &str, n: usize) -> String {
+    (0..n).map(|i| format!("{}\n", sample_ref(&format!("{prefix}-{i}"), Some(i as u64)))).collect()
+}
+
+fn run(bin: &str, args: &[&str], stdin: &str) -> Output {
+    let mut c = Command::new(bin).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut si = c.stdin.take().unwrap();
+    let data = stdin.to_string();
+    let t = std::thread::spawn(move || {
+        let _ = si.write_all(data.as_bytes());
+    });
+    let out = c.wait_with_output().unwrap();
+    t.join().unwrap();
+    out
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "exit {:?}\nstderr: {}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Check every printed line and return (producer, seq, sample_id) for each.
+fn parse_out(text: &str) -> Vec<(String, u64, String)> {
+    text.lines()
+        .map(|l| {
+            let st = channel::check_line(l.as_bytes()).unwrap_or_else(|e| panic!("bad line {l}: {e}"));
+            let r = SampleRef::parse(l.as_bytes()).unwrap();
+            (st.producer, st.seq, r.sample_id)
+        })
+        .collect()
+}
+
+#[test]
+fn four_producers_no_loss_no_duplicate() {
+    let d = temp_dir("four");
+    let ch = d.join("ch");
+    let n = 2500;
+    let tail = Command::new(TAIL)
+        .args([p(&ch), "--cursor", "c", "--follow", "--expect-producers", "4", "--idle-timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    fs::create_dir_all(&ch).unwrap();
+    let tail = tail.unwrap();
+    let producers: Vec<_> = (0..4)
+        .map(|k| {
+            let ch = ch.clone();
+            std::thread::spawn(move || {
+                // Two runs per producer: the second resumes the same stream.
+                let text = refs_text(&format!("p{k}"), n);
+                let (a, b) = text.split_at(text.match_indices('\n').nth(n / 2 - 1).unwrap().0 + 1);
+                ok(&run(PUBLISH, &[p(&ch), "--producer", &format!("p{k}")], a));
+                ok(&run(PUBLISH, &[p(&ch), "--producer", &format!("p{k}"), "--close", "--no-fsync"], b));
+            })
+        })
+        .collect();
+    for t in producers {
+        t.join().unwrap();
+    }
+    let out = tail.wait_with_output().unwrap();
+    let lines = parse_out(&ok(&out));
+    assert_eq!(lines.len(), 4 * n);
+    let mut per: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut ids = BTreeSet::new();
+    for (prod, seq, id) in &lines {
+        per.entry(prod.clone()).or_default().push(*seq);
+        assert!(ids.insert(id.clone()), "duplicate {id}");
+        assert_eq!(id, &format!("{prod}-{seq}"));
+    }
+    for seqs in per.values() {
+        assert_eq!(seqs, &(0..n as u64).collect::<Vec<_>>(), "in order, no gap");
+    }
+    // Consumption recorded for backpressure.
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
+    assert!((0..4).all(|k| c.producers[&format!("p{k}")].consumed == n as u64));
+    // A rerun of the tail from the cursor delivers nothing twice.
+    let again = ok(&run(TAIL, &[p(&ch), "--cursor", "c", "--follow"], ""));
+    assert_eq!(again, "");
+}
+
+#[test]
+fn torn_and_corrupt_lines_are_skipped_never_printed() {
+    let d = temp_dir("torn");
+    let ch = d.join("ch");
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0"], &refs_text("a", 10)));
+    let seg_dir = ch.join("producers/p0");
+    let seg = fs::read_dir(&seg_dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(".jsonl")).unwrap();
+    // A killed writer's partial line.
+    let full = fs::read_to_string(&seg).unwrap();
+    let first_line = full.lines().next().unwrap().to_string();
+    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(&first_line.as_bytes()[..first_line.len() / 2]).unwrap();
+    // The partial line is waited for, not printed.
+    let out = run(TAIL, &[p(&ch), "--cursor", "c"], "");
+    assert_eq!(parse_out(&ok(&out)).len(), 10);
+    // A restarted producer resumes at seq 10 in a new segment; the torn line is then skipped.
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0", "--close"], &refs_text("b", 5)));
+    let out = run(TAIL, &[p(&ch), "--cursor", "c", "--follow", "--json"], "");
+    let lines = parse_out(&ok(&out));
+    assert_eq!(lines.iter().map(|l| l.1).collect::<Vec<_>>(), (10..15).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("torn line"), "{stderr}");
+    assert!(stderr.contains("\"torn\":1"), "{stderr}");
+
+    // A complete line with one flipped byte: skipped as corrupt, the rest delivered.
+    let ch2 = d.join("ch2");
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", "q"], &refs_text("c", 3)));
+    let seg2 = fs::read_dir(ch2.join("producers/q")).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(".jsonl")).unwrap();
+    let text = fs::read_to_string(&seg2).unwrap().replacen("c-1", "c-X", 1);
+    fs::write(&seg2, text).unwrap();
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", "q", "--close"], ""));
+    let out = run(TAIL, &[p(&ch2), "--follow", "--json"], "");
+    let ids: Vec<String> = parse_out(&ok(&out)).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, vec!["c-0", "c-2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checksum mismatch"));
+}
+
+fn kill9(child: &mut std::process::Child) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+fn pseudo_random(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+#[test]
+fn kill9_producer_loop_loses_and_duplicates_nothing() {
+    let d = temp_dir("killprod");
+    let ch = d.join("ch");
+    let n = 20_000;
+    let input = d.join("in.jsonl");
+    fs::write(&input, refs_text("k", n)).unwrap();
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    for _ in 0..8 {
+        let mut c = Command::new(PUBLISH)
+            .args([p(&ch), "--producer", "p0", "--resume"])
+            .stdin(fs::File::open(&input).unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(3 + pseudo_random(&mut seed) % 40));
+        kill9(&mut c);
+    }
+    let out = Command::new(PUBLISH).args([p(&ch), "--producer", "p0", "--resume", "--close", "--json"]).stdin(fs::File::open(&input).unwrap()).output().unwrap();
+    ok(&out);
+    let lines = parse_out(&ok(&run(TAIL, &[p(&ch), "--follow"], "")));
+    assert_eq!(lines.len(), n);
+    for (i, (_, seq, id)) in lines.iter().enumerate() {
+        assert_eq!((*seq, id.as_str()), (i as u64, format!("k-{i}").as_str()));
+    }
+}
+
+#[test]
+fn kill9_tail_loop_resumes_from_its_cursor() {
+    let d = temp_dir("killtail");
+    let ch = d.join("ch");
+    let n = 30_000;
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0", "--close", "--no-fsync"], &refs_text("t", n)));
+    let cursor_path = ch.join("cursors/c.json");
+    let mut seen: Vec<u64> = Vec::new();
+    let mut seed = 12345u64;
+    let mut kills = 0;
+    loop {
+        let acked = fs::read(&cursor_path).ok().map(|b| serde_json::from_slice::<Cursor>(&b).unwrap().producers["p0"].next_seq).unwrap_or(0);
+        let mut c = Command::new(TAIL).args([p(&ch), "--cursor", "c", "--follow"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let stdout = c.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                got.push(channel::check_line(line.as_bytes()).expect("only complete, valid lines").seq);
+            }
+            got
+        });
+        let last = kills >= 6;
+        if !last {
+            std::thread::sleep(Duration::from_millis(5 + pseudo_random(&mut seed) % 30));
+            kill9(&mut c);
+            kills += 1;
+        } else {
+            assert!(c.wait().unwrap().success());
+        }
+        let got = reader.join().unwrap();
+        if let Some(&first) = got.first() {
+            assert!(first >= acked, "acknowledged ref {first} delivered again (cursor at {acked})");
+            assert_eq!(first, acked, "nothing skipped");
+        }
+        seen.extend(got);
+        if last {
+            break;
+        }
+    }
+    let unique: BTreeSet<u64> = seen.iter().copied().collect();
+    assert_eq!(unique, (0..n as u64).collect::<BTreeSet<_>>(), "no ref lost");
+}
+
+#[test]
+fn staleness_against_a_real_pointer() {
+    let d = temp_dir("stale");
+    let ch = d.join("ch");
+    let weights = d.join("weights");
+    fs::create_dir_all(&weights).unwrap();
+    let mut text = refs_text("v", 13);
+    let mut partial = sample_ref("partial", None);
+    partial["metadata"]["weight_versions"] = json!([5, 10]);
+    let unversioned = sample_ref("unversioned", None);
+    text += &format!("{partial}\n{unversioned}\n");
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0", "--close"], &text));
+    // Missing pointer: exit 6. Malformed: exit 3 naming the file.
+    let o = run(TAIL, &[p(&ch), "--cursor", "s", "--max-staleness", "3", "--pointer", p(&weights)], "");
+    assert_eq!(o.status.code(), Some(6));
+    fs::write(weights.join("latest"), "weight_v12\n").unwrap();
+    let o = run(TAIL, &[p(&ch), "--cursor", "s", "--max-staleness", "3", "--pointer", p(&weights)], "");
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("latest"));
+    fs::write(weights.join("latest"), "run-1/weight_v000010\n").unwrap();
+    let stale = d.join("stale.jsonl");
+    let o = run(TAIL, &[p(&ch), "--cursor", "s", "--follow", "--max-staleness", "3", "--pointer", p(&weights), "--stale-out", p(&stale)], "");
+    let kept: Vec<String> = parse_out(&ok(&o)).into_iter().map(|l| l.2).collect();
+    let want: Vec<String> = (7..13).map(|i| format!("v-{i}")).chain(["unversioned".to_string()]).collect();
+    assert_eq!(kept, want);
+    let dropped: Vec<String> = parse_out(&fs::read_to_string(&stale).unwrap()).into_iter().map(|l| l.2).collect();
+    let want: Vec<String> = (0..7).map(|i| format!("v-{i}")).chain(["partial".to_string()]).collect();
+    assert_eq!(dropped, want);
+    // Dropped refs are acknowledged: backpressure sees everything consumed.
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/s.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["p0"].consumed, c.stale, c.delivered), (15, 8, 7));
+    assert_eq!(channel::consumed_by_cursors(&ch, "p0").unwrap(), 15);
+}
+
+#[test]
+fn sharding_is_disjoint_and_complete() {
+    let d = temp_dir("shard");
+    let ch = d.join("ch");
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "a", "--close"], &refs_text("a", 700)));
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "b", "--close"], &refs_text("b", 500)));
+    let mut all = Vec::new();
+    let mut consumed = 0;
+    for r in 0..3 {
+        let o = run(TAIL, &[p(&ch), "--cursor", "g", "--follow", "--rank", &r.to_string(), "--world", "3"], "");
+        let lines = parse_out(&ok(&o));
+        assert!(lines.len() > 300, "roughly balanced: {}", lines.len());
+        consumed += lines.len();
+        all.extend(lines.into_iter().map(|l| l.2));
+    }
+    let unique: BTreeSet<_> = all.iter().cloned().collect();
+    assert_eq!((all.len(), unique.len(), consumed), (1200, 1200, 1200));
+    assert_eq!(channel::consumed_by_cursors(&ch, "a").unwrap() + channel::consumed_by_cursors(&ch, "b").unwrap(), 1200);
+    let o = run(TAIL, &[p(&ch), "--rank", "3", "--world", "3"], "");
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn backpressure_blocks_until_consumed() {
+    let d = temp_dir("bp");
+    let ch = d.join("ch");
+    let mut prod = Command::new(PUBLISH)
+        .args([p(&ch), "--producer", "p0", "--max-in-flight", "40", "--close", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    prod.stdin.take().unwrap().write_all(refs_text("bp", 200).as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(prod.try_wait().unwrap().is_none(), "producer must block at 40 in flight");
+    let published: usize = fs::read_dir(ch.join("producers/p0"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".jsonl"))
+        .map(|p| fs::read_to_string(p).unwrap().lines().count())
+        .sum();
+    assert_eq!(published, 40);
+    let o = run(TAIL, &[p(&ch), "--cursor", "c", "--follow", "--idle-timeout", "20"], "");
+    assert_eq!(parse_out(&ok(&o)).len(), 200);
+    let out = prod.wait_with_output().unwrap();
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["published_total"], 200);
+    assert!(s["waited_ms"].as_u64().unwrap() > 300);
+}
+
+#[test]
+fn failed_stream_idle_timeout_and_bad_input() {
+    let d = temp_dir("fail");
+    let ch = d.join("ch");
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0"], &refs_text("f", 3)));
+    // Producer p0 is gone without closing and its heartbeat goes stale: idle timeout, exit 9.
+    std::thread::sleep(Duration::from_millis(600));
+    let o = run(TAIL, &[p(&ch), "--follow", "--idle-timeout", "0.3"], "");
+    assert_eq!(o.status.code(), Some(9), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("producer dead?"));
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0", "--fail", "sglang crashed"], ""));
+    let o = run(TAIL, &[p(&ch), "--follow"], "");
+    assert_eq!(o.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("sglang crashed"));
+    // Tensor data in a ref, unknown fields, wrong schema: exit 3 naming the line.
+    let mut fat = sample_ref("fat", None);
+    fat["metadata"]["hidden"] = json!(vec![0.5; 1000]);
+    for bad in [fat.to_string(), "{\"sample_id\":\"x\"}".into(), sample_ref("x", None).to_string().replace("\"schema_version\":1", "\"schema_version\":2")] {
+        let o = run(PUBLISH, &[p(&d.join("ch2")), "--producer", "p1"], &format!("{bad}\n"));
+        assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stderr).contains("line 1"));
+    }
+    // Publishing to a closed stream is a conflict.
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p9", "--close"], ""));
+    assert_eq!(run(PUBLISH, &[p(&ch), "--producer", "p9"], "").status.code(), Some(5));
+}
+
+#[test]
+fn specforge_single_file_layout() {
+    let d = temp_dir("single");
+    let ch = d.join("ch");
+    fs::create_dir_all(&ch).unwrap();
+    // A plain SpecForge line (no stamp) followed by our stamped lines.
+    fs::write(ch.join("refs.jsonl"), format!("{}\n", sample_ref("plain", None))).unwrap();
+    ok(&run(PUBLISH, &[p(&ch), "--layout", "single-file", "--producer", "sf", "--close"], &refs_text("s", 4)));
+    assert!(ch.join(".closed").exists());
+    let o = run(TAIL, &[p(&ch), "--cursor", "c", "--follow"], "");
+    let text = ok(&o);
+    let ids: Vec<String> = text.lines().map(|l| SampleRef::parse(l.as_bytes()).unwrap().sample_id).collect();
+    assert_eq!(ids, vec!["plain", "s-0", "s-1", "s-2", "s-3"]);
+    assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "5\n");
+    assert!(ch.join(".consumer_done").exists());
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/features/expected.json")).unwrap()).unwrap()
+}
+
+fn copy_fixtures(d: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/features/rows_0-2000");
+    let dst = d.join("in/rows_0-2000");
+    fs::create_dir_all(&dst).unwrap();
+    for e in fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    d.join("in")
+}
+
+#[test]
+fn ingest_committed_torch_fixtures_every_tensor() {
+    let d = temp_dir("ingest");
+    let input = copy_fixtures(&d);
+    let store = d.join("store");
+    let manifest = d.join("refs.json");
+    let o = run(INGEST, &[p(&input), "--store", p(&store), "--manifest", p(&manifest), "--run-id", "r1", "--json"], "");
+    let s: Value = serde_json::from_str(&ok(&o)).unwrap();
+    let exp = expected();
+    let exp = exp.as_object().unwrap();
+    let valid = exp.values().filter(|v| v["valid"] == true).count();
+    assert_eq!((s["ingested"].as_u64(), s["invalid"].as_u64()), (Some(valid as u64), Some((exp.len() - valid) as u64)));
+    for f in s["invalid_files"].as_array().unwrap() {
+        let rel = f["file"].as_str().unwrap().split("in/").nth(1).unwrap();
+        let want = exp[rel]["reason"].as_str().unwrap();
+        assert!(f["reason"].as_str().unwrap().contains(want), "{rel}: {} lacks {want}", f["reason"]);
+    }
+    assert!(d.join("refs.json.done").exists());
+    let m: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(m.refs.len(), valid);
+    let mut compared = 0;
+    for r in &m.refs {
+        let root = r.feature_store_uri.strip_prefix("file://").unwrap();
+        let want = &exp[r.source_task_id.as_deref().unwrap()]["tensors"];
+        assert_eq!(r.feature_keys.len(), want.as_object().unwrap().len());
+        for (name, key) in &r.feature_keys {
+            let (path, tensor) = key.rsplit_once('#').unwrap();
+            let bytes = fs::read(Path::new(root).join(path)).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let view = st.tensor(tensor).unwrap();
+            let w = &want[name];
+            assert_eq!(hex(view.data()), w["hex"].as_str().unwrap(), "{} {name}", r.sample_id);
+            assert_eq!(view.shape(), w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>());
+            assert_eq!(r.feature_specs[name].dtype, w["dtype"].as_str().unwrap());
+            compared += 1;
+        }
+    }
+    assert!(compared >= 20, "{compared}");
+    // A rerun skips everything intact; a damaged object is redone as a new generation.
+    let victim = m.refs.iter().find(|r| r.sample_id.ends_with("data_0")).unwrap();
+    let vpath = Path::new(victim.feature_store_uri.strip_prefix("file://").unwrap()).join(victim.metadata["store_key"].as_str().unwrap());
+    let len = fs::metadata(&vpath).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&vpath).unwrap().set_len(len - 3).unwrap();
+    let s: Value = serde_json::from_str(&ok(&run(INGEST, &[p(&input), "--store", p(&store), "--manifest", p(&manifest), "--json"], ""))).unwrap();
+    assert_eq!((s["ingested"].as_u64(), s["skipped_intact"].as_u64()), (Some(1), Some(valid as u64 - 1)));
+    let m2: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(m2.refs.iter().find(|r| r.sample_id == victim.sample_id).unwrap().metadata["generation"], 2);
+    // --strict makes a bad file fatal (exit 3, naming it).
+    let o = run(INGEST, &[p(&input), "--store", p(&store), "--strict"], "");
+    assert_eq!(o.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("data_4.ckpt"));
+    // Publishing instead of a manifest: one closed stream with every ref.
+    let ch = d.join("ch");
+    ok(&run(INGEST, &[p(&input), "--store", p(&store), "--publish", p(&ch), "--producer", "ing"], ""));
+    assert_eq!(parse_out(&ok(&run(TAIL, &[p(&ch), "--follow"], ""))).len(), valid);
+}
+
+#[test]
+fn ingest_link_and_move_cost_no_extra_disk() {
+    use std::os::unix::fs::MetadataExt;
+    let d = temp_dir("link");
+    let input = copy_fixtures(&d);
+    let store = d.join("store");
+    let st_in = input.join("rows_0-2000/data_3.safetensors");
+    let s: Value = serde_json::from_str(&ok(&run(INGEST, &[p(&st_in), "--store", p(&store), "--mode", "link", "--json"], ""))).unwrap();
+    assert_eq!(s["ingested"], 1);
+    assert_eq!(fs::metadata(&st_in).unwrap().nlink(), 2, "hard link, not a copy");
+    let s: Value = serde_json::from_str(&ok(&run(INGEST, &[p(&st_in), "--store", p(&store), "--mode", "link", "--json"], ""))).unwrap();
+    assert_eq!(s["skipped_intact"], 1);
+    let ckpt = input.join("rows_0-2000/data_0.ckpt");
+    let s: Value = serde_json::from_str(&ok(&run(INGEST, &[p(&ckpt), "--store", p(&store), "--mode", "move", "--json"], ""))).unwrap();
+    assert_eq!(s["ingested"], 1);
+    assert!(!ckpt.exists(), "moved");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn tensors(n: usize) -> Vec<TensorData<'static>> {
+    vec![TensorData { name: "h".into(), dtype: Dtype::F32, shape: vec![n], data: vec![7u8; n * 4].into() }]
+}
+
+#[test]
+fn store_leases_expire_and_gc_frees() {
+    let d = temp_dir("store");
+    let store = FeatureStore::open(&d, StoreOptions::default()).unwrap();
+    let md = BTreeMap::new();
+    // Consume-once: the last release deletes.
+    let o1 = store.put("s1", &tensors(4), &md, false).unwrap();
+    assert_eq!(o1.generation, 1);
+    let a = store.get("s1", "a", Duration::from_secs(60)).unwrap();
+    let b = store.get("s1", "b", Duration::from_secs(60)).unwrap();
+    assert!(!store.release(&a).unwrap());
+    assert!(o1.path.exists());
+    assert!(store.release(&b).unwrap());
+    assert!(!o1.path.exists());
+    // Generations are never reused, even after the object is gone.
+    assert_eq!(store.put("s1", &tensors(4), &md, false).unwrap().generation, 2);
+    store.abort("s1").unwrap();
+    assert!(store.current("s1").unwrap().is_none());
+    assert_eq!(store.put("s1", &tensors(4), &md, false).unwrap().generation, 3);
+    // retain_on_release keeps the object for the next epoch.
+    let r = store.put("keep", &tensors(4), &md, true).unwrap();
+    let l = store.get("keep", "a", Duration::from_secs(60)).unwrap();
+    assert!(!store.release(&l).unwrap());
+    assert!(r.path.exists());
+    // A crashed holder's lease lives on disk, expires, and gc frees the object.
+    let o = store.put("crash", &tensors(4), &md, false).unwrap();
+    let lease = store.get("crash", "dead-consumer", Duration::from_millis(50)).unwrap();
+    let rec: LeaseRecord = serde_json::from_slice(&fs::read(&lease.lease_path).unwrap()).unwrap();
+    assert_eq!((rec.holder.as_str(), rec.generation, rec.pid), ("dead-consumer", o.generation, std::process::id()));
+    drop(lease);
+    let g = store.gc(None).unwrap();
+    assert_eq!(g.leases_expired, 0, "not yet expired");
+    std::thread::sleep(Duration::from_millis(80));
+    let g = store.gc(None).unwrap();
+    assert_eq!((g.leases_expired, g.objects_freed), (1, 1));
+    assert!(!o.path.exists());
+    assert!(r.path.exists(), "retained and unleased: kept");
+    let g = store.gc(Some(Duration::ZERO)).unwrap();
+    assert!(g.objects_freed >= 2, "held too long");
+    // Superseded generations go when a new one is put and nobody holds them.
+    let g1 = store.put("sup", &tensors(4), &md, true).unwrap();
+    let held = store.get("sup", "h", Duration::from_secs(60)).unwrap();
+    let g2 = store.put("sup", &tensors(4), &md, true).unwrap();
+    assert!(g1.path.exists() && g2.path.exists());
+    assert!(store.release(&held).unwrap(), "old generation deleted on its last release");
+    assert!(!g1.path.exists());
+    // Ids with colons or slashes are refused.
+    assert_eq!(store.put("a:b", &tensors(1), &md, false).unwrap_err().exit_code(), 3);
+}
+
+#[test]
+fn store_quota_waits_then_fails_clearly() {
+    let d = temp_dir("quota");
+    let opts = StoreOptions { quota_bytes: Some(1000), quota_wait: Duration::from_millis(300) };
+    let store = FeatureStore::open(&d, opts.clone()).unwrap();
+    let md = BTreeMap::new();
+    store.put("a", &tensors(100), &md, false).unwrap(); // ~480 bytes
+    let t = Instant::now();
+    let e = store.put("b", &tensors(200), &md, false).unwrap_err();
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(e.exit_code(), 10);
+    assert!(e.to_string().contains("quota"), "{e}");
+    // A consumer in another process frees space while the producer waits.
+    let other = FeatureStore::open(&d, StoreOptions::default()).unwrap();
+    let lease = other.get("a", "c", Duration::from_secs(10)).unwrap();
+    let waiter = std::thread::spawn(move || {
+        let s = FeatureStore::open(&d, StoreOptions { quota_bytes: Some(1000), quota_wait: Duration::from_secs(10) }).unwrap();
+        s.put("b", &tensors(200), &BTreeMap::new(), false).map(|o| o.generation)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    other.release(&lease).unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap(), 1);
+    // feature-ingest reports the quota as a fatal I/O error.
+    let d2 = temp_dir("quota2");
+    let input = copy_fixtures(&d2);
+    let o = run(INGEST, &[p(&input), "--store", p(&d2.join("store")), "--quota-bytes", "2000"], "");
+    assert_eq!(o.status.code(), Some(10));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("quota"));
+}
+
+/// Fenced examples in docs/FORMATS.md parse with the code's own types.
+#[test]
+fn docs_examples_match_the_code() {
+    let doc = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMATS.md")).unwrap();
+    let mut seen = BTreeSet::new();
+    let mut lines = doc.lines();
+    while let Some(l) = lines.next() {
+        let Some(tag) = l.strip_prefix("```") else { continue };
+        let body: Vec<&str> = lines.by_ref().take_while(|x| !x.starts_with("```")).collect();
+        let body = body.join("\n");
+        match tag {
+            "json sampleref" => {
+                let r = SampleRef::parse(body.as_bytes()).unwrap();
+                assert_eq!(r.oldest_weight_version(), Some(5));
+                assert_eq!(serde_json::to_string(&r).unwrap(), body, "field order as documented");
+            }
+            "text channel-line" => {
+                let st = channel::check_line(body.as_bytes()).unwrap();
+                let r = SampleRef::parse(body.as_bytes()).unwrap();
+                assert_eq!(channel::encode_line(&r, &st.producer, st.seq), body);
+            }
+            "json cursor" => {
+                let _: Cursor = serde_json::from_str(&body).unwrap();
+            }
+            "json lease" => {
+                let _: LeaseRecord = serde_json::from_str(&body).unwrap();
+            }
+            "json manifest" => {
+                let _: Manifest = serde_json::from_str(&body).unwrap();
+            }
+            "json heartbeat" => {
+                let _: channel::Heartbeat = serde_json::from_str(&body).unwrap();
+            }
+            "json closed" => {
+                let _: channel::Closed = serde_json::from_str(&body).unwrap();
+            }
+            _ => continue,
+        }
+        seen.insert(tag.to_string());
+    }
+    assert_eq!(seen.len(), 7, "{seen:?}");
+}
