@@ -11,6 +11,7 @@ use std::path::PathBuf;
   delta-diff ckpt/step_6 ckpt/step_7 --publish /shared/weights --version 7 --json
   delta-diff ckpt/step_6 ckpt/step_8 --publish /shared/weights --version 8 --encoding overwrite
   delta-diff ckpt/step_0 ckpt/step_9 --publish /shared/weights --version 9 --full
+  delta-diff ckpt/step_9 ckpt/step_10 --publish /shared/weights --version 10 --full-every 10
 
 Exit codes: 0 ok, 2 usage, 3 malformed input, 4 checkpoints differ in tensors/shapes/dtypes,
 5 version already exists (or incomplete), 6 not found, 8 post-write hook failed, 10 I/O.")]
@@ -35,6 +36,9 @@ struct Args {
     /// Publish NEW as a full version (OLD is not read).
     #[arg(long)]
     full: bool,
+    /// Publish a full version instead of a delta whenever N is a multiple of K.
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    full_every: Option<u64>,
     /// Shell command run after the files are written, before returning (env DISAGG_VERSION,
     /// DISAGG_VERSION_DIR, DISAGG_SOURCE).
     #[arg(long, value_name = "CMD")]
@@ -62,6 +66,7 @@ fn main() {
             encoding: a.encoding.parse::<Encoding>().map_err(disagg::error::Error::Usage)?,
             checksum: a.checksum.parse::<ChecksumAlg>().map_err(disagg::error::Error::Usage)?,
             full: a.full,
+            full_every: a.full_every,
             post_write_hook: a.post_write_hook,
             replace_incomplete: a.replace_incomplete,
             max_file_bytes: a.max_file_bytes.max(1),

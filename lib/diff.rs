@@ -37,6 +37,9 @@ pub struct DiffOptions {
     pub encoding: Encoding,
     pub checksum: ChecksumAlg,
     pub full: bool,
+    /// Publish a full version whenever the version number is a multiple of this, so the chain
+    /// a fresh host replays stays short and `delta-gc` can cut it.
+    pub full_every: Option<u64>,
     pub post_write_hook: Option<String>,
     pub replace_incomplete: bool,
     pub max_file_bytes: u64,
@@ -70,7 +73,9 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     if opts.version == 0 {
         return Err(Error::Usage("version 0 is the engine's base checkpoint and cannot be published".into()));
     }
-    if opts.full && opts.base_version.is_some() {
+    let full_by_period = opts.full_every.is_some_and(|k| k > 0 && opts.version % k == 0);
+    let opts = &DiffOptions { full: opts.full || full_by_period, ..opts.clone() };
+    if opts.full && opts.base_version.is_some() && !full_by_period {
         return Err(Error::Usage("--base-version does not apply to --full (a full version has no base)".into()));
     }
     let new = Checkpoint::open(&opts.new)?;

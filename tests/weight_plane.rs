@@ -1013,3 +1013,19 @@ fn apply_refusals() {
     assert!(!local.join(".weight_sync/state.json").exists());
     assert!(!intent_exists(&local));
 }
+
+#[test]
+fn diff_full_every_publishes_periodic_full_versions() {
+    let t = TestDir::new("diff_full_every");
+    let c = make_chain(&t.path, 4, 1);
+    let src = t.join("src");
+    for v in 1..=4usize {
+        let vs = v.to_string();
+        run(DIFF, [c.ckpts[v - 1].s(), c.ckpts[v].s(), "--publish", src.s(), "--version", vs.as_str(), "--full-every", "2"]).ok();
+    }
+    for (v, full) in [(1, false), (2, true), (3, false), (4, true)] {
+        let index: serde_json::Value = serde_json::from_slice(&fs::read(vdir(&src, v).join(INDEX)).unwrap()).unwrap();
+        assert_eq!(index["metadata"].get("delta_encoding").is_none(), full, "version {v}");
+    }
+    run(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "9", "--full-every", "0"]).code(2);
+}
