@@ -503,6 +503,10 @@ def report(res: dict) -> list[str]:
             continue
         lines.append(f"{name:<20} {dens:>8} {d['wire_bytes'] / MIB:9.2f} {100 * d['wire_bytes'] / d['total_bytes']:6.2f}% "
                      f"{d['seconds']:7.3f} {d['gbps']:7.2f} {fmt_mib(d['peak_anon']):>9} {fmt_mib(d['peak_hwm']):>8}")
+    for name, d in res["diff"].items():
+        ph = {k[8:]: v for k, v in (d.get("tool_json") or {}).items() if k.startswith("seconds_")}
+        if ph:
+            lines.append(f"  {name} phases (tool clock, s): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
     if res["apply"]:
         lines.append("")
         hdr = f"{'apply':<20} {'seed s':>8} {'delta s':>8} {'anon MiB':>9} {'HWM MiB':>8}   (delta step; seed anon/HWM)"
@@ -512,6 +516,12 @@ def report(res: dict) -> list[str]:
             lines.append(f"delta-apply {enc:<8} {a['seed_seconds']:8.3f} {a['apply_seconds']:8.3f} "
                          f"{fmt_mib(a['apply_peak_anon']):>9} {fmt_mib(a['apply_peak_hwm']):>8}   "
                          f"seed {fmt_mib(a['seed_peak_anon']).strip()}/{fmt_mib(a['seed_peak_hwm']).strip()}")
+        for enc, a in res["apply"].items():
+            for part in ("seed", "apply"):
+                ph = {k[8:]: v for k, v in (a.get(f"{part}_json") or {}).items() if k.startswith("seconds_")}
+                if ph:
+                    lines.append(f"  {enc} --target {1 if part == 'seed' else 2} phases (tool clock, s): "
+                                 + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
         c = res["cp"]
         lines.append(f"{'cp -r NEW':<20} {c['cp_seconds']:8.3f}   (cp -r + fsync of every file: {c['cp_fsync_seconds']:.3f} s)")
     lines.append("")

@@ -13,7 +13,8 @@
 //!   find the state at the target and return without work.
 //!
 //! Every version on the path is validated (index, headers, checksums present) before LOCAL
-//! is touched; every patched tensor's checksum is recomputed from the patched bytes; mmapped
+//! is touched. A host several versions behind folds the pending deltas: each changed tensor is
+//! patched by all of its payloads in one pass and checked against its final checksum. Mmapped
 //! writes are msync'ed and fsync'ed before `state.json` names the new version.
 
 use crate::checkpoint::{is_plain_file_name, Checkpoint, SafetensorsFile};
@@ -67,6 +68,8 @@ pub struct ApplyReport {
     pub repair_reason: Option<String>,
     pub applied: Vec<u64>,
     pub tensors_patched: usize,
+    /// True when several deltas were folded into one pass over LOCAL.
+    pub folded: bool,
     pub noop: bool,
     pub seconds: f64,
     pub seconds_seed: f64,
@@ -215,25 +218,34 @@ impl LocalCheckpoint {
         Ok(())
     }
 
-    /// Apply one validated delta in place; verifies every patched tensor's checksum and makes
-    /// the bytes durable before returning.
-    fn apply_delta(&self, delta: &VersionDir, meta: &DeltaMeta, files: &[SafetensorsFile]) -> Result<usize> {
+    /// Apply a chain of validated deltas (oldest first, each based on the one before) in place,
+    /// folded: every tensor any of them changes is patched by all of its payloads in one pass
+    /// (see [`codec::apply_folded`]) and checked against the checksum of the newest delta that
+    /// changed it. The bytes are durable (msync + fsync) before this returns.
+    fn apply_chain(&self, deltas: &[(&VersionDir, &DeltaMeta, &[SafetensorsFile])]) -> Result<usize> {
         let layout = Checkpoint::open(&self.dir)?;
-        let index = delta.index.as_ref().expect("a delta always has an index");
-        // tensor name → (delta file, entry) and LOCAL file → its tensors to patch.
-        let dnames = index.files();
-        let mut per_local: BTreeMap<usize, Vec<(usize, &str)>> = BTreeMap::new();
-        for (tensor, file) in &index.weight_map {
-            let fi = dnames.iter().position(|n| n == file).expect("listed file");
+        // tensor → its payloads in chain order: (delta, data file).
+        let mut touched: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+        for (di, (v, _, _)) in deltas.iter().enumerate() {
+            let index = v.index.as_ref().expect("a delta always has an index");
+            let names = index.files();
+            for (tensor, file) in &index.weight_map {
+                let fi = names.iter().position(|n| n == file).expect("listed file");
+                touched.entry(tensor.as_str()).or_default().push((di, fi));
+            }
+        }
+        let mut per_local: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+        for (&tensor, payloads) in &touched {
             let Some(loc) = layout.loc(tensor) else {
+                let v = deltas[payloads[0].0].0;
                 return Err(Error::Incompatible(format!(
                     "{}: delta {} patches tensor {tensor:?}, which the local checkpoint {} does not have",
-                    delta.path.display(),
-                    delta.number,
+                    v.path.display(),
+                    v.number,
                     self.dir.display()
                 )));
             };
-            per_local.entry(loc.file).or_default().push((fi, tensor));
+            per_local.entry(loc.file).or_default().push(tensor);
         }
         let mut patched = 0;
         for (lf, tensors) in per_local {
@@ -247,31 +259,41 @@ impl LocalCheckpoint {
                 return Err(Error::conflict(&path, "local file changed size while being patched"));
             }
             // Disjoint mutable slices, one per tensor, in file order.
-            let mut work: Vec<(&SafetensorsFile, &str, &crate::checkpoint::TensorEntry)> =
-                tensors.iter().map(|(fi, name)| (&files[*fi], *name, local_file.tensor(name).expect("in layout"))).collect();
-            work.sort_by_key(|(_, _, t)| t.offset);
+            let mut work: Vec<(&str, &crate::checkpoint::TensorEntry)> = tensors.iter().map(|&name| (name, local_file.tensor(name).expect("in layout"))).collect();
+            work.sort_by_key(|(_, t)| t.offset);
             let mut slices = Vec::with_capacity(work.len());
             let mut rest: &mut [u8] = &mut map[..];
             let mut consumed = 0usize;
-            for (_, _, t) in &work {
+            for (_, t) in &work {
                 let (_, tail) = rest.split_at_mut(t.offset - consumed);
                 let (mine, tail) = tail.split_at_mut(t.len);
                 slices.push(mine);
                 rest = tail;
                 consumed = t.offset + t.len;
             }
-            work.into_par_iter().zip(slices.into_par_iter()).try_for_each(|((df, name, _), slice)| -> Result<()> {
-                let entry = df.tensor(name).expect("validated");
-                let frame = df.bytes(entry);
-                codec::apply(meta.encoding, frame, slice).map_err(|e| match e {
-                    PayloadError::Io(io) => Error::bad_input(df.path(), format!("tensor {name:?}: corrupt zstd frame: {io}")),
-                    other => Error::bad_input(df.path(), format!("tensor {name:?}: {other}")),
+            work.into_par_iter().zip(slices.into_par_iter()).try_for_each(|((name, _), slice)| -> Result<()> {
+                let sources = &touched[name];
+                let payloads: Vec<(crate::version::Encoding, &[u8])> = sources
+                    .iter()
+                    .map(|&(di, fi)| {
+                        let f = &deltas[di].2[fi];
+                        (deltas[di].1.encoding, f.bytes(f.tensor(name).expect("validated")))
+                    })
+                    .collect();
+                codec::apply_folded(&payloads, slice).map_err(|(k, e)| {
+                    let f = deltas[sources[k].0].2[sources[k].1].path();
+                    match e {
+                        PayloadError::Io(io) => Error::bad_input(f, format!("tensor {name:?}: corrupt zstd frame: {io}")),
+                        other => Error::bad_input(f, format!("tensor {name:?}: {other}")),
+                    }
                 })?;
                 crate::failpoint!("apply.after_tensor");
-                let expected = &df.metadata()[name];
+                let &(di, fi) = sources.last().expect("at least one payload");
+                let (meta, f) = (deltas[di].1, &deltas[di].2[fi]);
+                let expected = &f.metadata()[name];
                 let actual = meta.checksum.hex(slice);
                 if &actual != expected {
-                    return Err(Error::Checksum { path: df.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual });
+                    return Err(Error::Checksum { path: f.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual });
                 }
                 Ok(())
             })?;
@@ -375,17 +397,22 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
         version_now = Some(s);
     }
     let t = Instant::now();
-    for (v, files) in steps {
-        let meta = v.delta().expect("only deltas after the seed");
-        if Some(meta.base_version) != version_now {
-            return Err(Error::conflict(&v.path, format!("delta base_version {} is not the applied version {:?}", meta.base_version, version_now)));
+    let deltas: Vec<(&VersionDir, &DeltaMeta, &[SafetensorsFile])> =
+        steps.map(|(v, files)| (v, v.delta().expect("only deltas after the seed"), files.as_slice())).collect();
+    let mut expect_base = version_now;
+    for (v, meta, _) in &deltas {
+        if Some(meta.base_version) != expect_base {
+            return Err(Error::conflict(&v.path, format!("delta base_version {} is not the applied version {:?}", meta.base_version, expect_base)));
         }
-        local.write_intent("apply", version_now, v.number, &run_id)?;
-        report.tensors_patched += local.apply_delta(v, meta, files)?;
-        local.write_state(v.number, &run_id)?;
+        expect_base = Some(v.number);
+    }
+    if let Some(last) = deltas.last().map(|(v, _, _)| v.number) {
+        local.write_intent("apply", version_now, last, &run_id)?;
+        report.tensors_patched += local.apply_chain(&deltas)?;
+        local.write_state(last, &run_id)?;
         local.clear_intent()?;
-        report.applied.push(v.number);
-        version_now = Some(v.number);
+        report.applied = deltas.iter().map(|(v, _, _)| v.number).collect();
+        report.folded = deltas.len() > 1;
     }
     report.seconds_apply = t.elapsed().as_secs_f64();
     report.seconds = start.elapsed().as_secs_f64();

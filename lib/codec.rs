@@ -177,60 +177,147 @@ fn read_full(r: &mut impl Read, buf: &mut [u8], expected: u64) -> Result<(), Pay
 /// Apply a payload in place: `target` holds the old bytes on entry and the new bytes on success.
 /// On error `target` may be partly patched; the caller treats the checkpoint as dirty.
 pub fn apply(encoding: Encoding, frame: &[u8], target: &mut [u8]) -> Result<(), PayloadError> {
-    let size = frame_content_size(frame)?;
-    match encoding {
-        Encoding::Xor => {
-            if size != target.len() as u64 {
-                return Err(PayloadError::Length { expected: target.len() as u64, actual: size });
+    apply_folded(&[(encoding, frame)], target).map_err(|(_, e)| e)
+}
+
+/// Apply several payloads of one tensor, oldest first, in a single pass over `target`: each
+/// [`CHUNK`] of the tensor is patched by every payload in order before the next chunk is
+/// touched, so a host catching up over K versions reads and writes each tensor once instead
+/// of K times. Composition is exact: payload k was computed against the bytes payload k−1
+/// produced, and within a chunk the payloads are applied in that order.
+///
+/// On error, returns the index of the payload at fault.
+pub fn apply_folded(payloads: &[(Encoding, &[u8])], target: &mut [u8]) -> Result<(), (usize, PayloadError)> {
+    let mut cursors = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, (enc, frame))| PayloadCursor::new(*enc, frame, target.len()).map_err(|e| (i, e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (ci, chunk) in target.chunks_mut(CHUNK).enumerate() {
+        for (i, c) in cursors.iter_mut().enumerate() {
+            c.apply_range(chunk, ci * CHUNK).map_err(|e| (i, e))?;
+        }
+    }
+    cursors.into_iter().enumerate().try_for_each(|(i, c)| c.finish().map_err(|e| (i, e)))
+}
+
+/// A payload being applied front to back, one range of the tensor at a time.
+enum PayloadCursor<'a> {
+    Xor {
+        dec: zstd::stream::read::Decoder<'static, &'a [u8]>,
+        buf: Vec<u8>,
+        size: u64,
+    },
+    Overwrite {
+        positions: zstd::stream::read::Decoder<'static, &'a [u8]>,
+        values: zstd::stream::read::Decoder<'static, &'a [u8]>,
+        /// Entries read but not yet applied: (positions bytes, values), from `next`.
+        pbuf: Vec<u8>,
+        vbuf: Vec<u8>,
+        next: usize,
+        /// Entries not yet read from the frame.
+        unread: u64,
+        next_min: u64,
+        len: usize,
+        size: u64,
+    },
+}
+
+impl<'a> PayloadCursor<'a> {
+    fn new(encoding: Encoding, frame: &'a [u8], len: usize) -> Result<Self, PayloadError> {
+        let size = frame_content_size(frame)?;
+        match encoding {
+            Encoding::Xor => {
+                if size != len as u64 {
+                    return Err(PayloadError::Length { expected: len as u64, actual: size });
+                }
+                Ok(PayloadCursor::Xor { dec: decoder(frame)?, buf: vec![0u8; CHUNK.min(len)], size })
             }
-            let mut d = decoder(frame)?;
-            let mut buf = vec![0u8; CHUNK.min(target.len())];
-            for t in target.chunks_mut(CHUNK) {
-                let b = &mut buf[..t.len()];
-                read_full(&mut d, b, size)?;
-                for (x, y) in t.iter_mut().zip(b.iter()) {
+            Encoding::Overwrite => {
+                if len > MAX_OVERWRITE_TENSOR {
+                    return Err(PayloadError::TooLarge(len));
+                }
+                let mut positions = decoder(frame)?;
+                let mut head = [0u8; 4];
+                read_full(&mut positions, &mut head, size)?;
+                let count = u32::from_le_bytes(head) as u64;
+                if count > len as u64 {
+                    return Err(PayloadError::Count { count, len });
+                }
+                if size != 4 + 5 * count {
+                    return Err(PayloadError::Length { expected: 4 + 5 * count, actual: size });
+                }
+                // A second decoder over the same frame reads the values, so neither list is
+                // held in memory whole.
+                let mut values = decoder(frame)?;
+                io::copy(&mut (&mut values).take(4 + 4 * count), &mut io::sink())?;
+                Ok(PayloadCursor::Overwrite { positions, values, pbuf: Vec::new(), vbuf: Vec::new(), next: 0, unread: count, next_min: 0, len, size })
+            }
+        }
+    }
+
+    /// Apply every change that falls in `[base, base + chunk.len())`; ranges come in order.
+    fn apply_range(&mut self, chunk: &mut [u8], base: usize) -> Result<(), PayloadError> {
+        match self {
+            PayloadCursor::Xor { dec, buf, size } => {
+                let b = &mut buf[..chunk.len()];
+                read_full(dec, b, *size)?;
+                for (x, y) in chunk.iter_mut().zip(b.iter()) {
                     *x ^= *y;
                 }
+                Ok(())
             }
-            Ok(())
-        }
-        Encoding::Overwrite => {
-            if target.len() > MAX_OVERWRITE_TENSOR {
-                return Err(PayloadError::TooLarge(target.len()));
-            }
-            let mut positions = decoder(frame)?;
-            let mut head = [0u8; 4];
-            read_full(&mut positions, &mut head, size)?;
-            let count = u32::from_le_bytes(head) as u64;
-            if count > target.len() as u64 {
-                return Err(PayloadError::Count { count, len: target.len() });
-            }
-            if size != 4 + 5 * count {
-                return Err(PayloadError::Length { expected: 4 + 5 * count, actual: size });
-            }
-            // A second decoder over the same frame reads the values, so neither list is held
-            // in memory whole.
-            let mut values = decoder(frame)?;
-            io::copy(&mut (&mut values).take(4 + 4 * count), &mut io::sink())?;
-            let mut pbuf = vec![0u8; 4 * (CHUNK / 4).min(count as usize).max(1)];
-            let mut vbuf = vec![0u8; pbuf.len() / 4];
-            let mut left = count as usize;
-            let mut next_min = 0u64;
-            while left > 0 {
-                let n = left.min(vbuf.len());
-                read_full(&mut positions, &mut pbuf[..4 * n], size)?;
-                read_full(&mut values, &mut vbuf[..n], size)?;
-                for (p, &v) in pbuf[..4 * n].chunks_exact(4).zip(&vbuf[..n]) {
-                    let pos = u32::from_le_bytes(p.try_into().expect("4 bytes")) as u64;
-                    if pos < next_min || pos >= target.len() as u64 {
-                        return Err(PayloadError::Position { pos, len: target.len() });
+            PayloadCursor::Overwrite { positions, values, pbuf, vbuf, next, unread, next_min, len, size } => {
+                let end = (base + chunk.len()) as u64;
+                loop {
+                    if *next == vbuf.len() {
+                        if *unread == 0 {
+                            return Ok(());
+                        }
+                        let n = (*unread).min((CHUNK / 4) as u64) as usize;
+                        pbuf.resize(4 * n, 0);
+                        vbuf.resize(n, 0);
+                        read_full(positions, pbuf, *size)?;
+                        read_full(values, vbuf, *size)?;
+                        *unread -= n as u64;
+                        *next = 0;
                     }
-                    target[pos as usize] = v;
-                    next_min = pos + 1;
+                    while *next < vbuf.len() {
+                        let p = &pbuf[4 * *next..4 * *next + 4];
+                        let pos = u32::from_le_bytes(p.try_into().expect("4 bytes")) as u64;
+                        if pos < *next_min || pos >= *len as u64 {
+                            return Err(PayloadError::Position { pos, len: *len });
+                        }
+                        if pos >= end {
+                            return Ok(());
+                        }
+                        chunk[(pos - base as u64) as usize] = vbuf[*next];
+                        *next_min = pos + 1;
+                        *next += 1;
+                    }
                 }
-                left -= n;
             }
-            Ok(())
+        }
+    }
+
+    /// After the last range: the payload must have been used up exactly.
+    fn finish(self) -> Result<(), PayloadError> {
+        match self {
+            PayloadCursor::Xor { mut dec, size, .. } => {
+                let mut extra = [0u8; 1];
+                match dec.read(&mut extra)? {
+                    0 => Ok(()),
+                    _ => Err(PayloadError::Length { expected: size, actual: size + 1 }),
+                }
+            }
+            PayloadCursor::Overwrite { next, vbuf, unread, pbuf, len, .. } => {
+                if unread == 0 && next == vbuf.len() {
+                    Ok(())
+                } else {
+                    let pos = u32::from_le_bytes(pbuf[4 * next..4 * next + 4].try_into().expect("4 bytes")) as u64;
+                    Err(PayloadError::Position { pos, len })
+                }
+            }
         }
     }
 }
@@ -262,6 +349,32 @@ mod tests {
                 let expected = if enc == Encoding::Xor { len as u64 } else { 4 + 5 * changed };
                 assert_eq!(frame_content_size(&frame).unwrap(), expected);
             }
+        }
+    }
+
+    #[test]
+    fn folded_equals_sequential() {
+        let len = 2 * CHUNK + 777;
+        let (v0, v1) = pair(len, 41);
+        let mut v2 = v1.clone();
+        for i in (5..len).step_by(97) {
+            v2[i] = v2[i].wrapping_mul(3).wrapping_add(7);
+        }
+        let mut v3 = v2.clone();
+        v3[len - 1] ^= 0x80;
+        let versions = [&v0, &v1, &v2, &v3];
+        for encs in [[Encoding::Xor; 3], [Encoding::Overwrite; 3], [Encoding::Xor, Encoding::Overwrite, Encoding::Xor]] {
+            let frames: Vec<Vec<u8>> = (0..3)
+                .map(|k| {
+                    let mut f = Vec::new();
+                    encode(encs[k], versions[k], versions[k + 1], &mut f).unwrap();
+                    f
+                })
+                .collect();
+            let payloads: Vec<(Encoding, &[u8])> = encs.iter().zip(&frames).map(|(e, f)| (*e, &f[..])).collect();
+            let mut t = v0.clone();
+            apply_folded(&payloads, &mut t).unwrap();
+            assert!(t == v3, "{encs:?}");
         }
     }
 

@@ -783,7 +783,8 @@ fn apply_checksum_mismatch_then_repair() {
     let local = t.join("local");
 
     apply(&local, Some(&c.ckpts[0]), &src, "2", &[]).code(7).stderr_contains(UP0).stderr_contains(f.s());
-    assert_eq!(state_version(&local), "000001", "state not advanced past the bad delta");
+    // Versions 1 and 2 are applied folded, as one step: the state stays at the seed.
+    assert_eq!(state_version(&local), "000000", "state not advanced past the bad delta");
     assert!(intent_exists(&local), "intent.json marks LOCAL dirty");
 
     fs::write(&f, &good).unwrap();
@@ -1028,4 +1029,21 @@ fn diff_full_every_publishes_periodic_full_versions() {
         assert_eq!(index["metadata"].get("delta_encoding").is_none(), full, "version {v}");
     }
     run(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "9", "--full-every", "0"]).code(2);
+}
+
+#[test]
+fn apply_folds_a_catch_up_into_one_pass() {
+    let t = TestDir::new("apply_fold");
+    let c = make_chain(&t.path, 4, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "3", &["--json"]).ok().json();
+    assert_eq!(applied(&r), vec![1, 2, 3]);
+    assert_eq!(r["folded"], true);
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "4", &["--json"]).ok().json();
+    assert_eq!(applied(&r), vec![4]);
+    assert_eq!(r["folded"], false);
+    assert_local_is(&local, &c.ckpts[4], &c.models[4]);
 }
