@@ -116,6 +116,20 @@ fn for_each_diff(old: &[u8], new: &[u8], mut f: impl FnMut(usize) -> io::Result<
     Ok(())
 }
 
+/// Stream what `emit` makes of every differing position into `out`, in CHUNK-sized writes.
+fn write_diffs(old: &[u8], new: &[u8], out: &mut impl Write, emit: impl Fn(usize, &mut Vec<u8>)) -> io::Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + 4);
+    for_each_diff(old, new, |p| {
+        emit(p, &mut buf);
+        if buf.len() >= CHUNK {
+            out.write_all(&buf)?;
+            buf.clear();
+        }
+        Ok(())
+    })?;
+    out.write_all(&buf)
+}
+
 fn encode_overwrite<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
     if new.len() > MAX_OVERWRITE_TENSOR {
         return Err(PayloadError::TooLarge(new.len()));
@@ -123,26 +137,9 @@ fn encode_overwrite<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, Pay
     let count = count_changed(old, new);
     let mut enc = new_encoder(out, 4 + 5 * count)?;
     enc.write_all(&(count as u32).to_le_bytes())?;
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
-    for_each_diff(old, new, |p| {
-        buf.extend_from_slice(&(p as u32).to_le_bytes());
-        if buf.len() >= CHUNK {
-            enc.write_all(&buf)?;
-            buf.clear();
-        }
-        Ok(())
-    })?;
-    enc.write_all(&buf)?;
-    buf.clear();
-    for_each_diff(old, new, |p| {
-        buf.push(new[p]);
-        if buf.len() >= CHUNK {
-            enc.write_all(&buf)?;
-            buf.clear();
-        }
-        Ok(())
-    })?;
-    enc.write_all(&buf)?;
+    // Two passes over the tensor (positions, then values) keep memory bounded.
+    write_diffs(old, new, &mut enc, |p, buf| buf.extend_from_slice(&(p as u32).to_le_bytes()))?;
+    write_diffs(old, new, &mut enc, |p, buf| buf.push(new[p]))?;
     enc.finish()?;
     Ok(count)
 }
