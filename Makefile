@@ -32,7 +32,7 @@ test: test-rust test-python
 
 # The crash loop with many more random kills than `make test` runs.
 crash:
-	DISAGG_CRASH_TRIALS=$${DISAGG_CRASH_TRIALS:-500} $(CARGO) test --locked --release --features failpoints --test crash -- --nocapture
+	DISAGG_CRASH_TRIALS=$${DISAGG_CRASH_TRIALS:-500} $(CARGO) test --locked --features failpoints --test crash -- --nocapture
 
 bench: build venv
 	bash bench/run.sh
