@@ -15,7 +15,7 @@
 //! * Several pipelines (up to [`MAX_PIPELINES`]) let several rayon threads use the GPU at
 //!   once, each compressing its own tensor on its own core.
 
-use super::{frame, GpuError, GpuInfo, GpuStatus, Rates};
+use super::{frame, GpuError, GpuInfo, GpuStatus, Rates, GPU_CHUNK};
 use crate::codec::{self, PayloadError};
 use crate::version::Encoding;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PinnedHostSlice, PushKernelArg};
@@ -29,8 +29,6 @@ use std::time::Instant;
 
 /// CUDA C source of the kernels, compiled at run time by NVRTC.
 pub const KERNELS: &str = include_str!("kernels.cu");
-/// Bytes of a tensor per pipeline step. A multiple of `codec::CHUNK` and of 16.
-pub const GPU_CHUNK: usize = 8 << 20;
 const _: () = assert!(GPU_CHUNK % codec::CHUNK == 0 && GPU_CHUNK % 16 == 0);
 /// Chunks in flight per pipeline (one stream each).
 pub const SLOTS: usize = 3;
@@ -39,7 +37,6 @@ pub const MAX_PIPELINES: usize = 4;
 const TILE_THREADS: u32 = 256;
 const TILE_BYTES: usize = TILE_THREADS as usize * 16;
 const SCAN_THREADS: u32 = 1024;
-const _: () = assert!((GPU_CHUNK / TILE_BYTES) as u32 <= SCAN_THREADS * 64);
 
 fn cuda_err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> GpuError {
     move |e| GpuError::Cuda(format!("{what}: {e}"))

@@ -135,6 +135,9 @@ pub struct Rates {
     pub cpu_overwrite: f64,
 }
 
+/// Bytes of a tensor per GPU pipeline step (a multiple of `codec::CHUNK` and of 16).
+pub const GPU_CHUNK: usize = 8 << 20;
+
 /// Fixed cost of one tensor on the GPU (launches, pipeline fill and drain, syncs), seconds.
 pub const GPU_TENSOR_OVERHEAD_S: f64 = 300e-6;
 /// `auto` never sends a tensor under this size to the GPU.
