@@ -47,6 +47,9 @@ impl GpuDiffer {
     pub fn upload(&self, _bytes: &[u8]) -> Result<DeviceBuffer, GpuError> {
         match self.never {}
     }
+    pub fn bench_kernels(&self, _encoding: Encoding, _old: &DeviceBuffer, _new: &DeviceBuffer, _reps: usize) -> Result<f64, GpuError> {
+        match self.never {}
+    }
     pub fn encode_device<W: Write>(&self, _encoding: Encoding, _old: &DeviceBuffer, _new: &DeviceBuffer, _out: W) -> Result<u64, GpuError> {
         match self.never {}
     }

@@ -205,6 +205,35 @@ impl GpuDiffer {
         self.run(&mut guard, encoding, Src::Device(&old.buf, &new.buf), new.len(), out)
     }
 
+    /// Benchmark: kernels alone over a device-resident pair (no copies to the host, no zstd),
+    /// input bytes per second. Compare with [`GpuInfo::memory_bandwidth`]: `xor` moves 3·L
+    /// bytes (two reads, one write), `overwrite` reads 2·L twice.
+    pub fn bench_kernels(&self, encoding: Encoding, old: &DeviceBuffer, new: &DeviceBuffer, reps: usize) -> Result<f64, GpuError> {
+        assert_eq!(old.len(), new.len(), "pair of different sizes");
+        let mut guard = self.pipes[0].lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(Pipeline::new(&self.shared)?);
+        }
+        let pipe = guard.as_mut().expect("just created");
+        let src = Src::Device(&old.buf, &new.buf);
+        let len = old.len();
+        let mut run = || -> Result<(), GpuError> {
+            for (ci, off) in (0..len).step_by(GPU_CHUNK).enumerate() {
+                pipe.submit(ci % SLOTS, &self.shared.kernels, encoding, &src, off, GPU_CHUNK.min(len - off), false)?;
+            }
+            for s in &pipe.slots {
+                s.stream.synchronize().map_err(cuda_err("bench"))?;
+            }
+            Ok(())
+        };
+        run()?;
+        let start = Instant::now();
+        for _ in 0..reps.max(1) {
+            run()?;
+        }
+        Ok(len as f64 * reps.max(1) as f64 / start.elapsed().as_secs_f64().max(1e-9))
+    }
+
     fn try_pipe(&self) -> Option<std::sync::MutexGuard<'_, Option<Pipeline>>> {
         self.pipes.iter().find_map(|m| match m.try_lock() {
             Ok(g) => Some(g),
@@ -313,7 +342,7 @@ impl Pipeline {
                 let (ps, pn) = inflight.pop_front().expect("full");
                 changed += self.finish(ps, pn, &mut sink)?;
             }
-            self.submit(s, k, encoding, src, off, n)?;
+            self.submit(s, k, encoding, src, off, n, true)?;
             inflight.push_back((s, n));
         }
         while let Some((ps, pn)) = inflight.pop_front() {
@@ -331,8 +360,10 @@ impl Pipeline {
     }
 
     /// Queue chunk [off, off+n) on slot `s`: staging and copies in (host inputs), kernels,
-    /// copies out. Slot `s`'s previous chunk has been finished.
-    fn submit(&mut self, s: usize, k: &Kernels, encoding: Encoding, src: &Src<'_>, off: usize, n: usize) -> Result<(), GpuError> {
+    /// copies out (unless `copy_out` is false: benchmarks). Slot `s`'s previous chunk has been
+    /// finished.
+    #[allow(clippy::too_many_arguments)]
+    fn submit(&mut self, s: usize, k: &Kernels, encoding: Encoding, src: &Src<'_>, off: usize, n: usize, copy_out: bool) -> Result<(), GpuError> {
         let slot = &mut self.slots[s];
         let st = slot.stream.clone();
         if let Src::Host(old, new) = src {
@@ -355,8 +386,10 @@ impl Pipeline {
                 l.arg(&a).arg(&b).arg(&mut slot.d_out).arg(&len).arg(&mut slot.d_count);
                 // SAFETY: argument types match the kernel; every buffer holds at least n bytes.
                 unsafe { l.launch(launch_cfg(tiles, TILE_THREADS)) }.map_err(cuda_err("xor_count"))?;
-                let ho = slot.h_out.as_mut_slice().map_err(cuda_err("pinned buffer"))?;
-                st.memcpy_dtoh(&slot.d_out.slice(..n), &mut ho[..n]).map_err(cuda_err("copy to host"))?;
+                if copy_out {
+                    let ho = slot.h_out.as_mut_slice().map_err(cuda_err("pinned buffer"))?;
+                    st.memcpy_dtoh(&slot.d_out.slice(..n), &mut ho[..n]).map_err(cuda_err("copy to host"))?;
+                }
             }
             Encoding::Overwrite => {
                 // Chunks start below 4 GiB: run() refused larger overwrite tensors.
@@ -375,8 +408,10 @@ impl Pipeline {
                 unsafe { l.launch(launch_cfg(tiles, TILE_THREADS)) }.map_err(cuda_err("scatter"))?;
             }
         }
-        let hc = slot.h_count.as_mut_slice().map_err(cuda_err("pinned buffer"))?;
-        st.memcpy_dtoh(&slot.d_count, hc).map_err(cuda_err("copy to host"))?;
+        if copy_out {
+            let hc = slot.h_count.as_mut_slice().map_err(cuda_err("pinned buffer"))?;
+            st.memcpy_dtoh(&slot.d_count, hc).map_err(cuda_err("copy to host"))?;
+        }
         Ok(())
     }
 
