@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_PKGS := numpy safetensors zstandard xxhash blake3 pytest
 
-.PHONY: build venv test test-rust test-python crash bench demo clean
+.PHONY: build venv test test-rust test-python crash bench demo clean check-kernels
 
 build:
 	$(CARGO) build --release --locked
@@ -24,6 +24,13 @@ venv: $(VENV)/.ready
 # debug test build only, never into the release binaries.
 test-rust:
 	$(CARGO) test --locked --features failpoints
+	# The `cuda` feature builds with no CUDA toolkit; without a GPU its tests print "skipped: no GPU".
+	$(CARGO) build --locked --features cuda
+	$(CARGO) test --locked --features cuda --test gpu
+
+# Compile lib/gpu/kernels.cu to PTX with clang and run it on a CPU emulator (no GPU needed).
+check-kernels:
+	bash scripts/check_kernels.sh
 
 test-python: build venv
 	DISAGG_BIN_DIR=target/release $(PY) -m pytest -q tests/python

@@ -12,6 +12,7 @@ use std::path::PathBuf;
   delta-diff ckpt/step_6 ckpt/step_8 --publish /shared/weights --version 8 --encoding overwrite
   delta-diff ckpt/step_0 ckpt/step_9 --publish /shared/weights --version 9 --full
   delta-diff ckpt/step_9 ckpt/step_10 --publish /shared/weights --version 10 --full-every 10
+  delta-diff ckpt/step_10 ckpt/step_11 --publish /shared/weights --version 11 --device cuda
 
 Exit codes: 0 ok, 2 usage, 3 malformed input, 4 checkpoints differ in tensors/shapes/dtypes,
 5 version already exists (or incomplete), 6 not found, 8 post-write hook failed, 10 I/O.")]
@@ -49,6 +50,10 @@ struct Args {
     /// Cap on payload bytes per delta data file.
     #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
     max_file_bytes: u64,
+    /// Where to compute the diffs: `cuda` (GPU; exit 2 if none is usable), `cpu`, or `auto`
+    /// (the GPU for the tensors where it is faster, if one is found; see docs/GPU.md).
+    #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(["auto", "cpu", "cuda"]))]
+    device: String,
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -70,6 +75,7 @@ fn main() {
             post_write_hook: a.post_write_hook,
             replace_incomplete: a.replace_incomplete,
             max_file_bytes: a.max_file_bytes.max(1),
+            device: a.device.parse().map_err(disagg::error::Error::Usage)?,
         };
         let r = publish(&opts)?;
         disagg::report::print(&r, a.json, || {

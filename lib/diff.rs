@@ -8,7 +8,7 @@
 
 use crate::checkpoint::{is_plain_file_name, Checkpoint, INDEX_NAME, SINGLE_NAME};
 use crate::checksum::ChecksumAlg;
-use crate::codec::{self, PayloadError};
+use crate::codec::PayloadError;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{self, AtomicFile};
 use crate::version::{version_dir_name, version_str, Encoding, INCOMPLETE_MARKER};
@@ -43,6 +43,8 @@ pub struct DiffOptions {
     pub post_write_hook: Option<String>,
     pub replace_incomplete: bool,
     pub max_file_bytes: u64,
+    /// Which processor computes the diffs (`--device`; lib/gpu, docs/GPU.md).
+    pub device: crate::gpu::Device,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,6 +67,8 @@ pub struct DiffReport {
     pub seconds_write: f64,
     pub seconds_hook: f64,
     pub throughput_gbps: f64,
+    /// `cuda` if any tensor was diffed on the GPU, else `cpu`.
+    pub device: &'static str,
 }
 
 /// Publish version `opts.version`; see the module docs.
@@ -89,9 +93,11 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     if let Some(old) = &old {
         check_compatible(old, &new, &opts.old, &opts.new)?;
     }
+    // GPU or CPU per tensor (lib/gpu); chosen before anything is written, `--device cuda` with no GPU is a usage error.
+    let engine = if opts.full { crate::gpu::Engine::cpu() } else { crate::gpu::Engine::select(opts.device)? };
     let dir = create_version_dir(&opts.publish, opts.version, opts.replace_incomplete)?;
     let mut report = match &old {
-        Some(old) => write_delta(old, &new, &dir, opts, base_version.expect("delta has a base"))?,
+        Some(old) => write_delta(old, &new, &dir, opts, base_version.expect("delta has a base"), &engine)?,
         None => write_full(&new, &dir, opts)?,
     };
     let hook_start = Instant::now();
@@ -271,7 +277,7 @@ struct Encoded<'a> {
     payload: Payload<'a>,
 }
 
-fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOptions, base: u64) -> Result<DiffReport> {
+fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOptions, base: u64, engine: &crate::gpu::Engine) -> Result<DiffReport> {
     let encode_start = Instant::now();
     // Data order of NEW, so the reads walk each file front to back.
     let mut order: Vec<_> = new.tensors().map(|(n, l)| (n.to_string(), l)).collect();
@@ -289,7 +295,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
                 None
             } else {
                 let mut w = SpillWriter::new(&budget, dir);
-                let changed = codec::encode(opts.encoding, ob, nb, &mut w).map_err(|e| match e {
+                let changed = engine.encode(opts.encoding, ob, nb, &mut w).map_err(|e| match e {
                     PayloadError::Io(io) => Error::io(dir, io),
                     other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
                 })?;
@@ -358,6 +364,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         seconds_write: write_start.elapsed().as_secs_f64(),
         seconds_hook: 0.0,
         throughput_gbps: 0.0,
+        device: engine.device_used(),
     })
 }
 
@@ -476,5 +483,6 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
         seconds_write: write_start.elapsed().as_secs_f64(),
         seconds_hook: 0.0,
         throughput_gbps: 0.0,
+        device: "cpu",
     })
 }

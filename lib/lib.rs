@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod checksum;
 pub mod codec;
 pub mod diff;
+pub mod gpu;
 pub mod hooks;
 pub mod pointer;
 pub mod version;

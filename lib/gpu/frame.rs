@@ -1,0 +1,143 @@
+//! The host half of the GPU path: turning what the kernels produce (XOR chunks; changed
+//! positions and values) into the zstd frame [`codec::encode`] writes, byte for byte.
+//!
+//! The frame settings and the sequence of writes mirror `codec.rs` exactly (level
+//! [`codec::ZSTD_LEVEL`], content size, no checksum, writes of [`codec::CHUNK`] bytes), so the
+//! output does not depend on how the GPU chunked the tensor. The unit tests below check this
+//! against `codec::encode` with pieces computed on the CPU, so drift is caught without a GPU.
+
+use crate::codec;
+use std::io::{self, Write};
+
+fn encoder<W: Write>(out: W, payload_len: u64) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut enc = zstd::stream::write::Encoder::new(out, codec::ZSTD_LEVEL)?;
+    enc.include_contentsize(true)?;
+    enc.include_checksum(false)?;
+    enc.set_pledged_src_size(Some(payload_len))?;
+    Ok(enc)
+}
+
+/// An `xor` frame fed with the XOR of consecutive pieces of the tensor, in order.
+pub struct XorFrame<W: Write> {
+    enc: zstd::stream::write::Encoder<'static, W>,
+    pending: Vec<u8>,
+}
+
+impl<W: Write> XorFrame<W> {
+    pub fn new(out: W, tensor_len: u64) -> io::Result<Self> {
+        Ok(XorFrame { enc: encoder(out, tensor_len)?, pending: Vec::with_capacity(codec::CHUNK) })
+    }
+
+    /// The XOR of the next `piece.len()` bytes of the tensor.
+    pub fn push(&mut self, mut piece: &[u8]) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            let take = (codec::CHUNK - self.pending.len()).min(piece.len());
+            self.pending.extend_from_slice(&piece[..take]);
+            piece = &piece[take..];
+            if self.pending.len() == codec::CHUNK {
+                self.enc.write_all(&self.pending)?;
+                self.pending.clear();
+            }
+        }
+        let whole = piece.len() / codec::CHUNK * codec::CHUNK;
+        for c in piece[..whole].chunks(codec::CHUNK) {
+            self.enc.write_all(c)?;
+        }
+        self.pending.extend_from_slice(&piece[whole..]);
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> io::Result<W> {
+        if !self.pending.is_empty() {
+            self.enc.write_all(&self.pending)?;
+        }
+        self.enc.finish()
+    }
+}
+
+/// Write an `overwrite` frame: `u32 LE count`, the positions (ascending), the values.
+pub fn write_overwrite<W: Write>(out: W, positions: &[u32], values: &[u8]) -> io::Result<W> {
+    assert_eq!(positions.len(), values.len(), "one value per position");
+    let count = positions.len() as u64;
+    let mut enc = encoder(out, 4 + 5 * count)?;
+    enc.write_all(&(count as u32).to_le_bytes())?;
+    let mut buf: Vec<u8> = Vec::with_capacity(codec::CHUNK);
+    for ps in positions.chunks(codec::CHUNK / 4) {
+        buf.clear();
+        for p in ps {
+            buf.extend_from_slice(&p.to_le_bytes());
+        }
+        enc.write_all(&buf)?;
+    }
+    for vs in values.chunks(codec::CHUNK) {
+        enc.write_all(vs)?;
+    }
+    enc.finish()
+}
+
+/// CPU reference of what the GPU kernels compute, used by the tests here and in
+/// `tests/gpu.rs`: (XOR bytes, changed count) and (positions, values).
+pub mod reference {
+    pub fn xor(old: &[u8], new: &[u8]) -> (Vec<u8>, u64) {
+        let x: Vec<u8> = old.iter().zip(new).map(|(a, b)| a ^ b).collect();
+        let n = x.iter().filter(|&&b| b != 0).count() as u64;
+        (x, n)
+    }
+
+    pub fn compact(old: &[u8], new: &[u8]) -> (Vec<u32>, Vec<u8>) {
+        let mut pos = Vec::new();
+        let mut val = Vec::new();
+        for (i, (a, b)) in old.iter().zip(new).enumerate() {
+            if a != b {
+                pos.push(i as u32);
+                val.push(*b);
+            }
+        }
+        (pos, val)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::Encoding;
+
+    fn pair(len: usize, every: usize) -> (Vec<u8>, Vec<u8>) {
+        let old: Vec<u8> = (0..len).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let new: Vec<u8> = old.iter().enumerate().map(|(i, &b)| if every > 0 && i % every == 0 { b.wrapping_add(1 + (i % 7) as u8) } else { b }).collect();
+        (old, new)
+    }
+
+    #[test]
+    fn xor_frame_matches_codec_for_any_piece_size() {
+        for len in [0usize, 1, 4095, codec::CHUNK, 3 * codec::CHUNK + 17] {
+            for every in [0usize, 1, 3, 1000] {
+                let (old, new) = pair(len, every);
+                let mut want = Vec::new();
+                let changed = codec::encode(Encoding::Xor, &old, &new, &mut want).unwrap();
+                let (x, n) = reference::xor(&old, &new);
+                assert_eq!(n, changed);
+                for piece in [1usize << 12, codec::CHUNK, 8 << 20, 777_777] {
+                    let mut f = XorFrame::new(Vec::new(), len as u64).unwrap();
+                    for p in x.chunks(piece) {
+                        f.push(p).unwrap();
+                    }
+                    assert!(f.finish().unwrap() == want, "len {len} every {every} piece {piece}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn overwrite_frame_matches_codec() {
+        for len in [0usize, 1, 4095, codec::CHUNK / 2 + 3, 2 * codec::CHUNK + 5] {
+            for every in [0usize, 1, 2, 97] {
+                let (old, new) = pair(len, every);
+                let mut want = Vec::new();
+                codec::encode(Encoding::Overwrite, &old, &new, &mut want).unwrap();
+                let (p, v) = reference::compact(&old, &new);
+                assert!(write_overwrite(Vec::new(), &p, &v).unwrap() == want, "len {len} every {every}");
+            }
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! GPU diff kernels (`delta-diff --device auto|cpu|cuda`); design in `docs/GPU.md`.
+//!
+//! One interface, two implementations (ripgrep's pattern for optional subsystems): with the
+//! `cuda` cargo feature, `enabled.rs` drives CUDA through `cudarc`, loading `libcuda` and
+//! `libnvrtc` at run time; without it, `disabled.rs` has the same signatures and answers
+//! "GPU support not enabled in this build". Either way the build needs no CUDA toolkit.
+//!
+//! The GPU computes what the CPU computes in [`crate::codec`] — XOR with changed-byte count,
+//! or the ascending changed positions with their new values — and hands the result, chunk by
+//! chunk, to the same zstd frame settings ([`frame`]), so payloads are byte-identical to
+//! [`codec::encode`]. zstd and checksums stay on the CPU.
+
+use crate::codec::{self, PayloadError};
+use crate::version::Encoding;
+use std::fmt;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub mod frame;
+
+#[cfg(feature = "cuda")]
+#[path = "enabled.rs"]
+mod imp;
+#[cfg(not(feature = "cuda"))]
+#[path = "disabled.rs"]
+mod imp;
+
+pub use imp::{probe, DeviceBuffer, GpuDiffer};
+
+/// `--device`: which processor computes the diffs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The GPU where one is found and it is faster for the tensor at hand, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// The GPU for every tensor of at least [`CUDA_MIN_BYTES`]; an error if there is none.
+    Cuda,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(format!("unknown device {other:?} (expected auto, cpu or cuda)")),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What [`probe`] found.
+#[derive(Debug, Clone)]
+pub enum GpuStatus {
+    Available(GpuInfo),
+    /// Why there is no usable GPU ("GPU support not enabled in this build", "libcuda not found", ...).
+    Unavailable(String),
+}
+
+impl fmt::Display for GpuStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuStatus::Available(i) => write!(f, "{i}"),
+            GpuStatus::Unavailable(reason) => write!(f, "no GPU: {reason}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GpuInfo {
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    /// Theoretical device memory bandwidth (memory clock × 2 × bus width), bytes/s, where the
+    /// driver reports the attributes.
+    pub memory_bandwidth: Option<f64>,
+}
+
+impl fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CUDA device 0: {} (sm_{}{})", self.name, self.compute_capability.0, self.compute_capability.1)?;
+        if let Some(bw) = self.memory_bandwidth {
+            write!(f, ", {:.0} GB/s theoretical memory bandwidth", bw / 1e9)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why the GPU path failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no GPU: {0}")]
+    Unavailable(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+}
+
+impl From<io::Error> for GpuError {
+    fn from(e: io::Error) -> Self {
+        GpuError::Payload(PayloadError::Io(e))
+    }
+}
+
+/// Transfer and compute rates the `auto` policy compares, bytes/s; measured once per process
+/// when the GPU is first opened (`GpuDiffer::rates`).
+#[derive(Debug, Clone, Copy)]
+pub struct Rates {
+    /// Host → device over PCIe/NVLink from pinned memory.
+    pub h2d: f64,
+    /// Device → host into pinned memory.
+    pub d2h: f64,
+    /// Copying mmapped input into the pinned staging buffers (CPU memcpy, rayon-parallel).
+    pub stage: f64,
+    /// One CPU thread running the `xor` diff (compare + XOR + count), input bytes/s.
+    pub cpu_xor: f64,
+    /// One CPU thread running the `overwrite` diff (count pass + position/value passes).
+    pub cpu_overwrite: f64,
+}
+
+/// Bytes of a tensor per GPU pipeline step (a multiple of `codec::CHUNK` and of 16).
+pub const GPU_CHUNK: usize = 8 << 20;
+
+/// Fixed cost of one tensor on the GPU (launches, pipeline fill and drain, syncs), seconds.
+pub const GPU_TENSOR_OVERHEAD_S: f64 = 300e-6;
+/// `auto` never sends a tensor under this size to the GPU.
+pub const AUTO_MIN_BYTES: usize = 16 << 20;
+/// `cuda` sends every tensor of at least this size to the GPU (tiny norms stay on the CPU).
+pub const CUDA_MIN_BYTES: usize = 64 << 10;
+
+/// The `auto` heuristic: host inputs must cross PCIe (old and new: 2·L bytes, and for `xor`
+/// the L-byte XOR back), after a CPU copy into pinned buffers; those overlap in the pipeline,
+/// so the GPU's time is the slowest of them plus a fixed overhead. The CPU's time is one
+/// thread's diff of the same tensor. zstd runs on the CPU in both paths and cancels out.
+/// The GPU wins only when `overhead + L·max(2/stage, 2/h2d, [1/d2h]) < L/cpu`.
+pub fn gpu_faster(r: &Rates, encoding: Encoding, len: usize) -> bool {
+    if len < AUTO_MIN_BYTES {
+        return false;
+    }
+    let l = len as f64;
+    let mut per_byte = (2.0 / r.stage).max(2.0 / r.h2d);
+    if encoding == Encoding::Xor {
+        per_byte = per_byte.max(1.0 / r.d2h);
+    }
+    let cpu = match encoding {
+        Encoding::Xor => l / r.cpu_xor,
+        Encoding::Overwrite => l / r.cpu_overwrite,
+    };
+    GPU_TENSOR_OVERHEAD_S + l * per_byte < cpu
+}
+
+/// What `delta-diff` holds for one publish: the chosen device and, when the GPU is in play,
+/// the differ. [`Engine::encode`] is a drop-in for [`codec::encode`].
+pub struct Engine {
+    device: Device,
+    gpu: Option<GpuDiffer>,
+    gpu_tensors: AtomicU64,
+}
+
+impl Engine {
+    /// `cpu` never touches CUDA. `auto` uses the GPU if [`probe`] finds one, silently the CPU
+    /// otherwise. `cuda` without a usable GPU is a usage error naming the reason.
+    pub fn select(device: Device) -> Result<Engine, crate::error::Error> {
+        let gpu = match device {
+            Device::Cpu => None,
+            Device::Auto => GpuDiffer::new().ok(),
+            Device::Cuda => Some(GpuDiffer::new().map_err(|e| crate::error::Error::Usage(format!("--device cuda: {e}; use --device cpu or auto")))?),
+        };
+        Ok(Engine { device, gpu, gpu_tensors: AtomicU64::new(0) })
+    }
+
+    /// A CPU-only engine (full versions, tests).
+    pub fn cpu() -> Engine {
+        Engine { device: Device::Cpu, gpu: None, gpu_tensors: AtomicU64::new(0) }
+    }
+
+    /// `"cuda"` once any tensor went through the GPU, else `"cpu"`.
+    pub fn device_used(&self) -> &'static str {
+        if self.gpu_tensors.load(Ordering::Relaxed) > 0 {
+            "cuda"
+        } else {
+            "cpu"
+        }
+    }
+
+    /// Encode one tensor's change exactly as [`codec::encode`] does, on the GPU when the policy
+    /// says so. Under `auto` a tensor only goes to the GPU if a pipeline is free right now, so
+    /// the GPU takes a share of the tensors alongside the CPU threads instead of queueing them.
+    pub fn encode<W: Write>(&self, encoding: Encoding, old: &[u8], new: &[u8], mut out: W) -> Result<u64, PayloadError> {
+        if let Some(gpu) = &self.gpu {
+            let attempt = match self.device {
+                Device::Cuda if new.len() >= CUDA_MIN_BYTES => Some(gpu.encode(encoding, old, new, &mut out)),
+                Device::Auto if gpu_faster(&gpu.rates(), encoding, new.len()) => gpu.try_encode(encoding, old, new, &mut out).transpose(),
+                _ => None,
+            };
+            if let Some(r) = attempt {
+                self.gpu_tensors.fetch_add(1, Ordering::Relaxed);
+                return r.map_err(|e| match e {
+                    GpuError::Payload(p) => p,
+                    other => PayloadError::Io(io::Error::other(format!("GPU diff failed ({other}); rerun with --device cpu"))),
+                });
+            }
+        }
+        codec::encode(encoding, old, new, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_parses() {
+        assert_eq!("auto".parse::<Device>().unwrap(), Device::Auto);
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda);
+        assert!("gpu".parse::<Device>().is_err());
+        assert_eq!(Device::default(), Device::Auto);
+    }
+
+    fn rates(h2d: f64, stage: f64, cpu: f64) -> Rates {
+        Rates { h2d, d2h: h2d, stage, cpu_xor: cpu, cpu_overwrite: cpu / 3.0 }
+    }
+
+    #[test]
+    fn auto_heuristic() {
+        let gb = 1e9;
+        // PCIe 5 (50 GB/s), fast staging, a 10 GB/s CPU thread: 2 bytes cross per input byte,
+        // so the GPU wins on big tensors, never on small ones.
+        let r = rates(50.0 * gb, 40.0 * gb, 10.0 * gb);
+        assert!(gpu_faster(&r, Encoding::Xor, 256 << 20));
+        assert!(gpu_faster(&r, Encoding::Overwrite, 256 << 20));
+        assert!(!gpu_faster(&r, Encoding::Xor, 1 << 20));
+        // PCIe 3 (12 GB/s) against the same CPU: transfers alone take longer than the CPU diff
+        // for xor; overwrite (three CPU passes) still wins on the GPU.
+        let r = rates(12.0 * gb, 40.0 * gb, 10.0 * gb);
+        assert!(!gpu_faster(&r, Encoding::Xor, 1 << 30));
+        assert!(gpu_faster(&r, Encoding::Overwrite, 1 << 30));
+        // Staging copies as slow as the CPU diff: the GPU never pays off.
+        let r = rates(50.0 * gb, 10.0 * gb, 10.0 * gb);
+        assert!(!gpu_faster(&r, Encoding::Xor, 1 << 30));
+    }
+
+    #[test]
+    fn cpu_engine_matches_codec() {
+        let old: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let mut new = old.clone();
+        new[5] ^= 1;
+        new[99_999] ^= 0x80;
+        for enc in [Encoding::Xor, Encoding::Overwrite] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let e = Engine::select(Device::Cpu).unwrap();
+            assert_eq!(e.encode(enc, &old, &new, &mut a).unwrap(), 2);
+            codec::encode(enc, &old, &new, &mut b).unwrap();
+            assert_eq!(a, b);
+            assert_eq!(e.device_used(), "cpu");
+        }
+    }
+}
