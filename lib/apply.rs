@@ -247,60 +247,69 @@ impl LocalCheckpoint {
             };
             per_local.entry(loc.file).or_default().push(tensor);
         }
-        let mut patched = 0;
+        // Map every LOCAL file that changes, then patch all its tensors in one parallel pass,
+        // largest first (one task each) so a late big tensor does not leave a core idle.
+        let mut maps = Vec::with_capacity(per_local.len());
         for (lf, tensors) in per_local {
             let local_file = &layout.files()[lf];
             let path = local_file.path().to_path_buf();
             let file = OpenOptions::new().read(true).write(true).open(&path).at(&path)?;
             // SAFETY: LOCAL is host-private and guarded by the flock; nothing else maps it for
             // writing. The layout was validated against this file's length just above.
-            let mut map = unsafe { MmapMut::map_mut(&file) }.at(&path)?;
+            let map = unsafe { MmapMut::map_mut(&file) }.at(&path)?;
             if map.len() != local_file.len() {
                 return Err(Error::conflict(&path, "local file changed size while being patched"));
             }
-            // Disjoint mutable slices, one per tensor, in file order.
-            let mut work: Vec<(&str, &crate::checkpoint::TensorEntry)> = tensors.iter().map(|&name| (name, local_file.tensor(name).expect("in layout"))).collect();
-            work.sort_by_key(|(_, t)| t.offset);
-            let mut slices = Vec::with_capacity(work.len());
+            let mut entries: Vec<(&str, &crate::checkpoint::TensorEntry)> = tensors.iter().map(|&name| (name, local_file.tensor(name).expect("in layout"))).collect();
+            entries.sort_by_key(|(_, t)| t.offset);
+            maps.push((path, file, map, entries));
+        }
+        // Disjoint mutable slices, one per tensor.
+        let mut work: Vec<(&str, &mut [u8])> = Vec::new();
+        for (_, _, map, entries) in maps.iter_mut() {
             let mut rest: &mut [u8] = &mut map[..];
             let mut consumed = 0usize;
-            for (_, t) in &work {
-                let (_, tail) = rest.split_at_mut(t.offset - consumed);
+            for (name, t) in entries.iter() {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(t.offset - consumed);
                 let (mine, tail) = tail.split_at_mut(t.len);
-                slices.push(mine);
+                work.push((*name, mine));
                 rest = tail;
                 consumed = t.offset + t.len;
             }
-            work.into_par_iter().zip(slices.into_par_iter()).try_for_each(|((name, _), slice)| -> Result<()> {
-                let sources = &touched[name];
-                let payloads: Vec<(crate::version::Encoding, &[u8])> = sources
-                    .iter()
-                    .map(|&(di, fi)| {
-                        let f = &deltas[di].2[fi];
-                        (deltas[di].1.encoding, f.bytes(f.tensor(name).expect("validated")))
-                    })
-                    .collect();
-                codec::apply_folded(&payloads, slice).map_err(|(k, e)| {
-                    let f = deltas[sources[k].0].2[sources[k].1].path();
-                    match e {
-                        PayloadError::Io(io) => Error::bad_input(f, format!("tensor {name:?}: corrupt zstd frame: {io}")),
-                        other => Error::bad_input(f, format!("tensor {name:?}: {other}")),
-                    }
-                })?;
-                crate::failpoint!("apply.after_tensor");
-                let &(di, fi) = sources.last().expect("at least one payload");
-                let (meta, f) = (deltas[di].1, &deltas[di].2[fi]);
-                let expected = &f.metadata()[name];
-                let actual = meta.checksum.hex(slice);
-                if &actual != expected {
-                    return Err(Error::Checksum { path: f.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual });
-                }
-                Ok(())
-            })?;
-            patched += tensors.len();
-            map.flush().at(&path)?;
-            file.sync_all().at(&path)?;
         }
+        let patched = work.len();
+        work.sort_by_key(|(_, slice)| std::cmp::Reverse(slice.len()));
+        work.into_par_iter().with_max_len(1).try_for_each(|(name, slice)| -> Result<()> {
+            let sources = &touched[name];
+            let payloads: Vec<(crate::version::Encoding, &[u8])> = sources
+                .iter()
+                .map(|&(di, fi)| {
+                    let f = &deltas[di].2[fi];
+                    (deltas[di].1.encoding, f.bytes(f.tensor(name).expect("validated")))
+                })
+                .collect();
+            codec::apply_folded(&payloads, slice).map_err(|(k, e)| {
+                let f = deltas[sources[k].0].2[sources[k].1].path();
+                match e {
+                    PayloadError::Io(io) => Error::bad_input(f, format!("tensor {name:?}: corrupt zstd frame: {io}")),
+                    other => Error::bad_input(f, format!("tensor {name:?}: {other}")),
+                }
+            })?;
+            crate::failpoint!("apply.after_tensor");
+            let &(di, fi) = sources.last().expect("at least one payload");
+            let (meta, f) = (deltas[di].1, &deltas[di].2[fi]);
+            let expected = &f.metadata()[name];
+            let actual = meta.checksum.hex(slice);
+            if &actual != expected {
+                return Err(Error::Checksum { path: f.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual });
+            }
+            Ok(())
+        })?;
+        // Durable before the caller records the version: msync, then fsync, every patched file.
+        maps.par_iter().try_for_each(|(path, file, map, _)| -> Result<()> {
+            map.flush().at(path)?;
+            file.sync_all().at(path)
+        })?;
         Ok(patched)
     }
 }

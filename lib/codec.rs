@@ -55,11 +55,21 @@ pub fn count_changed(old: &[u8], new: &[u8]) -> u64 {
     n
 }
 
-fn new_encoder<W: Write>(out: W, payload_len: u64) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
+/// Payloads at least this long are compressed by zstd's own worker threads (still one frame),
+/// so one huge tensor (an embedding) does not leave the other cores idle at the end of a diff.
+pub const MT_PAYLOAD_BYTES: u64 = 32 << 20;
+
+/// The zstd encoder every published frame comes from (the GPU path uses it too, so both
+/// produce the same bytes): level 1, decompressed size in the header, no frame checksum.
+pub fn new_encoder<W: Write>(out: W, payload_len: u64) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
     let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
     enc.include_contentsize(true)?;
     enc.include_checksum(false)?;
     enc.set_pledged_src_size(Some(payload_len))?;
+    if payload_len >= MT_PAYLOAD_BYTES {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+        enc.multithread(workers as u32)?;
+    }
     Ok(enc)
 }
 

@@ -285,9 +285,15 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
     let total_bytes = new.total_bytes();
     let bar = crate::progress::bytes_bar(total_bytes, "diff");
     let budget = AtomicUsize::new(IN_MEMORY_BUDGET);
-    let results: Vec<Option<Encoded>> = order
-        .par_iter()
-        .map(|(name, loc)| {
+    // Largest tensors first, one task each: the last tensors to finish are small ones, so no
+    // core idles behind a late embedding matrix. Results go back into data order below.
+    let mut schedule: Vec<usize> = (0..order.len()).collect();
+    schedule.sort_by_key(|&i| std::cmp::Reverse(new.entry(order[i].1).1.len));
+    let mut scheduled: Vec<(usize, Option<Encoded>)> = schedule
+        .into_par_iter()
+        .with_max_len(1)
+        .map(|i| {
+            let (name, loc) = &order[i];
             let (nf, nt) = new.entry(*loc);
             let (of, ot) = old.get(name).expect("compatibility checked");
             let (nb, ob) = (nf.bytes(nt), of.bytes(ot));
@@ -302,14 +308,16 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
                 Some(Encoded { name: name.clone(), checksum: opts.checksum.hex(nb), changed, payload: w.into_payload() })
             };
             bar.inc(nt.len as u64);
-            Ok(out)
+            Ok((i, out))
         })
         .collect::<Result<_>>()?;
+    scheduled.sort_by_key(|(i, _)| *i);
+    let results = scheduled.into_iter().map(|(_, e)| e);
     bar.finish_and_clear();
     let seconds_encode = encode_start.elapsed().as_secs_f64();
 
     let write_start = Instant::now();
-    let mut changed: Vec<Encoded> = results.into_iter().flatten().collect();
+    let mut changed: Vec<Encoded> = results.flatten().collect();
     let changed_bytes: u64 = changed.iter().map(|e| e.changed).sum();
     let tensors_changed = changed.len();
     // Group into data files of at most max_file_bytes of payload (at least one tensor each).

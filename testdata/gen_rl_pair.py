@@ -92,6 +92,48 @@ def bf16_bits_to_f32(h: np.ndarray) -> np.ndarray:
     return (h.astype(np.uint32) << 16).view(np.float32)
 
 
+def _bf16_reference(u: int) -> int:
+    """Pure-Python fp32 -> bf16 round-to-nearest-even of one fp32 bit pattern (for --self-test)."""
+    from fractions import Fraction
+    import struct
+
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return 0x7FC0 | ((u >> 16) & 0x8000)
+    if (u & 0x7FFFFFFF) == 0x7F800000:
+        return u >> 16
+
+    def val(b16: int) -> Fraction:
+        return Fraction(struct.unpack("<f", struct.pack("<I", b16 << 16))[0])
+
+    x = Fraction(struct.unpack("<f", struct.pack("<I", u))[0])
+    lo = u >> 16
+    hi = lo + 1
+    if (hi & 0x7FFF) == 0x7F80:  # rounding up would give infinity: compare with the halfway point
+        half = val(lo) + (val(lo) - val(lo - 1)) / 2
+        return hi if abs(x) > abs(half) or (abs(x) == abs(half) and lo & 1) else lo
+    dl, dh = abs(x - val(lo)), abs(val(hi) - x)
+    if dl != dh:
+        return lo if dl < dh else hi
+    return lo if lo % 2 == 0 else hi
+
+
+def self_test() -> int:
+    """Check f32_to_bf16_bits against the pure-Python reference on edge cases and random bits."""
+    rng = np.random.default_rng(12345)
+    rand = rng.integers(0, 1 << 32, size=20000, dtype=np.uint64).astype(np.uint32)
+    tops = rng.integers(0, 1 << 16, size=2000, dtype=np.uint64).astype(np.uint32) << 16
+    edges = np.array([0, 0x80000000, 1, 0x8000, 0x18000, 0x7FFF, 0x8001, 0x3F808000, 0x3F818000, 0x3F80FFFF,
+                      0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x7FC00000,
+                      0x7F800001, 0xFFFFFFFF, 0x00FF8000, 0x807F8000], dtype=np.uint32)
+    bits = np.concatenate([edges, rand, tops | 0x8000, tops | 0x7FFF, tops | 0x8001])
+    got = f32_to_bf16_bits(bits.view(np.float32))
+    bad = [(int(b), int(g), _bf16_reference(int(b))) for b, g in zip(bits, got) if int(g) != _bf16_reference(int(b))]
+    for b, g, r in bad[:10]:
+        print(f"FAIL: fp32 0x{b:08x} -> 0x{g:04x}, reference 0x{r:04x}")
+    print(f"bf16 rounding: {len(bits) - len(bad)} passed, {len(bad)} failed")
+    return 1 if bad else 0
+
+
 # --------------------------------------------------------------------------------------------
 # Model shapes
 
@@ -367,7 +409,7 @@ def generate(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output dir; step_0 .. step_K are written inside")
+    ap.add_argument("--out", help="output dir; step_0 .. step_K are written inside")
     ap.add_argument("--size-mb", type=float, default=8, help="checkpoint size in MiB (lower bound; default 8)")
     ap.add_argument("--steps", type=int, default=1, help="number of RL steps K (writes K+1 checkpoints)")
     ap.add_argument("--shards", type=int, default=2, help="safetensors shards per checkpoint (default 2)")
@@ -376,7 +418,12 @@ def main(argv=None) -> int:
     ap.add_argument("--fsync", action="store_true", help="fsync data files before renaming them")
     ap.add_argument("--no-stats", action="store_true", help="skip the density statistics (a little faster)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--self-test", action="store_true", help="check the bf16 rounding against a reference and exit")
     args = ap.parse_args(argv)
+    if args.self_test:
+        return self_test()
+    if not args.out:
+        ap.error("--out is required")
     if args.steps < 1 or args.shards < 1 or args.size_mb <= 0:
         ap.error("--steps and --shards must be >= 1 and --size-mb > 0")
     out = generate(args)

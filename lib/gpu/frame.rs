@@ -9,13 +9,7 @@
 use crate::codec;
 use std::io::{self, Write};
 
-fn encoder<W: Write>(out: W, payload_len: u64) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
-    let mut enc = zstd::stream::write::Encoder::new(out, codec::ZSTD_LEVEL)?;
-    enc.include_contentsize(true)?;
-    enc.include_checksum(false)?;
-    enc.set_pledged_src_size(Some(payload_len))?;
-    Ok(enc)
-}
+use codec::new_encoder as encoder;
 
 /// An `xor` frame fed with the XOR of consecutive pieces of the tensor, in order.
 pub struct XorFrame<W: Write> {
