@@ -96,6 +96,16 @@ impl SampleRef {
         if text.len() > MAX_REF_BYTES {
             return Err(RefError::TooLarge(text.len()));
         }
+        // Fast path: one typed parse. It is taken only when a byte scan proves the text
+        // tensor-free and the typed parse succeeds; then the checked path below would accept
+        // the same ref (same struct). Anything else (a violation, a duplicate field, any error)
+        // goes through the checked path, so errors and their messages are unchanged.
+        if tensor_free_fast(text) {
+            if let Ok(r) = serde_json::from_slice::<SampleRef>(text) {
+                r.check_fields()?;
+                return Ok(r);
+            }
+        }
         let value: Value = serde_json::from_slice(text).map_err(|e| RefError::Json(e.to_string()))?;
         check_tensor_free(&value, "$", 0)?;
         let r: SampleRef = serde_json::from_value(value).map_err(|e| RefError::Json(e.to_string()))?;
@@ -162,6 +172,63 @@ fn parse_span(v: &Value) -> Option<(u64, u64)> {
     }
     let (lo, hi) = (a[0].as_u64()?, a[1].as_u64()?);
     (lo <= hi).then_some((lo, hi))
+}
+
+/// A conservative byte scan of JSON text: true only if no array has more than
+/// [`MAX_INLINE_ARRAY`] elements and no value sits deeper than [`MAX_DEPTH`], i.e. if
+/// [`check_tensor_free`] cannot fail on it. False means "check properly" (it may also be
+/// returned for text that is fine, e.g. an empty container at the deepest level, or invalid JSON).
+pub fn tensor_free_fast(text: &[u8]) -> bool {
+    // Per open container: (is array, commas seen at its own level).
+    let mut stack: [(bool, usize); MAX_DEPTH + 1] = [(false, 0); MAX_DEPTH + 1];
+    let mut depth = 0usize;
+    let mut i = 0usize;
+    let n = text.len();
+    while i < n {
+        match text[i] {
+            b'"' => {
+                // Skip the string, honouring backslash escapes.
+                i += 1;
+                loop {
+                    match text.get(i) {
+                        None => return false,
+                        Some(b'"') => break,
+                        Some(b'\\') => i += 2,
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                // A container at depth `depth` (root = 0); its children sit at depth + 1.
+                if depth >= MAX_DEPTH {
+                    return false;
+                }
+                stack[depth] = (text[i] == b'[', 0);
+                depth += 1;
+            }
+            b']' | b'}' => {
+                if depth == 0 {
+                    return false;
+                }
+                depth -= 1;
+            }
+            b',' => {
+                if depth == 0 {
+                    return false;
+                }
+                let top = &mut stack[depth - 1];
+                if top.0 {
+                    top.1 += 1;
+                    if top.1 >= MAX_INLINE_ARRAY {
+                        return false;
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    depth == 0
 }
 
 /// Reject anything that looks like tensor data: long arrays, deep nesting.
