@@ -542,6 +542,40 @@ pub fn low_watermark(n: u64) -> u64 {
     n - n / 4
 }
 
+/// Lines one worker parses and encodes at a time.
+const ENCODE_CHUNK: usize = 512;
+
+/// Parse and encode input lines `(line number, bytes)` as channel lines with seqs `base`,
+/// `base + 1`, ...; returns the bytes and the end offset of each line. Chunks of lines are
+/// encoded in parallel and joined in order. The first bad line (in input order) fails the batch.
+fn encode_batch(todo: &[(u64, &[u8])], producer: &str, base: u64) -> Result<(Vec<u8>, Vec<usize>)> {
+    use rayon::prelude::*;
+    let encode = |ci: usize, chunk: &[(u64, &[u8])]| -> std::result::Result<(Vec<u8>, Vec<usize>), (u64, String)> {
+        let mut buf = Vec::with_capacity(chunk.iter().map(|l| l.1.len() + 128).sum());
+        let mut ends = Vec::with_capacity(chunk.len());
+        for (k, (line_no, l)) in chunk.iter().enumerate() {
+            let r = SampleRef::parse(l).map_err(|e| (*line_no, e.to_string()))?;
+            encode_line_into(&mut buf, &r, producer, base + (ci * ENCODE_CHUNK + k) as u64);
+            ends.push(buf.len());
+        }
+        Ok((buf, ends))
+    };
+    let bad = |(line_no, e): (u64, String)| Error::bad_input("<stdin>", format!("line {line_no}: {e}"));
+    if todo.len() <= ENCODE_CHUNK {
+        return encode(0, todo).map_err(bad);
+    }
+    let parts: Vec<_> = todo.par_chunks(ENCODE_CHUNK).enumerate().map(|(ci, chunk)| encode(ci, chunk)).collect();
+    let mut encoded = Vec::with_capacity(parts.iter().map(|p| p.as_ref().map_or(0, |p| p.0.len())).sum());
+    let mut ends = Vec::with_capacity(todo.len());
+    for part in parts {
+        let (buf, part_ends) = part.map_err(bad)?;
+        let off = encoded.len();
+        encoded.extend_from_slice(&buf);
+        ends.extend(part_ends.into_iter().map(|e| e + off));
+    }
+    Ok((encoded, ends))
+}
+
 /// Most input bytes `ref-publish` gathers into one batch (one write, one fdatasync).
 pub const PUBLISH_BATCH_BYTES: usize = 8 << 20;
 /// Longest `ref-publish` keeps gathering input that is already waiting before it writes.
@@ -599,9 +633,7 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
         let (lines, used) = complete_lines(&pending);
         // Parse and encode each ref as it comes (no batch of owned refs): line k of the batch
         // gets seq published + k, as the batch is appended in order, in pieces of `room`.
-        let base = p.published();
-        let mut encoded = Vec::with_capacity(used + used / 4);
-        let mut ends = Vec::with_capacity(lines.len());
+        let mut todo: Vec<(u64, &[u8])> = Vec::with_capacity(lines.len());
         for l in lines {
             line_no += 1;
             if l.iter().all(|b| b.is_ascii_whitespace()) {
@@ -612,10 +644,10 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
                 summary.skipped_resumed += 1;
                 continue;
             }
-            let r = SampleRef::parse(l).map_err(|e| Error::bad_input("<stdin>", format!("line {line_no}: {e}")))?;
-            encode_line_into(&mut encoded, &r, &p.name, base + ends.len() as u64);
-            ends.push(encoded.len());
+            todo.push((line_no, l));
         }
+        let base = p.published();
+        let (encoded, ends) = encode_batch(&todo, &p.name, base)?;
         pending.drain(..used);
         if pending.len() > MAX_LINE_BYTES {
             return Err(Error::bad_input("<stdin>", format!("line {} is longer than {MAX_LINE_BYTES} bytes", line_no + 1)));

@@ -96,14 +96,18 @@ impl SampleRef {
         if text.len() > MAX_REF_BYTES {
             return Err(RefError::TooLarge(text.len()));
         }
-        // Fast path: one typed parse. It is taken only when a byte scan proves the text
-        // tensor-free and the typed parse succeeds; then the checked path below would accept
-        // the same ref (same struct). Anything else (a violation, a duplicate field, any error)
-        // goes through the checked path, so errors and their messages are unchanged.
-        if tensor_free_fast(text) {
-            if let Ok(r) = serde_json::from_slice::<SampleRef>(text) {
-                r.check_fields()?;
-                return Ok(r);
+        // Fast path: one typed parse, then the tensor-free check on the few untyped parts of
+        // the result. A typed parse that succeeds yields the very struct the checked path below
+        // builds (a ref has no field outside the struct: unknown fields are refused), and
+        // `tensor_free_typed` holds exactly when `check_tensor_free` would pass on its JSON
+        // value. Anything else (a violation, a duplicate field, any error) goes through the
+        // checked path, so errors and their messages are unchanged.
+        if let Ok(text) = std::str::from_utf8(text) {
+            if let Ok(r) = serde_json::from_str::<SampleRef>(text) {
+                if r.tensor_free_typed() {
+                    r.check_fields()?;
+                    return Ok(r);
+                }
             }
         }
         let value: Value = serde_json::from_slice(text).map_err(|e| RefError::Json(e.to_string()))?;
@@ -111,6 +115,15 @@ impl SampleRef {
         let r: SampleRef = serde_json::from_value(value).map_err(|e| RefError::Json(e.to_string()))?;
         r.check_fields()?;
         Ok(r)
+    }
+
+    /// `check_tensor_free` of this ref's JSON value, without building it: the root object is
+    /// depth 0, its fields depth 1, so metadata values sit at depth 2, a spec's fields at depth 3
+    /// and shape elements (integers) at depth 4; every other field is a scalar or a map of
+    /// strings.
+    fn tensor_free_typed(&self) -> bool {
+        self.feature_specs.values().all(|s| s.shape.len() <= MAX_INLINE_ARRAY && s.target_meta.as_ref().is_none_or(|v| tensor_free_value(v, 3)))
+            && self.metadata.values().all(|v| tensor_free_value(v, 2))
     }
 
     /// The checks every writer runs: schema, ids, tensor-free.
@@ -174,61 +187,16 @@ fn parse_span(v: &Value) -> Option<(u64, u64)> {
     (lo <= hi).then_some((lo, hi))
 }
 
-/// A conservative byte scan of JSON text: true only if no array has more than
-/// [`MAX_INLINE_ARRAY`] elements and no value sits deeper than [`MAX_DEPTH`], i.e. if
-/// [`check_tensor_free`] cannot fail on it. False means "check properly" (it may also be
-/// returned for text that is fine, e.g. an empty container at the deepest level, or invalid JSON).
-pub fn tensor_free_fast(text: &[u8]) -> bool {
-    // Per open container: (is array, commas seen at its own level).
-    let mut stack: [(bool, usize); MAX_DEPTH + 1] = [(false, 0); MAX_DEPTH + 1];
-    let mut depth = 0usize;
-    let mut i = 0usize;
-    let n = text.len();
-    while i < n {
-        match text[i] {
-            b'"' => {
-                // Skip the string, honouring backslash escapes.
-                i += 1;
-                loop {
-                    match text.get(i) {
-                        None => return false,
-                        Some(b'"') => break,
-                        Some(b'\\') => i += 2,
-                        Some(_) => i += 1,
-                    }
-                }
-            }
-            b'[' | b'{' => {
-                // A container at depth `depth` (root = 0); its children sit at depth + 1.
-                if depth >= MAX_DEPTH {
-                    return false;
-                }
-                stack[depth] = (text[i] == b'[', 0);
-                depth += 1;
-            }
-            b']' | b'}' => {
-                if depth == 0 {
-                    return false;
-                }
-                depth -= 1;
-            }
-            b',' => {
-                if depth == 0 {
-                    return false;
-                }
-                let top = &mut stack[depth - 1];
-                if top.0 {
-                    top.1 += 1;
-                    if top.1 >= MAX_INLINE_ARRAY {
-                        return false;
-                    }
-                }
-            }
-            _ => {}
-        }
-        i += 1;
+/// `check_tensor_free(v, _, depth).is_ok()` without building error paths.
+fn tensor_free_value(v: &Value, depth: usize) -> bool {
+    if depth > MAX_DEPTH {
+        return false;
     }
-    depth == 0
+    match v {
+        Value::Array(a) => a.len() <= MAX_INLINE_ARRAY && a.iter().all(|x| tensor_free_value(x, depth + 1)),
+        Value::Object(m) => m.values().all(|x| tensor_free_value(x, depth + 1)),
+        _ => true,
+    }
 }
 
 /// Reject anything that looks like tensor data: long arrays, deep nesting.
