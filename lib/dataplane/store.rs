@@ -22,6 +22,10 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -128,6 +132,30 @@ impl Dtype {
 
     /// Index of the first NaN element in little-endian `data`, if any (floats only).
     pub fn first_nan(self, data: &[u8]) -> Option<usize> {
+        // Scan in blocks with a branch-free test the compiler vectorizes; locate the element
+        // only in a block that has one.
+        const BLOCK: usize = 8192;
+        let size = self.size();
+        let any_nan = |b: &[u8]| -> bool {
+            match self {
+                Dtype::BF16 => b.chunks_exact(2).fold(false, |a, c| a | (u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x7f80)),
+                Dtype::F16 => b.chunks_exact(2).fold(false, |a, c| a | (u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x7c00)),
+                Dtype::F32 => b.chunks_exact(4).fold(false, |a, c| a | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7fff_ffff > 0x7f80_0000)),
+                Dtype::F64 => b
+                    .chunks_exact(8)
+                    .fold(false, |a, c| a | (u64::from_le_bytes(c.try_into().expect("8 bytes")) & 0x7fff_ffff_ffff_ffff > 0x7ff0_0000_0000_0000)),
+                _ => false,
+            }
+        };
+        for (i, block) in data.chunks(BLOCK).enumerate() {
+            if any_nan(block) {
+                return self.first_nan_slow(block).map(|p| i * (BLOCK / size) + p);
+            }
+        }
+        None
+    }
+
+    fn first_nan_slow(self, data: &[u8]) -> Option<usize> {
         match self {
             Dtype::BF16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x7f80),
             Dtype::F16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x7c00),
@@ -266,6 +294,174 @@ pub fn safetensors_header(tensors: &[TensorData<'_>], metadata: &BTreeMap<String
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&json);
     Ok(out)
+}
+
+/// Directory fsyncs owed by a batch of [`FeatureStore::put_in`] calls: one fsync per directory,
+/// however many names changed in it, done by [`DirSync::sync`] before the batch is reported.
+#[derive(Debug, Default)]
+pub struct DirSync {
+    dirs: Mutex<BTreeSet<PathBuf>>,
+}
+
+impl DirSync {
+    /// Owe an fsync of `dir`.
+    pub fn add(&self, dir: PathBuf) {
+        self.dirs.lock().expect("dir set").insert(dir);
+    }
+
+    /// fsync every owed directory (in parallel: the fsyncs of one batch overlap).
+    pub fn sync(&self) -> Result<()> {
+        use rayon::prelude::*;
+        let dirs: Vec<PathBuf> = std::mem::take(&mut *self.dirs.lock().expect("dir set")).into_iter().collect();
+        if dirs.len() <= 2 {
+            return dirs.iter().try_for_each(|d| fsio::fsync_dir(d));
+        }
+        dirs.par_iter().try_for_each(|d| fsio::fsync_dir(d))
+    }
+}
+
+/// `fsio::create_dir_durable`, with the parent fsyncs owed to `dirs` instead of done now.
+fn create_dir_deferred(dir: &Path, dirs: &DirSync) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    create_dir_deferred(parent, dirs)?;
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            dirs.add(parent.to_path_buf());
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(Error::io(dir, e)),
+    }
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A temp name beside `target` in fsio's temp-name scheme (`.NAME.tmp-PID-sN`: readers ignore
+/// it, gc sweeps it; the `s` keeps it apart from fsio's own counter).
+fn temp_name(target: &Path) -> PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    target.with_file_name(format!(".{name}{}{}-s{n}", fsio::TEMP_MARKER, std::process::id()))
+}
+
+/// Alignment and granularity of O_DIRECT writes (covers 512- and 4096-byte sectors).
+const DIRECT_ALIGN: usize = 4096;
+/// Bytes an [`ObjectWriter`] gathers per O_DIRECT write.
+const DIRECT_CHUNK: usize = 4 << 20;
+
+/// Writes a new object file sequentially, with O_DIRECT when the file system takes it: the
+/// bytes go through an aligned buffer, the last block is padded and the file then truncated to
+/// its length. Any refusal (EINVAL at open or write, a short write) falls back to ordinary
+/// buffered writes for the rest. The caller fsyncs the returned file either way.
+struct ObjectWriter {
+    file: File,
+    direct: bool,
+    /// Backing store of the aligned buffer: `buf_off..buf_off + DIRECT_CHUNK` is aligned.
+    buf: Vec<u8>,
+    buf_off: usize,
+    filled: usize,
+    written: u64,
+}
+
+impl ObjectWriter {
+    fn create(path: &Path) -> Result<Self> {
+        let direct = OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_DIRECT).open(path);
+        let (file, direct) = match direct {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (OpenOptions::new().write(true).create_new(true).mode(0o644).open(path).at(path)?, false)
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let (buf, buf_off) = if direct {
+            let buf = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN];
+            let off = buf.as_ptr().align_offset(DIRECT_ALIGN);
+            (buf, off)
+        } else {
+            (Vec::new(), 0)
+        };
+        Ok(ObjectWriter { file, direct, buf, buf_off, filled: 0, written: 0 })
+    }
+
+    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while self.direct && !data.is_empty() {
+            let n = (DIRECT_CHUNK - self.filled).min(data.len());
+            let at = self.buf_off + self.filled;
+            self.buf[at..at + n].copy_from_slice(&data[..n]);
+            self.filled += n;
+            data = &data[n..];
+            if self.filled == DIRECT_CHUNK {
+                self.flush_direct(DIRECT_CHUNK)?;
+            }
+        }
+        if !data.is_empty() {
+            self.file.write_all(data)?;
+            self.written += data.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Write the first `len` buffered bytes (`len` a multiple of [`DIRECT_ALIGN`]) with O_DIRECT,
+    /// or, if refused, the buffered bytes without it.
+    fn flush_direct(&mut self, len: usize) -> io::Result<()> {
+        let chunk = &self.buf[self.buf_off..self.buf_off + len];
+        match self.file.write(chunk) {
+            Ok(n) if n == len => {
+                self.written += len as u64;
+                self.filled = 0;
+                Ok(())
+            }
+            Ok(n) => {
+                // A short direct write: finish this and everything after without O_DIRECT.
+                self.written += n as u64;
+                self.stop_direct()?;
+                let rest = self.buf[self.buf_off + n..self.buf_off + self.filled].to_vec();
+                self.filled = 0;
+                self.write_all(&rest)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.stop_direct()?;
+                let rest = self.buf[self.buf_off..self.buf_off + self.filled].to_vec();
+                self.filled = 0;
+                self.write_all(&rest)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn stop_direct(&mut self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        self.direct = false;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor we own.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Write what is buffered (the last block padded, then cut back to length); the file, not
+    /// yet fsynced.
+    fn finish(mut self) -> io::Result<File> {
+        if self.direct && self.filled > 0 {
+            let len = self.filled;
+            let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+            self.buf[self.buf_off + len..self.buf_off + padded].fill(0);
+            self.filled = padded;
+            let before = self.written;
+            self.flush_direct(padded)?;
+            let end = before + len as u64;
+            if self.written != end {
+                self.file.set_len(end)?;
+                self.written = end;
+            }
+        }
+        Ok(self.file)
+    }
 }
 
 /// A shared-dir feature store.
@@ -419,8 +615,55 @@ impl FeatureStore {
         }
     }
 
+    /// Advance the sample's generation counter like [`Self::next_generation`], for [`Self::put_in`]:
+    /// new directories are left to `dirs`, and the retain marker of the new generation (when
+    /// asked) is written (temp, fsync, rename) before the counter is committed, so the one
+    /// directory fsync of the counter's commit also makes the marker's name durable. A crash in
+    /// between leaves at worst a marker for a generation that was never used; the next put
+    /// takes that generation again and rewrites the marker.
+    fn next_generation_in(&self, sample_id: &str, retain_on_release: bool, dirs: &DirSync) -> Result<u64> {
+        let dir = self.sample_dir(sample_id);
+        create_dir_deferred(&dir, dirs)?;
+        let path = dir.join(GENERATION_FILE);
+        let lock = fsio::RefLock::acquire(&path, fsio::REF_LOCK_TIMEOUT)?;
+        let listed = self.generations(sample_id)?.last().copied().unwrap_or(0);
+        let stored = match lock.read_current()? {
+            Some(t) => t.trim().parse::<u64>().map_err(|_| Error::bad_input(&path, format!("{:?} is not a generation", t.trim())))?,
+            None => 0,
+        };
+        let next = stored.max(listed) + 1;
+        if retain_on_release {
+            let marker = self.retain_path(sample_id, next);
+            let temp = temp_name(&marker);
+            let f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&temp).at(&temp)?;
+            f.sync_all().at(&temp)?;
+            drop(f);
+            if let Err(e) = fs::rename(&temp, &marker) {
+                let _ = fs::remove_file(&temp);
+                return Err(Error::io(&marker, e));
+            }
+        }
+        lock.commit(format!("{next}\n").as_bytes())?;
+        Ok(next)
+    }
+
     /// Store tensors as a new generation of `sample_id`; older unleased generations are removed.
+    /// Durable when it returns.
     pub fn put(&self, sample_id: &str, tensors: &[TensorData<'_>], metadata: &BTreeMap<String, String>, retain_on_release: bool) -> Result<StoredObject> {
+        let dirs = DirSync::default();
+        let obj = self.put_in(sample_id, tensors, metadata, retain_on_release, &dirs)?;
+        dirs.sync()?;
+        Ok(obj)
+    }
+
+    /// [`Self::put`] for batches: the object's bytes, counter and marker are durable when it
+    /// returns, but the directory fsyncs that make the new names durable (the object's rename,
+    /// new sample and shard directories) are added to `dirs`; call [`DirSync::sync`] before
+    /// anything reports the object (manifest, channel). Within the sample directory the order
+    /// of the old protocol holds: counter and marker are durable before the object's name
+    /// appears. The object is written with O_DIRECT where the file system allows it (no page
+    /// cache copy, no writeback storm at fsync), else with ordinary writes.
+    pub fn put_in(&self, sample_id: &str, tensors: &[TensorData<'_>], metadata: &BTreeMap<String, String>, retain_on_release: bool, dirs: &DirSync) -> Result<StoredObject> {
         self.check_id("sample id", sample_id)?;
         let mut names = std::collections::HashSet::new();
         for t in tensors {
@@ -434,24 +677,42 @@ impl FeatureStore {
         let bytes = header.len() as u64 + tensors.iter().map(|t| t.data.len() as u64).sum::<u64>();
         self.reserve(bytes)?;
         let res = (|| {
-            let generation = self.next_generation(sample_id)?;
-            let obj = self.object(sample_id, generation);
-            let mut f = fsio::AtomicFile::create(&obj.path)?;
-            let temp = f.temp_path().to_path_buf();
-            f.write_all(&header).at(&temp)?;
-            for t in tensors {
-                f.write_all(&t.data).at(&temp)?;
-            }
+            let generation = self.next_generation_in(sample_id, retain_on_release, dirs)?;
+            let key = object_key(sample_id, generation);
+            let path = self.root.join(&key);
+            let temp = temp_name(&path);
+            let mut w = ObjectWriter::create(&temp)?;
+            let written = (|| {
+                w.write_all(&header)?;
+                for t in tensors {
+                    w.write_all(&t.data)?;
+                }
+                w.finish()
+            })();
+            let file = match written {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = fs::remove_file(&temp);
+                    return Err(Error::io(&temp, e));
+                }
+            };
             crate::failpoint!("store.before_commit");
-            if retain_on_release {
-                fsio::write_atomic(self.retain_path(sample_id, generation), b"")?;
+            let synced = file.sync_all();
+            drop(file);
+            if let Err(e) = synced.and_then(|_| fs::rename(&temp, &path)) {
+                let _ = fs::remove_file(&temp);
+                return Err(Error::io(&path, e));
             }
-            f.commit()?;
-            Ok(StoredObject { bytes, ..obj })
+            dirs.add(self.sample_dir(sample_id));
+            Ok(StoredObject { sample_id: sample_id.to_string(), generation, key, path, bytes })
         })();
         match res {
             Ok(obj) => {
-                self.drop_superseded(sample_id, obj.generation)?;
+                // Older generations go only once the new object's name is durable.
+                if self.generations(sample_id)?.iter().any(|&g| g < obj.generation) {
+                    fsio::fsync_dir(&self.sample_dir(sample_id))?;
+                    self.drop_superseded(sample_id, obj.generation)?;
+                }
                 Ok(obj)
             }
             Err(e) => {
