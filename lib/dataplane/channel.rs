@@ -1186,3 +1186,64 @@ pub fn run_tail(opts: &TailOptions) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> SampleRef {
+        SampleRef::parse(s.as_bytes()).unwrap()
+    }
+
+    /// The single-pass encoder writes exactly the bytes of `encode_line`.
+    #[test]
+    fn encode_into_matches_encode_line() {
+        let base = r#""sample_id":"s0","feature_store_uri":"file:///x","feature_keys":{"h":"k","a":"\"q\"\u00e9\n"},"schema_version":1"#;
+        let refs = [
+            format!("{{{base}}}"),
+            format!("{{{base},\"metadata\":{{\"weight_version\":3}}}}"),
+            format!("{{{base},\"metadata\":{{\"disagg\":{{\"producer\":\"x\",\"seq\":9,\"xxh3\":\"0\"}},\"w\":[1,2],\"z\":null}}}}"),
+            format!("{{{base},\"metadata\":{{\"a\":1,\"disagg\":1}},\"num_tokens\":7,\"run_id\":\"r\\u0001\"}}"),
+            format!(
+                r#"{{{base},"feature_specs":{{"h":{{"name":"h","shape":[1,-2],"dtype":"bfloat16","target_meta":{{"k":[1.5,"x"]}}}}}},"metadata":{{"weight_versions":[1,2]}}}}"#
+            ),
+        ];
+        for (i, text) in refs.iter().enumerate() {
+            let r = parse(text);
+            for (producer, seq) in [("p0", 0u64), ("host-3.a_b", 18_446_744_073_709_551_615), ("x", i as u64)] {
+                let mut out = b"prefix\n".to_vec();
+                encode_line_into(&mut out, &r, producer, seq);
+                let want = format!("prefix\n{}\n", encode_line(&r, producer, seq));
+                assert_eq!(String::from_utf8(out).unwrap(), want);
+                let line = want.trim_end().strip_prefix("prefix\n").unwrap().as_bytes();
+                assert_eq!(check_line(line).unwrap(), LineStamp { producer: producer.to_string(), seq });
+            }
+        }
+    }
+
+    #[test]
+    fn checksum_mismatch_and_sharding() {
+        let r = parse(r#"{"sample_id":"s0","feature_store_uri":"file:///x","feature_keys":{},"schema_version":1}"#);
+        let mut line = encode_line(&r, "p0", 5).into_bytes();
+        let at = line.len() - LINE_END.len() - 1;
+        line[at] = if line[at] == b'0' { b'1' } else { b'0' };
+        assert!(matches!(check_line(&line), Err(LineError::Checksum { .. })));
+        for world in [1u64, 2, 3, 8] {
+            for seq in [0u64, 1, 77, u64::MAX] {
+                let name = "p".repeat(MAX_NAME_BYTES);
+                for producer in ["p0", name.as_str()] {
+                    let want = xxhash_rust::xxh3::xxh3_64(format!("{producer}:{seq}").as_bytes()) % world;
+                    assert_eq!(shard_of(producer, seq, world), want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn newline_search() {
+        let (lines, used) = complete_lines(b"a\nbb\n\nccc");
+        assert_eq!(lines, vec![&b"a"[..], b"bb", b""]);
+        assert_eq!(used, 6);
+        assert_eq!(complete_lines(b"").1, 0);
+    }
+}

@@ -920,3 +920,75 @@ impl FeatureStore {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blockwise_nan_scan_finds_the_first_nan() {
+        let cases: [(Dtype, &[u8], &[u8]); 4] = [
+            (Dtype::BF16, &0x7fc0u16.to_le_bytes(), &0x7f80u16.to_le_bytes()),
+            (Dtype::F16, &0xfe00u16.to_le_bytes(), &0x7c00u16.to_le_bytes()),
+            (Dtype::F32, &f32::NAN.to_le_bytes(), &f32::INFINITY.to_le_bytes()),
+            (Dtype::F64, &(-f64::NAN).to_le_bytes(), &f64::NEG_INFINITY.to_le_bytes()),
+        ];
+        for (dtype, nan, inf) in cases {
+            let size = dtype.size();
+            let n = 3 * 8192 / size + 7;
+            let mut data: Vec<u8> = (0..n).flat_map(|i| if i % 5 == 0 { inf.to_vec() } else { vec![0x11; size] }).collect();
+            assert_eq!(dtype.first_nan(&data), None);
+            for at in [n - 1, 2 * 8192 / size, 8192 / size, 8192 / size - 1, 3, 0] {
+                data[at * size..(at + 1) * size].copy_from_slice(nan);
+                assert_eq!(dtype.first_nan(&data), Some(at), "{dtype:?} at {at}");
+                assert_eq!(dtype.first_nan(&data), dtype.first_nan_slow(&data));
+            }
+        }
+        assert_eq!(Dtype::I64.first_nan(&[0xff; 64]), None);
+    }
+
+    fn roundtrip(root: &Path) {
+        let store = FeatureStore::open(root, StoreOptions::default()).unwrap();
+        for (i, len) in [0usize, 1, 4095, 4096, 4097, DIRECT_CHUNK - 600, DIRECT_CHUNK + 12_345].into_iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|k| (k * 7 + i) as u8).collect();
+            let tensors = [
+                TensorData { name: "a".into(), dtype: Dtype::U8, shape: vec![len], data: Cow::Borrowed(&data) },
+                TensorData { name: "b".into(), dtype: Dtype::I16, shape: vec![3], data: Cow::Owned(vec![1, 2, 3, 4, 5, 6]) },
+            ];
+            let id = format!("s{i}");
+            let dirs = DirSync::default();
+            let obj = store.put_in(&id, &tensors, &BTreeMap::new(), i % 2 == 0, &dirs).unwrap();
+            dirs.sync().unwrap();
+            let bytes = fs::read(&obj.path).unwrap();
+            assert_eq!(bytes.len() as u64, obj.bytes);
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            assert_eq!(st.tensor("a").unwrap().data(), &data[..]);
+            assert_eq!(st.tensor("b").unwrap().data(), &[1, 2, 3, 4, 5, 6]);
+            assert_eq!(store.retain_path(&id, obj.generation).exists(), i % 2 == 0);
+            assert_eq!(fs::read_to_string(store.sample_dir(&id).join(GENERATION_FILE)).unwrap(), "1\n");
+            // A second put supersedes the first (unleased: deleted) and takes generation 2.
+            let again = store.put(&id, &tensors, &BTreeMap::new(), false).unwrap();
+            assert_eq!(again.generation, 2);
+            assert_eq!(store.generations(&id).unwrap(), vec![2]);
+            assert!(!store.retain_path(&id, 1).exists());
+            let names: Vec<String> = fs::read_dir(store.sample_dir(&id)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            assert!(names.iter().all(|n| !fsio::is_temp_name(n)), "{names:?}");
+        }
+    }
+
+    #[test]
+    fn objects_roundtrip_through_direct_and_buffered_writes() {
+        let base = std::env::temp_dir().join(format!("disagg-store-unit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        roundtrip(&base);
+        fs::remove_dir_all(&base).unwrap();
+        // tmpfs refuses O_DIRECT on older kernels: the buffered fallback.
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let d = shm.join(format!("disagg-store-unit-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&d);
+            roundtrip(&d);
+            fs::remove_dir_all(&d).unwrap();
+        }
+    }
+}
