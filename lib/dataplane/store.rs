@@ -417,19 +417,19 @@ impl ObjectWriter {
             Ok(n) => {
                 // A short direct write: finish this and everything after without O_DIRECT.
                 self.written += n as u64;
-                self.stop_direct()?;
-                let rest = self.buf[self.buf_off + n..self.buf_off + self.filled].to_vec();
-                self.filled = 0;
-                self.write_all(&rest)
+                self.fall_back(n)
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.stop_direct()?;
-                let rest = self.buf[self.buf_off..self.buf_off + self.filled].to_vec();
-                self.filled = 0;
-                self.write_all(&rest)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.fall_back(0),
             Err(e) => Err(e),
         }
+    }
+
+    /// Stop using O_DIRECT; write the buffered bytes from `from` on with ordinary writes.
+    fn fall_back(&mut self, from: usize) -> io::Result<()> {
+        self.stop_direct()?;
+        let rest = self.buf[self.buf_off + from..self.buf_off + self.filled].to_vec();
+        self.filled = 0;
+        self.write_all(&rest)
     }
 
     fn stop_direct(&mut self) -> io::Result<()> {
@@ -974,6 +974,33 @@ mod tests {
             let names: Vec<String> = fs::read_dir(store.sample_dir(&id)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
             assert!(names.iter().all(|n| !fsio::is_temp_name(n)), "{names:?}");
         }
+    }
+
+    #[test]
+    fn object_writer_falls_back_midway() {
+        let d = std::env::temp_dir().join(format!("disagg-store-fallback-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let data: Vec<u8> = (0..DIRECT_CHUNK * 2 + 777).map(|k| (k * 13) as u8).collect();
+        for (cut, fail_at) in [(DIRECT_CHUNK + 10_000, 8192usize), (10, 0), (DIRECT_CHUNK * 2 + 777, 0), (DIRECT_CHUNK + 5000, 4096)] {
+            let path = d.join(format!("f{cut}"));
+            let mut w = ObjectWriter::create(&path).unwrap();
+            w.write_all(&data[..cut]).unwrap();
+            if w.direct && w.filled > fail_at {
+                // As if the kernel had taken only `fail_at` (aligned) bytes of the next direct
+                // write, or refused it (0).
+                let (file, buf) = (&mut w.file, &w.buf);
+                file.write_all(&buf[w.buf_off..w.buf_off + fail_at]).unwrap();
+                w.written += fail_at as u64;
+                w.fall_back(fail_at).unwrap();
+                assert!(!w.direct);
+            }
+            w.write_all(&data[cut..]).unwrap();
+            let f = w.finish().unwrap();
+            f.sync_all().unwrap();
+            assert_eq!(fs::read(&path).unwrap(), data, "cut {cut}");
+        }
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
