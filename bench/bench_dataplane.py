@@ -155,7 +155,15 @@ def bench_ingest(work, inp, total, files):
     s = json.loads(r.stdout)
     assert s["ingested"] == files, s
     shutil.rmtree(store, ignore_errors=True)
-    return total / 1e9 / ing_s, total / 1e9 / cp_s, total / 1e9 / cp_sync_s
+    # The disk's ceiling for these bytes: dd with O_DIRECT from /dev/zero (no reads, no CPU work), fsynced.
+    dd_out = work / "dd-ceiling"
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={dd_out}", "bs=4M", f"count={max(1, total >> 22)}", "oflag=direct", "conv=fsync"],
+                   check=True, capture_output=True)
+    dd_s = time.perf_counter() - t0
+    dd_out.unlink()
+    return total / 1e9 / ing_s, total / 1e9 / cp_s, total / 1e9 / cp_sync_s, (max(1, total >> 22) << 22) / 1e9 / dd_s
 
 
 def best_spread(xs, higher_is_better=True):
@@ -186,15 +194,17 @@ def main():
     ing, ing_lo, ing_hi = best_spread([r[0] for r in ing_runs])
     cp, cp_lo, cp_hi = best_spread([r[1] for r in ing_runs])
     cps, cps_lo, cps_hi = best_spread([r[2] for r in ing_runs])
+    dd, dd_lo, dd_hi = best_spread([r[3] for r in ing_runs])
     print(f"best of {n} runs (spread min..max)")
     print(f"refs/s publish->tail (batched, fsync per batch): {rps:,.0f} ({rps_lo:,.0f}..{rps_hi:,.0f})  (target >= 100,000: {rps / 100_000:.2f}x)")
     print(f"publish-to-visible latency: p50 {p50:.2f} ms ({p50_lo:.2f}..{p50_hi:.2f}), p99 {p99:.2f} ms  (target p50 <= 5 ms)")
     print(f"ingest {total / 1e6:.0f} MB in {a.files} .ckpt files, durable at exit (fsync + dir fsync): {ing:.2f} GB/s ({ing_lo:.2f}..{ing_hi:.2f})  (target >= 1 GB/s warm)")
     print(f"  vs cp -r + sync (durable, fair): {cps:.2f} GB/s ({cps_lo:.2f}..{cps_hi:.2f}) = {ing / cps:.2f}x")
     print(f"  vs cp -r (page cache only, not durable): {cp:.2f} GB/s ({cp_lo:.2f}..{cp_hi:.2f}) = {ing / cp:.2f}x")
+    print(f"  disk ceiling (dd O_DIRECT from /dev/zero + fsync, same bytes): {dd:.2f} GB/s ({dd_lo:.2f}..{dd_hi:.2f}) = {ing / dd:.2f}x")
     print(json.dumps({"refs_per_s": rps, "latency_p50_ms": p50, "latency_p99_ms": p99, "ingest_gb_s": ing, "cp_gb_s": cp,
-                      "cp_sync_gb_s": cps, "ingest_vs_cp": ing / cp, "ingest_vs_cp_sync": ing / cps, "repeat": n,
-                      "runs": {"refs_per_s": rps_runs, "latency_ms": lat_runs, "ingest_cp_cpsync_gb_s": ing_runs}}))
+                      "cp_sync_gb_s": cps, "dd_direct_gb_s": dd, "ingest_vs_cp": ing / cp, "ingest_vs_cp_sync": ing / cps, "repeat": n,
+                      "runs": {"refs_per_s": rps_runs, "latency_ms": lat_runs, "ingest_cp_cpsync_dd_gb_s": ing_runs}}))
 
 
 if __name__ == "__main__":
