@@ -241,6 +241,7 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
         }
         dirs.add(sample_dir);
         if opts.mode == PlaceMode::Move && obj_differs_from(src, &obj) {
+            dirs.sync().map_err(Failure::Fatal)?;
             fsio::remove_durable(src).map_err(Failure::Fatal)?;
         }
         return Ok(Outcome::Skipped(ref_for_object(store, &obj, &specs, rel, opts)));
