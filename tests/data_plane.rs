@@ -75,12 +75,14 @@ fn four_producers_no_loss_no_duplicate() {
     let d = temp_dir("four");
     let ch = d.join("ch");
     let n = 2500;
+    // The tail starts before any producer, but after the channel exists (a missing channel is
+    // exit 6; creating it after the spawn raced with the tail's start).
+    fs::create_dir_all(&ch).unwrap();
     let tail = Command::new(TAIL)
         .args([p(&ch), "--cursor", "c", "--follow", "--expect-producers", "4", "--idle-timeout", "30"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn();
-    fs::create_dir_all(&ch).unwrap();
     let tail = tail.unwrap();
     let producers: Vec<_> = (0..4)
         .map(|k| {

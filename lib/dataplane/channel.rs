@@ -83,6 +83,34 @@ fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Append the channel line of `r` (stamped with producer, seq and checksum) and a newline to `out`.
+/// Same bytes as [`encode_line`], serialized once into `out` without cloning the ref.
+pub fn encode_line_into(out: &mut Vec<u8>, r: &SampleRef, producer: &str, seq: u64) {
+    if r.metadata.contains_key("disagg") || !valid_name(producer) {
+        // Rare: the input carries its own stamp (replaced) or the name would need escaping.
+        out.extend_from_slice(encode_line(r, producer, seq).as_bytes());
+        out.push(b'\n');
+        return;
+    }
+    let start = out.len();
+    serde_json::to_writer(&mut *out, r).expect("a SampleRef always serializes");
+    // The ref ends with its metadata object and the ref's own brace: `...}}` (or `{}}`).
+    debug_assert!(out.ends_with(b"}}"));
+    out.truncate(out.len() - 2);
+    if !r.metadata.is_empty() {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"disagg\":{\"producer\":\"");
+    out.extend_from_slice(producer.as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    out.extend_from_slice(seq.to_string().as_bytes());
+    out.extend_from_slice(b",\"xxh3\":\"");
+    let sum = xxhash_rust::xxh3::xxh3_64(&out[start..]);
+    out.extend_from_slice(format!("{sum:016x}").as_bytes());
+    out.extend_from_slice(LINE_END);
+    out.push(b'\n');
+}
+
 /// Encode a ref as one channel line (without the newline), stamping producer, seq and checksum.
 pub fn encode_line(r: &SampleRef, producer: &str, seq: u64) -> String {
     let mut r = r.clone();
@@ -120,22 +148,29 @@ pub enum LineError {
 
 /// Check a line's stamp and checksum and that it is JSON; returns producer and seq.
 pub fn check_line(line: &[u8]) -> std::result::Result<LineStamp, LineError> {
+    check_line_ref(line).map(|(producer, seq)| LineStamp { producer: producer.to_string(), seq })
+}
+
+/// [`check_line`] without allocating: the producer is borrowed from the line.
+fn check_line_ref(line: &[u8]) -> std::result::Result<(&str, u64), LineError> {
     if line.len() > MAX_LINE_BYTES {
         return Err(LineError::TooLong(line.len()));
     }
-    let stamp = parse_stamp(line).ok_or(LineError::NoStamp)?;
+    let stamp = parse_stamp_ref(line).ok_or(LineError::NoStamp)?;
     let digits_at = line.len() - LINE_END.len() - 16;
-    let stated = std::str::from_utf8(&line[digits_at..digits_at + 16]).map_err(|_| LineError::NoStamp)?;
-    let actual = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&line[..digits_at]));
+    let digits = &line[digits_at..digits_at + 16];
+    let actual = xxhash_rust::xxh3::xxh3_64(&line[..digits_at]);
+    // parse_stamp checked the 16 digits are lowercase hex.
+    let stated = digits.iter().fold(0u64, |a, &b| (a << 4) | (if b.is_ascii_digit() { b - b'0' } else { b - b'a' + 10 }) as u64);
     if stated != actual {
-        return Err(LineError::Checksum { stated: stated.to_string(), actual });
+        return Err(LineError::Checksum { stated: String::from_utf8_lossy(digits).into_owned(), actual: format!("{actual:016x}") });
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(line).map_err(|e| LineError::Json(e.to_string()))?;
     Ok(stamp)
 }
 
 /// Parse `"disagg":{"producer":"P","seq":N,"xxh3":"H16"}}}` at the end of a line.
-fn parse_stamp(line: &[u8]) -> Option<LineStamp> {
+fn parse_stamp_ref(line: &[u8]) -> Option<(&str, u64)> {
     if !line.ends_with(LINE_END) || line.len() < TAIL_MARK.len() + 40 {
         return None;
     }
@@ -153,7 +188,7 @@ fn parse_stamp(line: &[u8]) -> Option<LineStamp> {
     if rest.len() != 16 + LINE_END.len() || !rest[..16].iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
         return None;
     }
-    valid_name(producer).then(|| LineStamp { producer: producer.to_string(), seq })
+    valid_name(producer).then_some((producer, seq))
 }
 
 /// Segment file name for a producer's segment starting at `first_seq`, written by `epoch`.
@@ -190,11 +225,21 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, u64, String)>> {
     Ok(segs)
 }
 
+/// Position of the first `\n` in `buf` (libc's vectorized memchr).
+fn find_newline(buf: &[u8]) -> Option<usize> {
+    if buf.is_empty() {
+        return None;
+    }
+    // SAFETY: the pointer and length describe `buf`; memchr reads at most `buf.len()` bytes.
+    let p = unsafe { libc::memchr(buf.as_ptr().cast(), b'\n' as libc::c_int, buf.len()) };
+    (!p.is_null()).then(|| p as usize - buf.as_ptr() as usize)
+}
+
 /// Split a buffer into complete lines; returns the lines and the length consumed.
 fn complete_lines(buf: &[u8]) -> (Vec<&[u8]>, usize) {
     let mut lines = Vec::new();
     let mut at = 0;
-    while let Some(nl) = buf[at..].iter().position(|&b| b == b'\n') {
+    while let Some(nl) = find_newline(&buf[at..]) {
         lines.push(&buf[at..at + nl]);
         at += nl + 1;
     }
@@ -361,12 +406,11 @@ impl RefProducer {
         if refs.is_empty() {
             return Ok(());
         }
-        let mut buf = String::with_capacity(refs.len() * 700);
+        let mut buf = Vec::with_capacity(refs.len() * 700);
         for (i, r) in refs.iter().enumerate() {
-            buf.push_str(&encode_line(r, &self.name, self.next_seq + i as u64));
-            buf.push('\n');
+            encode_line_into(&mut buf, r, &self.name, self.next_seq + i as u64);
         }
-        self.append_encoded(buf.as_bytes(), refs.len() as u64)
+        self.append_encoded(&buf, refs.len() as u64)
     }
 
     fn append_encoded(&mut self, bytes: &[u8], count: u64) -> Result<()> {
@@ -498,8 +542,56 @@ pub fn low_watermark(n: u64) -> u64 {
     n - n / 4
 }
 
+/// Lines one worker parses and encodes at a time.
+const ENCODE_CHUNK: usize = 512;
+
+/// Parse and encode input lines `(line number, bytes)` as channel lines with seqs `base`,
+/// `base + 1`, ...; returns the bytes and the end offset of each line. Chunks of lines are
+/// encoded in parallel and joined in order. The first bad line (in input order) fails the batch.
+fn encode_batch(todo: &[(u64, &[u8])], producer: &str, base: u64) -> Result<(Vec<u8>, Vec<usize>)> {
+    use rayon::prelude::*;
+    let encode = |ci: usize, chunk: &[(u64, &[u8])]| -> std::result::Result<(Vec<u8>, Vec<usize>), (u64, String)> {
+        let mut buf = Vec::with_capacity(chunk.iter().map(|l| l.1.len() + 128).sum());
+        let mut ends = Vec::with_capacity(chunk.len());
+        for (k, (line_no, l)) in chunk.iter().enumerate() {
+            let r = SampleRef::parse(l).map_err(|e| (*line_no, e.to_string()))?;
+            encode_line_into(&mut buf, &r, producer, base + (ci * ENCODE_CHUNK + k) as u64);
+            ends.push(buf.len());
+        }
+        Ok((buf, ends))
+    };
+    let bad = |(line_no, e): (u64, String)| Error::bad_input("<stdin>", format!("line {line_no}: {e}"));
+    if todo.len() <= ENCODE_CHUNK {
+        return encode(0, todo).map_err(bad);
+    }
+    let parts: Vec<_> = todo.par_chunks(ENCODE_CHUNK).enumerate().map(|(ci, chunk)| encode(ci, chunk)).collect();
+    let mut encoded = Vec::with_capacity(parts.iter().map(|p| p.as_ref().map_or(0, |p| p.0.len())).sum());
+    let mut ends = Vec::with_capacity(todo.len());
+    for part in parts {
+        let (buf, part_ends) = part.map_err(bad)?;
+        let off = encoded.len();
+        encoded.extend_from_slice(&buf);
+        ends.extend(part_ends.into_iter().map(|e| e + off));
+    }
+    Ok((encoded, ends))
+}
+
+/// Most input bytes `ref-publish` gathers into one batch (one write, one fdatasync).
+pub const PUBLISH_BATCH_BYTES: usize = 8 << 20;
+/// Longest `ref-publish` keeps gathering input that is already waiting before it writes.
+pub const PUBLISH_BATCH_WAIT: Duration = Duration::from_millis(5);
+
 /// `ref-publish`: read refs (JSON lines) from `input`, check, append; then close or fail.
+/// Each read from `input` is one batch.
 pub fn publish(opts: &PublishOptions, input: &mut dyn BufRead) -> Result<PublishSummary> {
+    publish_with(opts, input, &mut || false)
+}
+
+/// [`publish`] with group commit: after a read, keep reading into the same batch while
+/// `more_ready()` says more input is waiting (up to [`PUBLISH_BATCH_BYTES`] and
+/// [`PUBLISH_BATCH_WAIT`]), so a fast writer gets one write + fdatasync per large batch while
+/// a slow one still gets each ref out at once.
+pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: &mut dyn FnMut() -> bool) -> Result<PublishSummary> {
     if opts.max_in_flight == Some(0) {
         return Err(Error::Usage("--max-in-flight must be at least 1".into()));
     }
@@ -523,16 +615,25 @@ pub fn publish(opts: &PublishOptions, input: &mut dyn BufRead) -> Result<Publish
     let mut pending = Vec::<u8>::new();
     let mut paused = false;
     loop {
-        let chunk = input.fill_buf().at("<stdin>")?;
-        let eof = chunk.is_empty();
-        let n = chunk.len();
-        pending.extend_from_slice(chunk);
-        input.consume(n);
+        let gather_start = Instant::now();
+        let mut eof;
+        loop {
+            let chunk = input.fill_buf().at("<stdin>")?;
+            eof = chunk.is_empty();
+            let n = chunk.len();
+            pending.extend_from_slice(chunk);
+            input.consume(n);
+            if eof || pending.len() >= PUBLISH_BATCH_BYTES || gather_start.elapsed() >= PUBLISH_BATCH_WAIT || !more_ready() {
+                break;
+            }
+        }
         if eof && !pending.is_empty() && *pending.last().expect("nonempty") != b'\n' {
             pending.push(b'\n');
         }
         let (lines, used) = complete_lines(&pending);
-        let mut batch = Vec::with_capacity(lines.len());
+        // Parse and encode each ref as it comes (no batch of owned refs): line k of the batch
+        // gets seq published + k, as the batch is appended in order, in pieces of `room`.
+        let mut todo: Vec<(u64, &[u8])> = Vec::with_capacity(lines.len());
         for l in lines {
             line_no += 1;
             if l.iter().all(|b| b.is_ascii_whitespace()) {
@@ -543,17 +644,19 @@ pub fn publish(opts: &PublishOptions, input: &mut dyn BufRead) -> Result<Publish
                 summary.skipped_resumed += 1;
                 continue;
             }
-            let r = SampleRef::parse(l).map_err(|e| Error::bad_input("<stdin>", format!("line {line_no}: {e}")))?;
-            batch.push(r);
+            todo.push((line_no, l));
         }
+        let base = p.published();
+        let (encoded, ends) = encode_batch(&todo, &p.name, base)?;
         pending.drain(..used);
         if pending.len() > MAX_LINE_BYTES {
             return Err(Error::bad_input("<stdin>", format!("line {} is longer than {MAX_LINE_BYTES} bytes", line_no + 1)));
         }
-        let mut rest = &batch[..];
-        while !rest.is_empty() {
+        let mut done = 0usize;
+        while done < ends.len() {
+            let left = ends.len() - done;
             let room = match opts.max_in_flight {
-                None => rest.len() as u64,
+                None => left as u64,
                 Some(high) => {
                     let started = Instant::now();
                     let mut sleep = Duration::from_micros(200);
@@ -574,10 +677,12 @@ pub fn publish(opts: &PublishOptions, input: &mut dyn BufRead) -> Result<Publish
                     room
                 }
             };
-            let take = (room as usize).min(rest.len()).max(1);
-            p.append(&rest[..take])?;
+            let take = (room as usize).min(left).max(1);
+            let from = if done == 0 { 0 } else { ends[done - 1] };
+            debug_assert_eq!(p.published(), base + done as u64);
+            p.append_encoded(&encoded[from..ends[done + take - 1]], take as u64)?;
             summary.published_now += take as u64;
-            rest = &rest[take..];
+            done += take;
         }
         if eof {
             break;
@@ -614,7 +719,18 @@ pub struct Cursor {
 
 /// The rank (of `world`) that owns the ref stamped (producer, seq): `xxh3_64("P:SEQ") % world`.
 pub fn shard_of(producer: &str, seq: u64, world: u64) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(format!("{producer}:{seq}").as_bytes()) % world.max(1)
+    if world <= 1 {
+        return 0;
+    }
+    // "P:SEQ" on the stack: a name is at most 128 bytes, a u64 at most 20 digits.
+    let mut key = [0u8; MAX_NAME_BYTES + 1 + 20];
+    let cap = key.len();
+    let mut w = &mut key[..];
+    if write!(w, "{producer}:{seq}").is_err() {
+        return xxhash_rust::xxh3::xxh3_64(format!("{producer}:{seq}").as_bytes()) % world;
+    }
+    let len = cap - w.len();
+    xxhash_rust::xxh3::xxh3_64(&key[..len]) % world
 }
 
 /// Options of `ref-tail`.
@@ -925,16 +1041,16 @@ fn read_stream(
         for line in lines.into_iter().take(n_lines) {
             consumed_bytes += line.len() + 1;
             let stamp = match layout {
-                Layout::Segments => check_line(line).and_then(|st| {
-                    if st.producer == s.name {
-                        Ok(st.seq)
+                Layout::Segments => check_line_ref(line).and_then(|(producer, seq)| {
+                    if producer == s.name {
+                        Ok(seq)
                     } else {
-                        Err(LineError::Json(format!("line is stamped by producer {:?}, not {:?}", st.producer, s.name)))
+                        Err(LineError::Json(format!("line is stamped by producer {producer:?}, not {:?}", s.name)))
                     }
                 }),
                 Layout::SingleFile => {
-                    if line.ends_with(LINE_END) && parse_stamp(line).is_some() {
-                        check_line(line).map(|_| s.pos.next_seq)
+                    if line.ends_with(LINE_END) && parse_stamp_ref(line).is_some() {
+                        check_line_ref(line).map(|_| s.pos.next_seq)
                     } else {
                         SampleRef::parse(line).map(|_| s.pos.next_seq).map_err(|e| LineError::Json(e.to_string()))
                     }
@@ -1047,7 +1163,13 @@ fn read_stream(
 pub fn run_publish(opts: &PublishOptions) -> Result<()> {
     let stdin = io::stdin();
     let mut input = io::BufReader::with_capacity(1 << 20, stdin.lock());
-    let s = publish(opts, &mut input)?;
+    // More input is waiting when stdin polls readable (a file always is; EOF counts too).
+    let mut more_ready = || {
+        let mut fd = libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+    };
+    let s = publish_with(opts, &mut input, &mut more_ready)?;
     if opts.json {
         println!("{}", serde_json::to_string(&s).expect("serializes"));
     }
@@ -1063,4 +1185,65 @@ pub fn run_tail(opts: &TailOptions) -> Result<()> {
         eprintln!("{}", serde_json::to_string(&s).expect("serializes"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> SampleRef {
+        SampleRef::parse(s.as_bytes()).unwrap()
+    }
+
+    /// The single-pass encoder writes exactly the bytes of `encode_line`.
+    #[test]
+    fn encode_into_matches_encode_line() {
+        let base = r#""sample_id":"s0","feature_store_uri":"file:///x","feature_keys":{"h":"k","a":"\"q\"\u00e9\n"},"schema_version":1"#;
+        let refs = [
+            format!("{{{base}}}"),
+            format!("{{{base},\"metadata\":{{\"weight_version\":3}}}}"),
+            format!("{{{base},\"metadata\":{{\"disagg\":{{\"producer\":\"x\",\"seq\":9,\"xxh3\":\"0\"}},\"w\":[1,2],\"z\":null}}}}"),
+            format!("{{{base},\"metadata\":{{\"a\":1,\"disagg\":1}},\"num_tokens\":7,\"run_id\":\"r\\u0001\"}}"),
+            format!(
+                r#"{{{base},"feature_specs":{{"h":{{"name":"h","shape":[1,-2],"dtype":"bfloat16","target_meta":{{"k":[1.5,"x"]}}}}}},"metadata":{{"weight_versions":[1,2]}}}}"#
+            ),
+        ];
+        for (i, text) in refs.iter().enumerate() {
+            let r = parse(text);
+            for (producer, seq) in [("p0", 0u64), ("host-3.a_b", 18_446_744_073_709_551_615), ("x", i as u64)] {
+                let mut out = b"prefix\n".to_vec();
+                encode_line_into(&mut out, &r, producer, seq);
+                let want = format!("prefix\n{}\n", encode_line(&r, producer, seq));
+                assert_eq!(String::from_utf8(out).unwrap(), want);
+                let line = want.trim_end().strip_prefix("prefix\n").unwrap().as_bytes();
+                assert_eq!(check_line(line).unwrap(), LineStamp { producer: producer.to_string(), seq });
+            }
+        }
+    }
+
+    #[test]
+    fn checksum_mismatch_and_sharding() {
+        let r = parse(r#"{"sample_id":"s0","feature_store_uri":"file:///x","feature_keys":{},"schema_version":1}"#);
+        let mut line = encode_line(&r, "p0", 5).into_bytes();
+        let at = line.len() - LINE_END.len() - 1;
+        line[at] = if line[at] == b'0' { b'1' } else { b'0' };
+        assert!(matches!(check_line(&line), Err(LineError::Checksum { .. })));
+        for world in [1u64, 2, 3, 8] {
+            for seq in [0u64, 1, 77, u64::MAX] {
+                let name = "p".repeat(MAX_NAME_BYTES);
+                for producer in ["p0", name.as_str()] {
+                    let want = xxhash_rust::xxh3::xxh3_64(format!("{producer}:{seq}").as_bytes()) % world;
+                    assert_eq!(shard_of(producer, seq, world), want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn newline_search() {
+        let (lines, used) = complete_lines(b"a\nbb\n\nccc");
+        assert_eq!(lines, vec![&b"a"[..], b"bb", b""]);
+        assert_eq!(used, 6);
+        assert_eq!(complete_lines(b"").1, 0);
+    }
 }

@@ -10,7 +10,7 @@
 
 use super::channel::{self, Layout, RefProducer};
 use super::sample_ref::{FeatureSpec, Manifest, SampleRef, SCHEMA_VERSION};
-use super::store::{Dtype, FeatureStore, PlaceMode, StoreOptions, StoredObject, TensorData};
+use super::store::{DirSync, Dtype, FeatureStore, PlaceMode, StoreOptions, StoredObject, TensorData};
 use super::torch_ckpt;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
@@ -165,7 +165,8 @@ fn mmap(path: &Path) -> Result<memmap2::Mmap> {
     let f = fs::File::open(path).at(path)?;
     // SAFETY: inputs and store objects are never modified in place by disagg; a concurrent
     // external writer would at worst make us read inconsistent bytes, which validation catches.
-    unsafe { memmap2::Mmap::map(&f) }.at(path)
+    // Populated: every input byte is read (validation, copy), so map it all at once.
+    unsafe { memmap2::MmapOptions::new().populate().map(&f) }.at(path)
 }
 
 /// Tensor list of a safetensors buffer, validated by the `safetensors` crate.
@@ -222,14 +223,25 @@ impl From<&str> for Failure {
     }
 }
 
-fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions) -> std::result::Result<Outcome, Failure> {
+fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions, dirs: &DirSync) -> std::result::Result<Outcome, Failure> {
     let id = sample_id_for(rel);
     if !super::store::valid_id(&id) {
         return Err(format!("sample id {id:?} derived from the path is not usable (too long?)").into());
     }
     let src_meta = fs::metadata(src).map_err(|e| e.to_string())?;
     if let Some((obj, specs)) = intact_existing(store, &id, src, &src_meta) {
+        // Reported again: make sure its names are durable (a crashed earlier run may have
+        // renamed it without its directory fsyncs; for a durable one these are no-ops).
+        let sample_dir = store.sample_dir(&id);
+        if let Some(shard) = sample_dir.parent() {
+            dirs.add(shard.to_path_buf());
+            if let Some(objects) = shard.parent() {
+                dirs.add(objects.to_path_buf());
+            }
+        }
+        dirs.add(sample_dir);
         if opts.mode == PlaceMode::Move && obj_differs_from(src, &obj) {
+            dirs.sync().map_err(Failure::Fatal)?;
             fsio::remove_durable(src).map_err(Failure::Fatal)?;
         }
         return Ok(Outcome::Skipped(ref_for_object(store, &obj, &specs, rel, opts)));
@@ -250,7 +262,7 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions)
             tensors.push(TensorData { name: name.clone(), dtype: *dtype, shape: shape.clone(), data: view.data().into() });
         }
         let obj = match opts.mode {
-            PlaceMode::Copy => store.put(&id, &tensors, &md, opts.retain_on_release),
+            PlaceMode::Copy => store.put_in(&id, &tensors, &md, opts.retain_on_release, dirs),
             mode => {
                 drop(tensors);
                 drop(map);
@@ -275,8 +287,10 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions)
         for t in &tensors {
             check_nan(&t.name, t.dtype, &t.data)?;
         }
-        let obj = store.put(&id, &tensors, &md, opts.retain_on_release).map_err(Failure::Fatal)?;
+        let obj = store.put_in(&id, &tensors, &md, opts.retain_on_release, dirs).map_err(Failure::Fatal)?;
         if opts.mode == PlaceMode::Move {
+            // The source goes only once the object's name is durable.
+            dirs.sync().map_err(Failure::Fatal)?;
             fsio::remove_durable(src).map_err(Failure::Fatal)?;
         }
         (obj, tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect())
@@ -315,7 +329,12 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     };
     // Duplicate sample ids (data_1.ckpt and data_1.ckpt.gz) cannot both be stored.
     let mut seen = std::collections::HashMap::new();
-    let results: Vec<std::result::Result<Outcome, Failure>> = inputs
+    let dirs = DirSync::default();
+    // Ingest is I/O bound (reads, O_DIRECT writes, fsyncs): run more files at once than there
+    // are cores so that one file's fsync overlaps other files' work.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).saturating_mul(4).clamp(4, 16);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
+    let results: Vec<std::result::Result<Outcome, Failure>> = pool.install(|| inputs
         .iter()
         .map(|(_, rel)| seen.insert(sample_id_for(rel), rel.clone()))
         .collect::<Vec<_>>()
@@ -326,14 +345,14 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         .map(|(dup, (src, rel))| {
             let r = match dup {
                 Some(other) if other != *rel => Err(Failure::Invalid(format!("sample id {} is also derived from {other}", sample_id_for(rel)))),
-                _ => ingest_one(&store, src, rel, opts),
+                _ => ingest_one(&store, src, rel, opts, &dirs),
             };
             if let Some(b) = &bar {
                 b.inc(1);
             }
             r
         })
-        .collect();
+        .collect());
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -375,6 +394,8 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     for r in &refs {
         r.check().map_err(|e| Error::Internal(format!("ref for {}: {e}", r.sample_id)))?;
     }
+    // Every object's name durable before any ref to it is written anywhere.
+    pool.install(|| dirs.sync())?;
     summary.refs = refs.len();
     if let Some(path) = &opts.manifest {
         let m = Manifest { schema_version: SCHEMA_VERSION, refs };

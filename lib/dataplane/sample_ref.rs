@@ -96,11 +96,39 @@ impl SampleRef {
         if text.len() > MAX_REF_BYTES {
             return Err(RefError::TooLarge(text.len()));
         }
+        // Fast path: one typed parse, then the tensor-free check on the few untyped parts of
+        // the result. A typed parse that succeeds yields the very struct the checked path below
+        // builds (a ref has no field outside the struct: unknown fields are refused), and
+        // `tensor_free_typed` holds exactly when `check_tensor_free` would pass on its JSON
+        // value. Anything else (a violation, a duplicate field, any error) goes through the
+        // checked path, so errors and their messages are unchanged.
+        if let Ok(text) = std::str::from_utf8(text) {
+            if let Ok(r) = serde_json::from_str::<SampleRef>(text) {
+                if r.tensor_free_typed() {
+                    r.check_fields()?;
+                    return Ok(r);
+                }
+            }
+        }
+        Self::parse_checked(text)
+    }
+
+    /// The checked path: a JSON value, the tensor-free check on all of it, then the struct.
+    fn parse_checked(text: &[u8]) -> Result<SampleRef, RefError> {
         let value: Value = serde_json::from_slice(text).map_err(|e| RefError::Json(e.to_string()))?;
         check_tensor_free(&value, "$", 0)?;
         let r: SampleRef = serde_json::from_value(value).map_err(|e| RefError::Json(e.to_string()))?;
         r.check_fields()?;
         Ok(r)
+    }
+
+    /// `check_tensor_free` of this ref's JSON value, without building it: the root object is
+    /// depth 0, its fields depth 1, so metadata values sit at depth 2, a spec's fields at depth 3
+    /// and shape elements (integers) at depth 4; every other field is a scalar or a map of
+    /// strings.
+    fn tensor_free_typed(&self) -> bool {
+        self.feature_specs.values().all(|s| s.shape.len() <= MAX_INLINE_ARRAY && s.target_meta.as_ref().is_none_or(|v| tensor_free_value(v, 3)))
+            && self.metadata.values().all(|v| tensor_free_value(v, 2))
     }
 
     /// The checks every writer runs: schema, ids, tensor-free.
@@ -164,6 +192,18 @@ fn parse_span(v: &Value) -> Option<(u64, u64)> {
     (lo <= hi).then_some((lo, hi))
 }
 
+/// `check_tensor_free(v, _, depth).is_ok()` without building error paths.
+fn tensor_free_value(v: &Value, depth: usize) -> bool {
+    if depth > MAX_DEPTH {
+        return false;
+    }
+    match v {
+        Value::Array(a) => a.len() <= MAX_INLINE_ARRAY && a.iter().all(|x| tensor_free_value(x, depth + 1)),
+        Value::Object(m) => m.values().all(|x| tensor_free_value(x, depth + 1)),
+        _ => true,
+    }
+}
+
 /// Reject anything that looks like tensor data: long arrays, deep nesting.
 pub fn check_tensor_free(v: &Value, at: &str, depth: usize) -> Result<(), RefError> {
     if depth > MAX_DEPTH {
@@ -194,4 +234,61 @@ pub fn check_tensor_free(v: &Value, at: &str, depth: usize) -> Result<(), RefErr
 pub struct Manifest {
     pub schema_version: u64,
     pub refs: Vec<SampleRef>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nest(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// The fast path accepts exactly what the checked path accepts, with the same result.
+    #[test]
+    fn fast_parse_agrees_with_checked_parse() {
+        let base = r#""sample_id":"s0","feature_store_uri":"file:///x","feature_keys":{"h":"k"},"schema_version":1"#;
+        let arr = |n: usize| format!("[{}]", (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        let spec = |shape: &str, meta: &str| {
+            format!(r#""feature_specs":{{"h":{{"name":"h","shape":{shape},"dtype":"int64","device_hint":null,"required":true,"target_repr":null,"target_meta":{meta}}}}}"#)
+        };
+        let mut cases = vec![
+            format!("{{{base}}}"),
+            format!("{{{base},\"metadata\":{{}}}}"),
+            format!("{{{base},\"metadata\":{{\"weight_version\":3,\"weight_versions\":[1,2],\"x\":\"a\\\"b\\u00e9\\n\"}}}}"),
+            format!("{{{base},\"metadata\":{{\"a\":{}}}}}", arr(64)),
+            format!("{{{base},\"metadata\":{{\"a\":{}}}}}", arr(65)),
+            format!("{{{base},\"metadata\":{{\"a\":{}}}}}", nest(14)),
+            format!("{{{base},\"metadata\":{{\"a\":{}}}}}", nest(15)),
+            format!("{{{base},\"metadata\":{{\"a\":{}}}}}", nest(16)),
+            format!("{{{base},{}}}", spec(&arr(64), "null")),
+            format!("{{{base},{}}}", spec(&arr(65), "null")),
+            format!("{{{base},{}}}", spec("[1]", &arr(65))),
+            format!("{{{base},{}}}", spec("[1]", &nest(13))),
+            format!("{{{base},{}}}", spec("[1]", &nest(14))),
+            format!("{{{base},\"metadata\":{{\"a\":1,\"a\":{}}}}}", arr(65)),
+            format!("{{{base},\"metadata\":{{\"a\":{},\"a\":1}}}}", arr(65)),
+            format!("{{{base},\"sample_id\":\"dup\"}}"),
+            format!("{{{base},\"unknown\":1}}"),
+            format!("{{{base},\"num_tokens\":1.5}}"),
+            format!("{{{base},\"metadata\":{{\"weight_version\":-1}}}}"),
+            format!("{{{base},\"schema_version\":2}}").replace("\"schema_version\":1,", ""),
+            format!("{{{base}}} x"),
+            "[]".to_string(),
+            "{".to_string(),
+        ];
+        cases.push(format!("{{{base},\"metadata\":{{\"s\":\"\\ud800\"}}}}"));
+        for c in &cases {
+            assert_eq!(SampleRef::parse(c.as_bytes()), SampleRef::parse_checked(c.as_bytes()), "{c}");
+        }
+        // Not UTF-8.
+        let mut bad = format!("{{{base},\"metadata\":{{\"s\":\"").into_bytes();
+        bad.extend_from_slice(&[0xff, b'"', b'}', b'}']);
+        assert_eq!(SampleRef::parse(&bad), SampleRef::parse_checked(&bad));
+        // Some of them are refused for carrying arrays or depth, with the checked path's message.
+        assert!(matches!(SampleRef::parse(cases[4].as_bytes()), Err(RefError::InlineArray(p, 65)) if p == "$.metadata.a"));
+        assert!(SampleRef::parse(cases[5].as_bytes()).is_ok());
+        assert!(matches!(SampleRef::parse(cases[6].as_bytes()), Err(RefError::TooDeep(_))));
+        assert!(matches!(SampleRef::parse(cases[7].as_bytes()), Err(RefError::TooDeep(_))));
+    }
 }
