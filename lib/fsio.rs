@@ -89,6 +89,35 @@ impl AtomicFile {
         self.file.as_ref().expect("AtomicFile used after commit")
     }
 
+    /// Like [`AtomicFile::create`], opened with `O_DIRECT` where the file system takes it (so a
+    /// large sequential write bypasses the page cache); the flag says whether it did.
+    pub fn create_direct(target: impl AsRef<Path>) -> Result<(Self, bool)> {
+        let target = target.as_ref().to_path_buf();
+        let temp = temp_path_for(&target);
+        let open = |flags: i32| OpenOptions::new().write(true).read(true).create_new(true).mode(0o644).custom_flags(flags).open(&temp);
+        let (file, direct) = match open(libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).at(&temp)?, false),
+            Err(e) => return Err(Error::io(&temp, e)),
+        };
+        Ok((AtomicFile { target, temp, file: Some(file) }, direct))
+    }
+
+    /// fsync the data and rename over the final name, owing the directory fsync to `dirs`:
+    /// for batches, where one fsync per directory (in [`DirSync::sync`], before anything
+    /// reports the new names) replaces one per file.
+    pub fn commit_deferred(mut self, dirs: &DirSync) -> Result<()> {
+        let file = self.file.take().expect("AtomicFile committed twice");
+        file.sync_all().at(&self.temp)?;
+        drop(file);
+        if let Err(e) = fs::rename(&self.temp, &self.target) {
+            let _ = fs::remove_file(&self.temp);
+            return Err(Error::io(&self.target, e));
+        }
+        dirs.add(parent_of(&self.target).to_path_buf());
+        Ok(())
+    }
+
     /// fsync the data, rename over the final name, fsync the directory.
     pub fn commit(mut self) -> Result<()> {
         let file = self.file.take().expect("AtomicFile committed twice");
@@ -134,6 +163,44 @@ pub fn copy_atomic(src: &Path, dst: &Path) -> Result<u64> {
     let n = io::copy(&mut input, &mut out).at(src)?;
     f.commit()?;
     Ok(n)
+}
+
+/// Directory fsyncs owed by a batch of [`AtomicFile::commit_deferred`] calls and directory
+/// creations: one fsync per directory, however many names changed in it.
+#[derive(Debug, Default)]
+pub struct DirSync {
+    dirs: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
+}
+
+impl DirSync {
+    /// Owe an fsync of `dir`.
+    pub fn add(&self, dir: PathBuf) {
+        self.dirs.lock().expect("dir set").insert(dir);
+    }
+
+    /// fsync every owed directory (in parallel: the fsyncs of one batch overlap).
+    pub fn sync(&self) -> Result<()> {
+        use rayon::prelude::*;
+        let dirs: Vec<PathBuf> = std::mem::take(&mut *self.dirs.lock().expect("dir set")).into_iter().collect();
+        dirs.par_iter().try_for_each(|d| fsync_dir(d))
+    }
+}
+
+/// [`create_dir_durable`], with the parent fsyncs owed to `dirs` instead of done now.
+pub fn create_dir_deferred(dir: &Path, dirs: &DirSync) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = parent_of(dir);
+    create_dir_deferred(parent, dirs)?;
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            dirs.add(parent.to_path_buf());
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(Error::io(dir, e)),
+    }
 }
 
 /// Remove a file and fsync its directory; a missing file is not an error.

@@ -10,7 +10,7 @@
 
 use super::channel::{self, Layout, RefProducer};
 use super::sample_ref::{FeatureSpec, Manifest, SampleRef, SCHEMA_VERSION};
-use super::store::{DirSync, Dtype, FeatureStore, PlaceMode, StoreOptions, StoredObject, TensorData};
+use super::store::{Dtype, FeatureStore, PlaceMode, StoreOptions, StoredObject, TensorData};
 use super::torch_ckpt;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
@@ -223,7 +223,7 @@ impl From<&str> for Failure {
     }
 }
 
-fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions, dirs: &DirSync) -> std::result::Result<Outcome, Failure> {
+fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions, dirs: &crate::fsio::DirSync) -> std::result::Result<Outcome, Failure> {
     let id = sample_id_for(rel);
     if !super::store::valid_id(&id) {
         return Err(format!("sample id {id:?} derived from the path is not usable (too long?)").into());
@@ -329,7 +329,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     };
     // Duplicate sample ids (data_1.ckpt and data_1.ckpt.gz) cannot both be stored.
     let mut seen = std::collections::HashMap::new();
-    let dirs = DirSync::default();
+    let dirs = crate::fsio::DirSync::default();
     // Ingest is I/O bound (reads, O_DIRECT writes, fsyncs): run more files at once than there
     // are cores so that one file's fsync overlaps other files' work.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).saturating_mul(4).clamp(4, 16);

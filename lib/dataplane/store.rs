@@ -22,10 +22,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -296,57 +292,6 @@ pub fn safetensors_header(tensors: &[TensorData<'_>], metadata: &BTreeMap<String
     Ok(out)
 }
 
-/// Directory fsyncs owed by a batch of [`FeatureStore::put_in`] calls: one fsync per directory,
-/// however many names changed in it, done by [`DirSync::sync`] before the batch is reported.
-#[derive(Debug, Default)]
-pub struct DirSync {
-    dirs: Mutex<BTreeSet<PathBuf>>,
-}
-
-impl DirSync {
-    /// Owe an fsync of `dir`.
-    pub fn add(&self, dir: PathBuf) {
-        self.dirs.lock().expect("dir set").insert(dir);
-    }
-
-    /// fsync every owed directory (in parallel: the fsyncs of one batch overlap).
-    pub fn sync(&self) -> Result<()> {
-        use rayon::prelude::*;
-        let dirs: Vec<PathBuf> = std::mem::take(&mut *self.dirs.lock().expect("dir set")).into_iter().collect();
-        if dirs.len() <= 2 {
-            return dirs.iter().try_for_each(|d| fsio::fsync_dir(d));
-        }
-        dirs.par_iter().try_for_each(|d| fsio::fsync_dir(d))
-    }
-}
-
-/// `fsio::create_dir_durable`, with the parent fsyncs owed to `dirs` instead of done now.
-fn create_dir_deferred(dir: &Path, dirs: &DirSync) -> Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    create_dir_deferred(parent, dirs)?;
-    match fs::create_dir(dir) {
-        Ok(()) => {
-            dirs.add(parent.to_path_buf());
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(e) => Err(Error::io(dir, e)),
-    }
-}
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A temp name beside `target` in fsio's temp-name scheme (`.NAME.tmp-PID-sN`: readers ignore
-/// it, gc sweeps it; the `s` keeps it apart from fsio's own counter).
-fn temp_name(target: &Path) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    target.with_file_name(format!(".{name}{}{}-s{n}", fsio::TEMP_MARKER, std::process::id()))
-}
-
 /// Alignment and granularity of O_DIRECT writes (covers 512- and 4096-byte sectors).
 const DIRECT_ALIGN: usize = 4096;
 /// Bytes an [`ObjectWriter`] gathers per O_DIRECT write.
@@ -362,7 +307,7 @@ thread_local! {
 /// its length. Any refusal (EINVAL at open or write, a short write) falls back to ordinary
 /// buffered writes for the rest. The caller fsyncs the returned file either way.
 struct ObjectWriter {
-    file: File,
+    file: fsio::AtomicFile,
     direct: bool,
     /// Backing store of the aligned buffer: `buf_off..buf_off + DIRECT_CHUNK` is aligned.
     buf: Vec<u8>,
@@ -372,15 +317,9 @@ struct ObjectWriter {
 }
 
 impl ObjectWriter {
-    fn create(path: &Path) -> Result<Self> {
-        let direct = OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_DIRECT).open(path);
-        let (file, direct) = match direct {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (OpenOptions::new().write(true).create_new(true).mode(0o644).open(path).at(path)?, false)
-            }
-            Err(e) => return Err(Error::io(path, e)),
-        };
+    /// Start the object that will be committed under `target`.
+    fn create(target: &Path) -> Result<Self> {
+        let (file, direct) = fsio::AtomicFile::create_direct(target)?;
         let (buf, buf_off) = if direct {
             // One buffer per thread, reused across objects (no 4 MiB allocation and page
             // faults per object).
@@ -415,7 +354,7 @@ impl ObjectWriter {
     /// or, if refused, the buffered bytes without it.
     fn flush_direct(&mut self, len: usize) -> io::Result<()> {
         let chunk = &self.buf[self.buf_off..self.buf_off + len];
-        match self.file.write(chunk) {
+        match self.file.file().write(chunk) {
             Ok(n) if n == len => {
                 self.written += len as u64;
                 self.filled = 0;
@@ -442,7 +381,7 @@ impl ObjectWriter {
     fn stop_direct(&mut self) -> io::Result<()> {
         use std::os::fd::AsRawFd;
         self.direct = false;
-        let fd = self.file.as_raw_fd();
+        let fd = self.file.file().as_raw_fd();
         // SAFETY: fcntl on a descriptor we own.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
         if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
@@ -452,8 +391,8 @@ impl ObjectWriter {
     }
 
     /// Write what is buffered (the last block padded, then cut back to length); the file, not
-    /// yet fsynced.
-    fn finish(mut self) -> io::Result<File> {
+    /// yet committed.
+    fn finish(mut self) -> io::Result<fsio::AtomicFile> {
         self.finish_writes()?;
         if !self.buf.is_empty() {
             let buf = std::mem::take(&mut self.buf);
@@ -472,7 +411,7 @@ impl ObjectWriter {
             self.flush_direct(padded)?;
             let end = before + len as u64;
             if self.written != end {
-                self.file.set_len(end)?;
+                self.file.file().set_len(end)?;
                 self.written = end;
             }
         }
@@ -550,22 +489,6 @@ impl FeatureStore {
         Ok(self.generations(sample_id)?.last().map(|&g| self.object(sample_id, g)))
     }
 
-    /// Advance the sample's generation counter (never reused, even after a crash).
-    fn next_generation(&self, sample_id: &str) -> Result<u64> {
-        let dir = self.sample_dir(sample_id);
-        fsio::create_dir_durable(&dir)?;
-        let path = dir.join(GENERATION_FILE);
-        let lock = fsio::RefLock::acquire(&path, fsio::REF_LOCK_TIMEOUT)?;
-        let listed = self.generations(sample_id)?.last().copied().unwrap_or(0);
-        let stored = match lock.read_current()? {
-            Some(t) => t.trim().parse::<u64>().map_err(|_| Error::bad_input(&path, format!("{:?} is not a generation", t.trim())))?,
-            None => 0,
-        };
-        let next = stored.max(listed) + 1;
-        lock.commit(format!("{next}\n").as_bytes())?;
-        Ok(next)
-    }
-
     fn count_usage(&self) -> Result<u64> {
         let mut total = 0u64;
         let objects = self.root.join(OBJECTS_DIR);
@@ -631,15 +554,11 @@ impl FeatureStore {
         }
     }
 
-    /// Advance the sample's generation counter like [`Self::next_generation`], for [`Self::put_in`]:
-    /// new directories are left to `dirs`, and the retain marker of the new generation (when
-    /// asked) is written (temp, fsync, rename) before the counter is committed, so the one
-    /// directory fsync of the counter's commit also makes the marker's name durable. A crash in
-    /// between leaves at worst a marker for a generation that was never used; the next put
-    /// takes that generation again and rewrites the marker.
-    fn next_generation_in(&self, sample_id: &str, retain_on_release: bool, dirs: &DirSync) -> Result<u64> {
+    /// Advance the sample's generation counter (never reused, even after a crash), writing the
+    /// retain marker of the new generation first when asked.
+    fn next_generation_in(&self, sample_id: &str, retain_on_release: bool, dirs: &fsio::DirSync) -> Result<u64> {
         let dir = self.sample_dir(sample_id);
-        create_dir_deferred(&dir, dirs)?;
+        fsio::create_dir_deferred(&dir, dirs)?;
         let path = dir.join(GENERATION_FILE);
         let lock = fsio::RefLock::acquire(&path, fsio::REF_LOCK_TIMEOUT)?;
         let listed = self.generations(sample_id)?.last().copied().unwrap_or(0);
@@ -649,15 +568,9 @@ impl FeatureStore {
         };
         let next = stored.max(listed) + 1;
         if retain_on_release {
-            let marker = self.retain_path(sample_id, next);
-            let temp = temp_name(&marker);
-            let f = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&temp).at(&temp)?;
-            f.sync_all().at(&temp)?;
-            drop(f);
-            if let Err(e) = fs::rename(&temp, &marker) {
-                let _ = fs::remove_file(&temp);
-                return Err(Error::io(&marker, e));
-            }
+            // The counter's commit below fsyncs this directory, so the marker is durable
+            // before the new generation is.
+            fsio::AtomicFile::create(self.retain_path(sample_id, next))?.commit_deferred(dirs)?;
         }
         lock.commit(format!("{next}\n").as_bytes())?;
         Ok(next)
@@ -666,7 +579,7 @@ impl FeatureStore {
     /// Store tensors as a new generation of `sample_id`; older unleased generations are removed.
     /// Durable when it returns.
     pub fn put(&self, sample_id: &str, tensors: &[TensorData<'_>], metadata: &BTreeMap<String, String>, retain_on_release: bool) -> Result<StoredObject> {
-        let dirs = DirSync::default();
+        let dirs = fsio::DirSync::default();
         let obj = self.put_in(sample_id, tensors, metadata, retain_on_release, &dirs)?;
         dirs.sync()?;
         Ok(obj)
@@ -674,12 +587,12 @@ impl FeatureStore {
 
     /// [`Self::put`] for batches: the object's bytes, counter and marker are durable when it
     /// returns, but the directory fsyncs that make the new names durable (the object's rename,
-    /// new sample and shard directories) are added to `dirs`; call [`DirSync::sync`] before
+    /// new sample and shard directories) are added to `dirs`; call [`fsio::DirSync::sync`] before
     /// anything reports the object (manifest, channel). Within the sample directory the order
     /// of the old protocol holds: counter and marker are durable before the object's name
     /// appears. The object is written with O_DIRECT where the file system allows it (no page
     /// cache copy, no writeback storm at fsync), else with ordinary writes.
-    pub fn put_in(&self, sample_id: &str, tensors: &[TensorData<'_>], metadata: &BTreeMap<String, String>, retain_on_release: bool, dirs: &DirSync) -> Result<StoredObject> {
+    pub fn put_in(&self, sample_id: &str, tensors: &[TensorData<'_>], metadata: &BTreeMap<String, String>, retain_on_release: bool, dirs: &fsio::DirSync) -> Result<StoredObject> {
         self.check_id("sample id", sample_id)?;
         let mut names = std::collections::HashSet::new();
         for t in tensors {
@@ -696,8 +609,7 @@ impl FeatureStore {
             let generation = self.next_generation_in(sample_id, retain_on_release, dirs)?;
             let key = object_key(sample_id, generation);
             let path = self.root.join(&key);
-            let temp = temp_name(&path);
-            let mut w = ObjectWriter::create(&temp)?;
+            let mut w = ObjectWriter::create(&path)?;
             let written = (|| {
                 w.write_all(&header)?;
                 for t in tensors {
@@ -705,21 +617,10 @@ impl FeatureStore {
                 }
                 w.finish()
             })();
-            let file = match written {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = fs::remove_file(&temp);
-                    return Err(Error::io(&temp, e));
-                }
-            };
+            // Dropped on error, the AtomicFile removes its temp.
+            let file = written.map_err(|e| Error::io(&path, e))?;
             crate::failpoint!("store.before_commit");
-            let synced = file.sync_all();
-            drop(file);
-            if let Err(e) = synced.and_then(|_| fs::rename(&temp, &path)) {
-                let _ = fs::remove_file(&temp);
-                return Err(Error::io(&path, e));
-            }
-            dirs.add(self.sample_dir(sample_id));
+            file.commit_deferred(dirs)?;
             Ok(StoredObject { sample_id: sample_id.to_string(), generation, key, path, bytes })
         })();
         match res {
@@ -744,11 +645,10 @@ impl FeatureStore {
         let len = fs::metadata(src).at(src)?.len();
         let extra = if mode == PlaceMode::Copy { len } else { 0 };
         self.reserve(extra)?;
-        let generation = self.next_generation(sample_id)?;
+        let dirs = fsio::DirSync::default();
+        let generation = self.next_generation_in(sample_id, retain_on_release, &dirs)?;
+        dirs.sync()?;
         let obj = self.object(sample_id, generation);
-        if retain_on_release {
-            fsio::write_atomic(self.retain_path(sample_id, generation), b"")?;
-        }
         let placed = match mode {
             PlaceMode::Copy => fsio::copy_atomic(src, &obj.path).map(|_| ()),
             PlaceMode::Link => fs::hard_link(src, &obj.path).at(&obj.path).and_then(|_| fsio::fsync_dir(obj.path.parent().expect("in a dir"))),
@@ -972,7 +872,7 @@ mod tests {
                 TensorData { name: "b".into(), dtype: Dtype::I16, shape: vec![3], data: Cow::Owned(vec![1, 2, 3, 4, 5, 6]) },
             ];
             let id = format!("s{i}");
-            let dirs = DirSync::default();
+            let dirs = fsio::DirSync::default();
             let obj = store.put_in(&id, &tensors, &BTreeMap::new(), i % 2 == 0, &dirs).unwrap();
             dirs.sync().unwrap();
             let bytes = fs::read(&obj.path).unwrap();
@@ -1005,15 +905,14 @@ mod tests {
             if w.direct && w.filled > fail_at {
                 // As if the kernel had taken only `fail_at` (aligned) bytes of the next direct
                 // write, or refused it (0).
-                let (file, buf) = (&mut w.file, &w.buf);
-                file.write_all(&buf[w.buf_off..w.buf_off + fail_at]).unwrap();
+                let (file, buf) = (w.file.file(), &w.buf);
+                (&*file).write_all(&buf[w.buf_off..w.buf_off + fail_at]).unwrap();
                 w.written += fail_at as u64;
                 w.fall_back(fail_at).unwrap();
                 assert!(!w.direct);
             }
             w.write_all(&data[cut..]).unwrap();
-            let f = w.finish().unwrap();
-            f.sync_all().unwrap();
+            w.finish().unwrap().commit().unwrap();
             assert_eq!(fs::read(&path).unwrap(), data, "cut {cut}");
         }
         fs::remove_dir_all(&d).unwrap();
