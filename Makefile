@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_PKGS := numpy safetensors zstandard xxhash blake3 pytest
 
-.PHONY: build venv test test-rust test-python crash bench demo clean
+.PHONY: build venv test test-rust test-python crash bench demo demo-weights clean
 
 build:
 	$(CARGO) build --release --locked
@@ -37,7 +37,12 @@ crash:
 bench: build venv
 	bash bench/run.sh
 
+# The whole pipeline: trainer node + rollout node (delta-follow, fake sglang) sharing one dir.
 demo: build venv
+	PYTHON=$(PY) bash scripts/demo-pipeline.sh
+
+# The weight plane alone (diff -> advance -> apply, no fleet).
+demo-weights: build venv
 	PYTHON=$(PY) bash scripts/demo.sh
 
 clean:

@@ -152,7 +152,11 @@ def main(argv=None) -> int:
     ap.add_argument("--port-file", help="write the port here (atomically) once listening")
     ap.add_argument("--fail-reloads", type=int, default=0, help="answer 400 to the first N reloads")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--digest", metavar="DIR", help="print the digest the server would compute for DIR and exit")
     args = ap.parse_args(argv)
+    if args.digest:
+        print(load_checkpoint(args.digest)[0])
+        return 0
     Handler.state = State(args.fail_reloads)
     srv = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     srv.verbose = args.verbose
