@@ -57,6 +57,10 @@ struct Args {
     /// Name in the status file (default: host name + hash of LOCAL's path).
     #[arg(long)]
     name: Option<String>,
+    /// Reload once at start even if the status file says the engine already runs LOCAL's
+    /// version (use when the engine was restarted along with the follower).
+    #[arg(long)]
+    reload_on_start: bool,
     /// Shell command run before each version is read (env DISAGG_VERSION, DISAGG_VERSION_DIR).
     #[arg(long, value_name = "CMD")]
     pre_read_hook: Option<String>,
@@ -84,6 +88,7 @@ fn main() {
             reload_timeout: secs("reload-timeout", a.reload_timeout)?,
             status: a.status,
             name: a.name,
+            reload_on_start: a.reload_on_start,
             pre_read_hook: a.pre_read_hook,
             json: a.json,
         })

@@ -12,8 +12,8 @@
 //!    called applied.
 //! 3. If the engine has not reloaded the applied version: run the reload command
 //!    (`sh -c CMD` with `DISAGG_VERSION`, `DISAGG_LOCAL`, `DISAGG_RUN_ID`, `DISAGG_SOURCE`), and
-//!    record the reloaded version. A freshly started follower always reloads once: it cannot
-//!    know what the engine holds.
+//!    record the reloaded version. A restarted follower trusts the `reloaded` of its previous
+//!    status file (same LOCAL), unless `--reload-on-start` says the engine restarted too.
 //! 4. Sleep the poll interval ±20 % (so a fleet started together does not poll the shared
 //!    filesystem in lockstep). A failure (missing or incomplete version, checksum mismatch,
 //!    failed reload, bad pointer) is recorded in the status file (`last_error`) and retried
@@ -59,7 +59,7 @@ pub struct FollowerStatus {
     pub state: String,
     /// Version LOCAL holds, verified (null: nothing yet).
     pub applied: Option<u64>,
-    /// Version the engine last reloaded successfully (null: not since this follower started).
+    /// Version the engine last reloaded successfully (null: unknown or never).
     pub reloaded: Option<u64>,
     /// Version being pulled toward, or the last one seen in `latest`.
     pub target: Option<u64>,
@@ -102,6 +102,8 @@ pub struct FollowOptions {
     pub status: Option<PathBuf>,
     /// None: host name plus a short hash of LOCAL's absolute path.
     pub name: Option<String>,
+    /// Reload once at start even if the previous status file says the engine has LOCAL's version.
+    pub reload_on_start: bool,
     pub pre_read_hook: Option<String>,
     pub json: bool,
 }
@@ -233,6 +235,8 @@ pub struct Follower {
     status: FollowerStatus,
     last_write: Option<Instant>,
     backoff: Duration,
+    /// The version a pull in this process last returned Ok for: the only one it may reload.
+    verified: Option<u64>,
 }
 
 impl Follower {
@@ -257,24 +261,29 @@ impl Follower {
             Ok(Some(s)) => (parse_version_str(&s.version), s.run_id),
             _ => (None, None),
         };
+        let local_abs = absolute(&opts.local).to_string_lossy().into_owned();
+        // What the engine holds, as far as the previous follower of this LOCAL knew.
+        let reloaded = match FollowerStatus::read(&status_path) {
+            Ok(prev) if !opts.reload_on_start && prev.local == local_abs && prev.run_id == run_id => prev.reloaded,
+            _ => None,
+        };
         let status = FollowerStatus {
             schema_version: STATUS_SCHEMA,
             host: name,
             pid: std::process::id(),
-            local: absolute(&opts.local).to_string_lossy().into_owned(),
+            local: local_abs,
             source: absolute(&opts.source).to_string_lossy().into_owned(),
             run_id,
             state: "idle".into(),
             applied,
-            // A fresh follower does not know what the engine holds: it reloads once.
-            reloaded: None,
+            reloaded,
             target: None,
             needs: applied,
             updated_at: 0.0,
             last_error: None,
             errors: 0,
         };
-        Ok(Follower { opts, status_path, status, last_write: None, backoff: FIRST_BACKOFF })
+        Ok(Follower { opts, status_path, status, last_write: None, backoff: FIRST_BACKOFF, verified: None })
     }
 
     pub fn status_path(&self) -> &Path {
@@ -320,7 +329,8 @@ impl Follower {
             return Ok(None);
         }
         let mut ev = FollowEvent { version: ptr.version, run_id: ptr.run_id.clone(), previous: self.status.applied, ..Default::default() };
-        if self.status.applied != Some(ptr.version) || self.status.reloaded.is_none() {
+        // Reload only what a pull in this process verified (a no-op pull re-checks the state).
+        if self.status.applied != Some(ptr.version) || self.verified != Some(ptr.version) {
             let r = self.pull(&ptr)?;
             ev.applied = r.applied;
             ev.seeded_from = r.seeded_from;
@@ -361,6 +371,7 @@ impl Follower {
             lock_timeout: None,
         })?;
         // Verified: every checksum of every applied delta matched.
+        self.verified = Some(r.version);
         self.status.applied = Some(r.version);
         self.status.needs = Some(r.version);
         Ok(r)

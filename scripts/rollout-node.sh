@@ -67,7 +67,7 @@ for _ in $(seq 1 600); do [ -d "$shared/base" ] && break; sleep 0.1; done
 
 # The follower: pull, verify, reload; status in SHARED/weights/.followers/NAME.json for delta-gc.
 "$bin/delta-follow" --local "$work/local" --base "$shared/base" --source "$src" --poll "$poll" \
-    --max-backoff 2 --name "$name" --json --reload-cmd "scripts/sglang-reload.sh $url" \
+    --max-backoff 2 --name "$name" --json --reload-on-start --reload-cmd "scripts/sglang-reload.sh $url" \
     >>"$work/follow.jsonl" 2>>"$work/follow.err" &
 pids+=($!)
 
