@@ -172,7 +172,8 @@ fn follow_loop_picks_up_new_versions_until() {
     let args = follow_args(&t, &status, &["--poll", "0.05", "--until", "3", "--json", "--reload-cmd", &reload]);
     let (mut child, _) = spawn(FOLLOW, &args);
     wait_for("version 1 reloaded", Duration::from_secs(20), || reloaded_versions(&log) == vec![1]);
-    assert_eq!(read_json(&status)["reloaded"], 1);
+    // The status file follows the reload (it is written after the command returns).
+    wait_for("status reloaded 1", Duration::from_secs(20), || status.exists() && read_json(&status)["reloaded"] == 1);
     publish(&chain.ckpts[1], &chain.ckpts[2], &src, 2, &[]);
     advance(&src, 2);
     wait_for("version 2 reloaded", Duration::from_secs(20), || reloaded_versions(&log).last() == Some(&2));
