@@ -21,8 +21,9 @@ $(VENV)/.ready:
 venv: $(VENV)/.ready
 
 # Unit, CLI, format-conformance and (bounded) crash tests; failpoints are compiled into the
-# debug test build only, never into the release binaries.
-test-rust:
+# debug test build only, never into the release binaries. The venv is for the two-node demo
+# run by tests/fleet.rs (toy trainer, fake sglang engine).
+test-rust: venv
 	$(CARGO) test --locked --features failpoints
 
 test-python: build venv

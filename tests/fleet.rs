@@ -503,3 +503,12 @@ fn demo_pipeline_survives_kill9_of_the_rollout_node() {
     }
     eprintln!("{stdout}");
 }
+
+#[test]
+fn documented_follower_status_parses_and_round_trips() {
+    let doc = fs::read_to_string(repo().join("docs/FORMATS.md")).unwrap();
+    let body = doc.split("```json follower-status\n").nth(1).expect("a ```json follower-status block").split("\n```").next().unwrap();
+    let st: disagg::follow::FollowerStatus = serde_json::from_str(body).unwrap();
+    assert_eq!((st.applied, st.needs, st.reloaded), (Some(7), Some(7), Some(7)));
+    assert_eq!(serde_json::to_string(&st).unwrap(), body, "field order as documented");
+}
