@@ -30,6 +30,7 @@ use crate::pointer::{read_latest, Pointer};
 use crate::version::{parse_version_str, VersionDir};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -206,6 +207,8 @@ pub fn run_reload(cmd: &str, version: u64, local: &Path, source: &Path, run_id: 
         .env("DISAGG_SOURCE", source)
         .env("DISAGG_RUN_ID", run_id.clone().unwrap_or_default())
         .stdin(std::process::Stdio::null())
+        // Its own process group, so a timeout kills the whole command (curl included).
+        .process_group(0)
         .spawn()
         .map_err(|e| hook_err(format!("cannot start sh: {e}")))?;
     let start = Instant::now();
@@ -215,6 +218,9 @@ pub fn run_reload(cmd: &str, version: u64, local: &Path, source: &Path, run_id: 
             Ok(Some(st)) if st.success() => return Ok(()),
             Ok(Some(st)) => return Err(hook_err(format!("reload for version {version} exited with {st}"))),
             Ok(None) if start.elapsed() > timeout => {
+                // SAFETY: plain syscall on the group we created; the child is not reaped yet,
+                // so its pid (= group id) cannot have been reused.
+                unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(hook_err(format!("reload for version {version} still running after {timeout:?}; killed")));
@@ -443,7 +449,7 @@ impl Follower {
         }
     }
 
-    /// The loop; returns only with `--until` reached (or on a status-file write error).
+    /// The loop; returns only with `--until` reached (or if the first status write fails).
     pub fn run(&mut self) -> Result<()> {
         if self.opts.once {
             return self.run_once().map(|_| ());
@@ -456,7 +462,10 @@ impl Follower {
                     if let Some(ev) = ev {
                         self.emit(&ev);
                     } else if self.last_write.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
-                        self.write_status()?;
+                        // A missed heartbeat is not worth dying for; the next one retries.
+                        if let Err(e) = self.write_status() {
+                            eprintln!("delta-follow: warning: cannot write status {}: {e}", self.status_path.display());
+                        }
                     }
                     if let (Some(u), Some(r)) = (self.opts.until, self.status.reloaded) {
                         if r >= u && self.status.applied == Some(r) {

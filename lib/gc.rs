@@ -283,7 +283,9 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
         // 2. newer than latest: published, not yet announced (or being written).
         if v > latest && (e.kind != "incomplete" || e.age < opts.min_age.as_secs_f64()) {
             protect(v, "newer-than-latest");
-            roots.push((v, "chain-of-newer"));
+            if e.kind == "full" || e.kind == "delta" {
+                roots.push((v, "chain-of-newer"));
+            }
         }
         // 3. young.
         if e.age < opts.min_age.as_secs_f64() {

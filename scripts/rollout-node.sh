@@ -5,17 +5,18 @@
 # a producer publishing feature refs tagged with the engine's weight version into SHARED/refs.
 #
 #   scripts/rollout-node.sh --shared DIR --work DIR [--name rollout-0] [--poll 0.2]
-#       [--refs-per-tick 4] [--tick 0.25] [--partial-pct 25] [--engine-url URL]
+#       [--refs-per-tick 4] [--tick 0.25] [--partial-pct 25] [--engine-url URL] [--close-on-exit]
 #
 # With --engine-url, a real engine is used and no fake one is started. Killed at any instant
 # (kill -9 of the whole tree), it is restarted with the same arguments: delta-follow repairs the
-# local checkpoint, ref-publish resumes its stream. On SIGTERM it stops and closes its stream.
+# local checkpoint, ref-publish resumes its stream. On SIGTERM it stops (and, with
+# --close-on-exit, closes its ref stream for good: consumers then see it finished).
 # Logs: WORK/follow.jsonl (one delta-follow event per line), WORK/engine.log.
 # Env: DISAGG_BIN_DIR (default target/release), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-shared= work= name=rollout-0 poll=0.2 per_tick=4 tick=0.25 partial_pct=25 url=
+shared= work= name=rollout-0 poll=0.2 per_tick=4 tick=0.25 partial_pct=25 url= close=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --shared) shared=$2; shift 2 ;;
@@ -26,7 +27,8 @@ while [ $# -gt 0 ]; do
         --tick) tick=$2; shift 2 ;;
         --partial-pct) partial_pct=$2; shift 2 ;;
         --engine-url) url=$2; shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        --close-on-exit) close=1; shift ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "rollout-node: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -44,7 +46,7 @@ stop() {
     stopping=1
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    "$bin/ref-publish" "$ch" --producer "$name" --close </dev/null >/dev/null 2>&1 || true
+    [ "$close" = 0 ] || "$bin/ref-publish" "$ch" --producer "$name" --close </dev/null >/dev/null 2>&1 || true
     log "stopped"
     exit 0
 }
