@@ -19,7 +19,8 @@
 //! reader sees the whole version or none of it; files it already opened stay readable on
 //! POSIX, and NFS silly-renames them), the directory is fsynced, then the tree is removed.
 //! Leftover `.deleting-*` trees of a GC killed midway are removed by the next run. Incomplete
-//! version directories (no index) are removed only when nothing in them changed for `min_age`.
+//! version directories (no index) below `latest` are removed once nothing in them changed for
+//! `min_age`; above `latest` they may be a publish in progress and are never touched.
 //! Two GCs on one root serialize on `ROOT/.gc.lock` (flock); the second exits 9.
 
 use crate::error::{Error, IoContext, Result};
@@ -280,8 +281,9 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
     let complete: Vec<u64> = entries.iter().filter(|(_, e)| e.kind == "full" || e.kind == "delta").map(|(v, _)| *v).collect();
     let mut roots: Vec<(u64, &str)> = Vec::new();
     for (&v, e) in &entries {
-        // 2. newer than latest: published, not yet announced (or being written).
-        if v > latest && (e.kind != "incomplete" || e.age < opts.min_age.as_secs_f64()) {
+        // 2. newer than latest: published, not yet announced, or being written (a crashed
+        // publish is redone with `delta-diff --replace-incomplete`, not collected).
+        if v > latest {
             protect(v, "newer-than-latest");
             if e.kind == "full" || e.kind == "delta" {
                 roots.push((v, "chain-of-newer"));

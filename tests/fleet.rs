@@ -351,15 +351,22 @@ fn gc_keeps_young_versions_and_incomplete_ones_in_progress() {
         age_version(&src2, v, 5);
     }
     assert_eq!(ids(&gc(&src2, &["--keep", "0"])["deleted"]), Vec::<u64>::new());
-    // An incomplete version dir (crashed publish): kept while fresh, reclaimed once old.
+    // An incomplete version dir above latest (a publish in progress) is never collected; one
+    // below latest (a crashed publish, superseded) is, once old.
     let inc = vdir(&src2, 9);
     fs::create_dir_all(&inc).unwrap();
+    fs::File::open(&inc).unwrap().set_modified(SystemTime::now() - Duration::from_secs(3600)).unwrap();
+    assert!(!ids(&gc(&src2, &["--keep", "0", "--min-age", "0", "--dry-run"])["deleted"]).contains(&9));
+    fs::remove_dir_all(&inc).unwrap();
+    let inc = vdir(&src2, 2);
+    fs::remove_dir_all(&inc).unwrap();
+    fs::create_dir_all(&inc).unwrap();
     fs::write(inc.join(".incomplete"), "").unwrap();
-    assert!(!ids(&gc(&src2, &["--keep", "0", "--min-age", "60"])["deleted"]).contains(&9));
+    assert!(ids(&gc(&src2, &["--keep", "0", "--min-age", "60"])["deleted"]).is_empty());
     let old = SystemTime::now() - Duration::from_secs(3600);
     fs::File::options().write(true).open(inc.join(".incomplete")).unwrap().set_modified(old).unwrap();
     fs::File::open(&inc).unwrap().set_modified(old).unwrap();
-    assert_eq!(ids(&gc(&src2, &["--keep", "0", "--min-age", "60"])["deleted"]), vec![9]);
+    assert_eq!(ids(&gc(&src2, &["--keep", "0", "--min-age", "60"])["deleted"]), vec![2]);
 }
 
 #[test]
