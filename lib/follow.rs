@@ -363,7 +363,9 @@ impl Follower {
     fn pull(&mut self, ptr: &Pointer) -> Result<ApplyReport> {
         // Tell delta-gc what we are about to read before reading it.
         let root = ptr.root(&self.opts.source);
-        let floor = chain_floor(&root, ptr.version, self.status.applied)?;
+        // Walk to the full version (or 0) even if `applied` is on the way: a LOCAL found dirty
+        // is reseeded from there.
+        let floor = chain_floor(&root, ptr.version, None)?;
         self.status.target = Some(ptr.version);
         self.status.needs = Some(self.status.applied.map_or(floor, |a| a.min(floor)));
         self.set_state("pulling")?;
