@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Status files live here by default: `SRC/.followers/NAME.json` (what `delta-gc` globs).
@@ -56,7 +56,7 @@ pub struct FollowerStatus {
     pub source: String,
     /// Run id of the versions (the pointer's `RUN_ID/`), null for versions directly under SRC.
     pub run_id: Option<String>,
-    /// `idle` | `pulling` | `reloading` | `error` | `stopped`.
+    /// `idle` | `pulling` | `reloading` | `error` | `stopped` (exited cleanly: needs nothing).
     pub state: String,
     /// Version LOCAL holds, verified (null: nothing yet).
     pub applied: Option<u64>,
@@ -132,6 +132,33 @@ pub struct FollowEvent {
 }
 
 static RNG_COUNTER: AtomicU64 = AtomicU64::new(0);
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// SIGTERM/SIGINT end the loop between cycles (the status then says `stopped`); a signal that
+/// arrives mid-pull waits for the pull, which is crash-safe anyway.
+fn install_stop_handler() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_stop_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_stop_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// Sleep up to `d`, waking early when a stop signal arrived.
+fn sleep_unless_stopped(d: Duration) {
+    let end = Instant::now() + d;
+    while !STOP.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(50)));
+    }
+}
 
 /// A factor in [1 - frac, 1 + frac], different per process and call.
 pub fn jitter_factor(frac: f64) -> f64 {
@@ -457,7 +484,16 @@ impl Follower {
             return self.run_once().map(|_| ());
         }
         self.write_status()?;
+        install_stop_handler();
         loop {
+            if STOP.load(Ordering::SeqCst) {
+                // A stopped follower reads nothing; when it restarts, its pull walks from
+                // `latest` down to its applied version or the full version `latest`'s chain
+                // starts from, both of which delta-gc keeps.
+                self.status.needs = None;
+                self.set_state("stopped")?;
+                return Ok(());
+            }
             let wait = match self.cycle() {
                 Ok(ev) => {
                     self.backoff = FIRST_BACKOFF;
@@ -494,7 +530,7 @@ impl Follower {
                     w
                 }
             };
-            std::thread::sleep(wait);
+            sleep_unless_stopped(wait);
         }
     }
 }

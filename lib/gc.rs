@@ -11,8 +11,8 @@
 //! * every version published less than `min_age` ago, and the chain of every version that may
 //!   have been `latest` during that window (the newest version older than `min_age` and all
 //!   newer ones), so a host that read the pointer just before it moved finishes its pull;
-//! * for every live follower status (updated within `stale_after`) of the same run, every
-//!   version at or above its `needs`;
+//! * for every live follower status (updated within `stale_after`, not `stopped`) of the same
+//!   run, every version at or above its `needs`;
 //! * anything that cannot be parsed is kept (a malformed status file is an error: exit 3).
 //!
 //! A collected version is first renamed to `.deleting-weight_vNNNNNN-PID` (one atomic rename: a
@@ -333,6 +333,10 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
                 eprintln!("delta-gc: warning: {w}");
                 report.warnings.push(w);
                 report.followers_ignored.push(who);
+                continue;
+            }
+            if st.state == "stopped" {
+                report.followers_ignored.push(format!("{who}: stopped"));
                 continue;
             }
             if st.run_id != ptr.run_id {

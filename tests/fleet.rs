@@ -535,3 +535,22 @@ fn documented_follower_status_parses_and_round_trips() {
     assert_eq!((st.applied, st.needs, st.reloaded), (Some(7), Some(7), Some(7)));
     assert_eq!(serde_json::to_string(&st).unwrap(), body, "field order as documented");
 }
+
+#[test]
+fn follower_stops_cleanly_on_sigterm_and_gc_then_ignores_it() {
+    let t = TestDir::new("follow-sigterm");
+    let chain = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&chain, &src);
+    advance(&src, 1);
+    let status = src.join(".followers/h.json");
+    let (mut child, _) = spawn(FOLLOW, follow_args(&t, &status, &["--poll", "0.05"]));
+    wait_for("version 1 reloaded", Duration::from_secs(20), || status.exists() && read_json(&status)["reloaded"] == 1);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(wait_child(&mut child, Duration::from_secs(10)).success());
+    let st = read_json(&status);
+    assert_eq!((st["state"].as_str(), &st["needs"]), (Some("stopped"), &Value::Null));
+    let r = gc(&src, &["--dry-run"]);
+    assert!(r["followers_ignored"][0].as_str().unwrap().ends_with("stopped"), "{r}");
+}
