@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_PKGS := numpy safetensors zstandard xxhash blake3 pytest
 
-.PHONY: build venv test test-rust test-python crash bench demo demo-weights clean
+.PHONY: build venv test test-rust test-python crash bench demo clean
 
 build:
 	$(CARGO) build --release --locked
@@ -21,9 +21,8 @@ $(VENV)/.ready:
 venv: $(VENV)/.ready
 
 # Unit, CLI, format-conformance and (bounded) crash tests; failpoints are compiled into the
-# debug test build only, never into the release binaries. The venv is for the two-node demo
-# run by tests/fleet.rs (toy trainer, fake sglang engine).
-test-rust: venv
+# debug test build only, never into the release binaries.
+test-rust:
 	$(CARGO) test --locked --features failpoints
 
 test-python: build venv
@@ -43,9 +42,13 @@ demo: build venv
 	PYTHON=$(PY) bash scripts/demo-pipeline.sh
 
 # The weight plane alone (diff -> advance -> apply, no fleet).
+.PHONY: demo-weights
 demo-weights: build venv
 	PYTHON=$(PY) bash scripts/demo.sh
 
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV) bench-data
+
+# tests/fleet.rs runs the two-node demo end to end (toy trainer, fake sglang engine): it needs the venv.
+test-rust: venv
