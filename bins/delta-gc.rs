@@ -29,12 +29,14 @@ struct Args {
     /// Report what would be removed; remove nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Never remove a version published (or an incomplete one touched) less than S seconds ago.
+    /// Never remove a version published less than S seconds ago (nor the chains of versions
+    /// that may have been `latest` since), nor an incomplete one touched since.
     #[arg(long, value_name = "S", default_value_t = 600.0)]
     min_age: f64,
     /// Ignore follower status files not updated for S seconds (dead hosts), with a warning.
     #[arg(long, value_name = "S", default_value_t = 1800.0)]
     stale_after: f64,
+    /// One JSON object on stdout: every version with its verdict and reasons (FORMATS.md §11.3).
     #[arg(long)]
     json: bool,
 }
