@@ -44,9 +44,18 @@ crash:
 bench: build venv
 	bash bench/run.sh
 
+# The whole pipeline: trainer node + rollout node (delta-follow, fake sglang) sharing one dir.
 demo: build venv
+	PYTHON=$(PY) bash scripts/demo-pipeline.sh
+
+# The weight plane alone (diff -> advance -> apply, no fleet).
+.PHONY: demo-weights
+demo-weights: build venv
 	PYTHON=$(PY) bash scripts/demo.sh
 
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV) bench-data
+
+# tests/fleet.rs runs the two-node demo end to end (toy trainer, fake sglang engine): it needs the venv.
+test-rust: venv

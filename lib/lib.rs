@@ -20,5 +20,9 @@ pub mod hooks;
 pub mod pointer;
 pub mod version;
 
+// The fleet: following `latest` on every rollout host, pruning old versions.
+pub mod follow;
+pub mod gc;
+
 // Data plane.
 pub mod dataplane;
