@@ -120,6 +120,8 @@ pub struct FollowEvent {
     /// Versions applied as deltas in this cycle, in order.
     pub applied: Vec<u64>,
     pub seeded_from: Option<u64>,
+    /// Several deltas applied in one pass (a catch-up).
+    pub folded: bool,
     pub repaired: bool,
     pub noop: bool,
     /// The version the engine now runs (after this cycle's reload, if any).
@@ -367,6 +369,7 @@ impl Follower {
             let r = self.pull(&ptr)?;
             ev.applied = r.applied;
             ev.seeded_from = r.seeded_from;
+            ev.folded = r.folded;
             ev.repaired = r.repaired;
             ev.noop = r.noop;
             ev.seconds_apply = r.seconds;
