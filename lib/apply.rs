@@ -265,21 +265,22 @@ impl LocalCheckpoint {
             maps.push((path, file, map, entries));
         }
         // Disjoint mutable slices, one per tensor.
-        let mut work: Vec<(&str, &mut [u8])> = Vec::new();
-        for (_, _, map, entries) in maps.iter_mut() {
+        let mut work: Vec<(&str, &mut [u8], std::os::fd::RawFd, usize)> = Vec::new();
+        for (_, file, map, entries) in maps.iter_mut() {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&*file);
             let mut rest: &mut [u8] = &mut map[..];
             let mut consumed = 0usize;
             for (name, t) in entries.iter() {
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut(t.offset - consumed);
                 let (mine, tail) = tail.split_at_mut(t.len);
-                work.push((*name, mine));
+                work.push((*name, mine, fd, t.offset));
                 rest = tail;
                 consumed = t.offset + t.len;
             }
         }
         let patched = work.len();
-        work.sort_by_key(|(_, slice)| std::cmp::Reverse(slice.len()));
-        work.into_par_iter().with_max_len(1).try_for_each(|(name, slice)| -> Result<()> {
+        work.sort_by_key(|(_, slice, _, _)| std::cmp::Reverse(slice.len()));
+        work.into_par_iter().with_max_len(1).try_for_each(|(name, slice, fd, offset)| -> Result<()> {
             let sources = &touched[name];
             let payloads: Vec<(crate::version::Encoding, &[u8])> = sources
                 .iter()
@@ -303,6 +304,11 @@ impl LocalCheckpoint {
             if &actual != expected {
                 return Err(Error::Checksum { path: f.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual });
             }
+            // Start writeback of this tensor's pages now, so the disk works while the other
+            // tensors decode; the msync + fsync below still waits for all of it.
+            // SAFETY: a plain syscall on a descriptor the caller keeps open; failure only
+            // loses the overlap, never durability.
+            unsafe { libc::sync_file_range(fd, offset as i64, slice.len() as i64, libc::SYNC_FILE_RANGE_WRITE) };
             Ok(())
         })?;
         // Durable before the caller records the version: msync, then fsync, every patched file.

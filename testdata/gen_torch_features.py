@@ -16,8 +16,10 @@ pickle, following torch's serialization layout exactly (torch/serialization.py `
   collections.OrderedDict())` and every storage is the persistent id
   `('storage', torch.<Type>Storage, key, 'cpu', numel)`.
 
-With torch installed, `torch.load(path)` of these files gives the tensors described in
-`expected.json`. Only the standard library is used. `expected.json` lists, per file, whether it
+`torch.load(path, weights_only=True)` (torch 2.15) of the valid files gives exactly the tensors
+described in `expected.json`, and refuses the truncated and forbidden-global ones (checked once
+by hand). Files written by real `torch.save` are under testdata/features_torch/, made by
+gen_torch_real.py. Only the standard library is used. `expected.json` lists, per file, whether it
 is valid and, for valid files, every tensor's dtype, shape and raw little-endian bytes (hex),
 which the Rust and Python tests compare with what ingest stored.
 """

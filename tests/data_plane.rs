@@ -371,11 +371,19 @@ fn specforge_single_file_layout() {
 }
 
 fn expected() -> Value {
-    serde_json::from_str(&fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/features/expected.json")).unwrap()).unwrap()
+    expected_in("testdata/features")
+}
+
+fn expected_in(fixtures: &str) -> Value {
+    serde_json::from_str(&fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(fixtures).join("expected.json")).unwrap()).unwrap()
 }
 
 fn copy_fixtures(d: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/features/rows_0-2000");
+    copy_fixtures_from(d, "testdata/features")
+}
+
+fn copy_fixtures_from(d: &Path, fixtures: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(fixtures).join("rows_0-2000");
     let dst = d.join("in/rows_0-2000");
     fs::create_dir_all(&dst).unwrap();
     for e in fs::read_dir(src).unwrap() {
@@ -383,6 +391,46 @@ fn copy_fixtures(d: &Path) -> PathBuf {
         fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
     d.join("in")
+}
+
+/// Every tensor of every ref in `m`, read back from the store with the safetensors crate, equals
+/// the expected dtype, shape and bytes. Returns how many were compared.
+fn compare_stored_tensors(m: &Manifest, exp: &serde_json::Map<String, Value>) -> usize {
+    let mut compared = 0;
+    for r in &m.refs {
+        let root = r.feature_store_uri.strip_prefix("file://").unwrap();
+        let want = &exp[r.source_task_id.as_deref().unwrap()]["tensors"];
+        assert_eq!(r.feature_keys.len(), want.as_object().unwrap().len());
+        for (name, key) in &r.feature_keys {
+            let (path, tensor) = key.rsplit_once('#').unwrap();
+            let bytes = fs::read(Path::new(root).join(path)).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let view = st.tensor(tensor).unwrap();
+            let w = &want[name];
+            assert_eq!(hex(view.data()), w["hex"].as_str().unwrap(), "{} {name}", r.sample_id);
+            assert_eq!(view.shape(), w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>());
+            assert_eq!(r.feature_specs[name].dtype, w["dtype"].as_str().unwrap());
+            compared += 1;
+        }
+    }
+    compared
+}
+
+/// Files written by real `torch.save` (testdata/gen_torch_real.py, torch 2.15), including a
+/// gzipped one, a view with a storage offset and a non-contiguous transpose.
+#[test]
+fn ingest_real_torch_save_files_every_tensor() {
+    let d = temp_dir("ingest-real-torch");
+    let input = copy_fixtures_from(&d, "testdata/features_torch");
+    let manifest = d.join("refs.json");
+    let o = run(INGEST, &[p(&input), "--store", p(&d.join("store")), "--manifest", p(&manifest), "--strict", "--json"], "");
+    let s: Value = serde_json::from_str(&ok(&o)).unwrap();
+    let exp = expected_in("testdata/features_torch");
+    let exp = exp.as_object().unwrap();
+    assert_eq!((s["ingested"].as_u64(), s["invalid"].as_u64()), (Some(exp.len() as u64), Some(0)));
+    let m: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(m.refs.len(), exp.len());
+    assert_eq!(compare_stored_tensors(&m, exp), 27);
 }
 
 #[test]
@@ -405,24 +453,7 @@ fn ingest_committed_torch_fixtures_every_tensor() {
     assert!(d.join("refs.json.done").exists());
     let m: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
     assert_eq!(m.refs.len(), valid);
-    let mut compared = 0;
-    for r in &m.refs {
-        let root = r.feature_store_uri.strip_prefix("file://").unwrap();
-        let want = &exp[r.source_task_id.as_deref().unwrap()]["tensors"];
-        assert_eq!(r.feature_keys.len(), want.as_object().unwrap().len());
-        for (name, key) in &r.feature_keys {
-            let (path, tensor) = key.rsplit_once('#').unwrap();
-            let bytes = fs::read(Path::new(root).join(path)).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let view = st.tensor(tensor).unwrap();
-            let w = &want[name];
-            assert_eq!(hex(view.data()), w["hex"].as_str().unwrap(), "{} {name}", r.sample_id);
-            assert_eq!(view.shape(), w["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect::<Vec<_>>());
-            assert_eq!(r.feature_specs[name].dtype, w["dtype"].as_str().unwrap());
-            compared += 1;
-        }
-    }
-    assert!(compared >= 20, "{compared}");
+    assert!(compare_stored_tensors(&m, exp) >= 20);
     // A rerun skips everything intact; a damaged object is redone as a new generation.
     let victim = m.refs.iter().find(|r| r.sample_id.ends_with("data_0")).unwrap();
     let vpath = Path::new(victim.feature_store_uri.strip_prefix("file://").unwrap()).join(victim.metadata["store_key"].as_str().unwrap());
