@@ -2,7 +2,6 @@ use clap::Parser;
 use disagg::apply::{pull, ApplyOptions, Target};
 use disagg::error::Error;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// Bring the host-local checkpoint LOCAL to a published weight version: seed it from the
 /// newest full version (or BASE), apply the chain of deltas in place, verify every checksum.
@@ -57,10 +56,7 @@ fn main() {
             target,
             run_id: a.run_id,
             pre_read_hook: a.pre_read_hook,
-            lock_timeout: a
-                .lock_timeout
-                .map(|s| Duration::try_from_secs_f64(s).map_err(|_| Error::Usage(format!("--lock-timeout {s}: expected a number of seconds >= 0"))))
-                .transpose()?,
+            lock_timeout: a.lock_timeout.map(|s| disagg::cli::seconds("lock-timeout", s)).transpose()?,
         };
         let r = pull(&opts)?;
         disagg::report::print(&r, a.json, || {

@@ -1,8 +1,6 @@
 use clap::Parser;
-use disagg::error::Error;
 use disagg::follow::{follow, FollowOptions};
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// Keep LOCAL at SRC/latest: poll the pointer (with jitter), pull and verify new versions with
 /// the delta-apply code, then run the reload command. Failures are retried with backoff and
@@ -69,10 +67,6 @@ struct Args {
     json: bool,
 }
 
-fn secs(name: &str, s: f64) -> Result<Duration, Error> {
-    Duration::try_from_secs_f64(s).map_err(|_| Error::Usage(format!("--{name} {s}: expected a number of seconds >= 0")))
-}
-
 fn main() {
     let a = Args::parse();
     disagg::error::run_main("delta-follow", || {
@@ -82,10 +76,10 @@ fn main() {
             source: a.source,
             once: a.once,
             until: a.until,
-            poll: secs("poll", a.poll)?,
-            max_backoff: secs("max-backoff", a.max_backoff)?,
+            poll: disagg::cli::seconds("poll", a.poll)?,
+            max_backoff: disagg::cli::seconds("max-backoff", a.max_backoff)?,
             reload_cmd: a.reload_cmd,
-            reload_timeout: secs("reload-timeout", a.reload_timeout)?,
+            reload_timeout: disagg::cli::seconds("reload-timeout", a.reload_timeout)?,
             status: a.status,
             name: a.name,
             reload_on_start: a.reload_on_start,

@@ -1,8 +1,6 @@
 use clap::Parser;
-use disagg::error::Error;
 use disagg::gc::{collect, GcOptions};
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// Remove old weight versions from SRC, keeping the chain from the newest full version to
 /// `latest`, every version a live follower may still read, the last N versions, and anything
@@ -41,10 +39,6 @@ struct Args {
     json: bool,
 }
 
-fn secs(name: &str, s: f64) -> Result<Duration, Error> {
-    Duration::try_from_secs_f64(s).map_err(|_| Error::Usage(format!("--{name} {s}: expected a number of seconds >= 0")))
-}
-
 fn main() {
     let a = Args::parse();
     disagg::error::run_main("delta-gc", || {
@@ -53,8 +47,8 @@ fn main() {
             keep: a.keep,
             followers: a.followers,
             dry_run: a.dry_run,
-            min_age: secs("min-age", a.min_age)?,
-            stale_after: secs("stale-after", a.stale_after)?,
+            min_age: disagg::cli::seconds("min-age", a.min_age)?,
+            stale_after: disagg::cli::seconds("stale-after", a.stale_after)?,
         })?;
         disagg::report::print(&r, a.json, || {
             let verb = if r.dry_run { "would remove" } else { "removed" };

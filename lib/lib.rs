@@ -7,6 +7,7 @@ pub mod error;
 pub mod failpoint;
 pub mod fsio;
 pub mod progress;
+pub mod cli;
 pub mod report;
 
 // Weight plane.
