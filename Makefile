@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_PKGS := numpy safetensors zstandard xxhash blake3 pytest
 
-.PHONY: build venv test test-rust test-python crash bench demo clean check-kernels
+.PHONY: build venv test test-rust test-python crash bench bench-quick demo clean check-kernels
 
 build:
 	$(CARGO) build --release --locked
@@ -41,8 +41,15 @@ test: test-rust test-python
 crash:
 	DISAGG_CRASH_TRIALS=$${DISAGG_CRASH_TRIALS:-500} $(CARGO) test --locked --features failpoints --test crash -- --nocapture
 
+# Weight plane (vs numpy/slime, xdelta3, zstd --patch-from, cp), data plane (refs/s, latency,
+# ingest vs cp + sync), GPU diff (prints "no GPU: skipped" without one). Ratios, not assertions.
 bench: build venv
-	bash bench/run.sh
+	bash bench/run.sh $(BENCH_ARGS)
+	DISAGG_BIN_DIR=target/release $(PY) bench/bench_dataplane.py
+	bash bench/bench_gpu.sh
+
+bench-quick: build venv
+	bash bench/run.sh --quick
 
 # The whole pipeline: trainer node + rollout node (delta-follow, fake sglang) sharing one dir.
 demo: build venv
