@@ -1,7 +1,6 @@
 use clap::Parser;
 use disagg::apply::{pull, ApplyOptions, Target};
 use disagg::error::Error;
-use std::path::PathBuf;
 
 /// Bring the host-local checkpoint LOCAL to a published weight version: seed it from the
 /// newest full version (or BASE), apply the chain of deltas in place, verify every checksum.
@@ -16,15 +15,8 @@ Exit codes: 0 ok (also when already at the target), 2 usage, 3 malformed version
 6 not found, 7 checksum mismatch (state not advanced; the next run repairs), 8 pre-read hook
 failed, 9 lock wait timed out, 10 I/O.")]
 struct Args {
-    /// Host-local checkpoint directory, patched in place (state in LOCAL/.weight_sync/).
-    #[arg(long)]
-    local: PathBuf,
-    /// The engine's base checkpoint (version 0).
-    #[arg(long)]
-    base: Option<PathBuf>,
-    /// Publish root holding weight_vNNNNNN directories and `latest`.
-    #[arg(long, value_name = "SRC")]
-    source: PathBuf,
+    #[command(flatten)]
+    host: disagg::cli::HostArgs,
     /// A version number, or `latest` to follow SRC/latest.
     #[arg(long, default_value = "latest")]
     target: String,
@@ -37,6 +29,7 @@ struct Args {
     /// Give up waiting for another apply on this host after S seconds (default: wait).
     #[arg(long, value_name = "S")]
     lock_timeout: Option<f64>,
+    /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -50,9 +43,9 @@ fn main() {
             s => Target::Version(disagg::version::parse_version_str(s).ok_or_else(|| Error::Usage(format!("--target {s:?}: expected a number or `latest`")))?),
         };
         let opts = ApplyOptions {
-            local: a.local,
-            base: a.base,
-            source: a.source,
+            local: a.host.local,
+            base: a.host.base,
+            source: a.host.source,
             target,
             run_id: a.run_id,
             pre_read_hook: a.pre_read_hook,

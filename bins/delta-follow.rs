@@ -22,15 +22,8 @@ version or pointer, 4 LOCAL lacks a patched tensor, 5 conflict (incomplete versi
 chain), 6 not found, 7 checksum mismatch (nothing reloaded), 8 reload command failed, 10 I/O.
 Without --once, failures are retried with backoff and never end the loop.")]
 struct Args {
-    /// Host-local checkpoint directory, patched in place (state in LOCAL/.weight_sync/).
-    #[arg(long)]
-    local: PathBuf,
-    /// The engine's base checkpoint (version 0).
-    #[arg(long)]
-    base: Option<PathBuf>,
-    /// Publish root holding weight_vNNNNNN directories and `latest`.
-    #[arg(long, value_name = "SRC")]
-    source: PathBuf,
+    #[command(flatten)]
+    host: disagg::cli::HostArgs,
     /// One pull + reload, then exit with its result.
     #[arg(long)]
     once: bool,
@@ -71,9 +64,9 @@ fn main() {
     let a = Args::parse();
     disagg::error::run_main("delta-follow", || {
         follow(&FollowOptions {
-            local: a.local,
-            base: a.base,
-            source: a.source,
+            local: a.host.local,
+            base: a.host.base,
+            source: a.host.source,
             once: a.once,
             until: a.until,
             poll: disagg::cli::seconds("poll", a.poll)?,

@@ -26,6 +26,7 @@ struct Args {
     /// Versions live under SRC/ID; the pointer reads `ID/weight_vNNNNNN`.
     #[arg(long, value_name = "ID")]
     run_id: Option<String>,
+    /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
 }
