@@ -21,6 +21,19 @@ pub const SINGLE_NAME: &str = "model.safetensors";
 /// Refuse index files larger than this (a 1T-parameter model's index is a few MB).
 pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 
+/// The bytes that start every safetensors file we write: the `u64` LE header length, then the
+/// header JSON padded with spaces so the data starts 8-byte aligned (docs/FORMATS.md §2).
+pub fn header_bytes(header: &Value) -> Vec<u8> {
+    let mut json = serde_json::to_vec(header).expect("JSON of plain values");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
 /// One tensor of a safetensors file: where its bytes are, and what they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorEntry {

@@ -184,6 +184,25 @@ fn write_diffs(old: &[u8], new: &[u8], out: &mut impl Write, emit: impl Fn(usize
     out.write_all(&buf)
 }
 
+/// Write an `overwrite` frame from gathered changes: `u32 LE count`, the positions (ascending),
+/// the values. The CPU one-pass encoder and the GPU path both end here.
+pub fn write_overwrite_frame<W: Write>(out: W, positions: &[u32], values: &[u8]) -> io::Result<W> {
+    assert_eq!(positions.len(), values.len(), "one value per position");
+    let count = positions.len() as u64;
+    let mut enc = new_encoder(out, 4 + 5 * count)?;
+    enc.write_all(&(count as u32).to_le_bytes())?;
+    let mut buf = Vec::with_capacity(CHUNK);
+    for ps in positions.chunks(CHUNK / 4) {
+        buf.clear();
+        buf.extend(ps.iter().flat_map(|p| p.to_le_bytes()));
+        enc.write_all(&buf)?;
+    }
+    for vs in values.chunks(CHUNK) {
+        enc.write_all(vs)?;
+    }
+    enc.finish()
+}
+
 fn encode_overwrite<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
     encode_overwrite_capped(old, new, out, ONE_PASS_MAX_CHANGES)
 }
@@ -193,20 +212,8 @@ fn encode_overwrite_capped<W: Write>(old: &[u8], new: &[u8], out: W, one_pass_ca
         return Err(PayloadError::TooLarge(new.len()));
     }
     if let Some((positions, values)) = collect_diffs(old, new, one_pass_cap) {
-        let count = values.len() as u64;
-        let mut enc = new_encoder(out, 4 + 5 * count)?;
-        enc.write_all(&(count as u32).to_le_bytes())?;
-        let mut buf = Vec::with_capacity(CHUNK);
-        for ps in positions.chunks(CHUNK / 4) {
-            buf.clear();
-            buf.extend(ps.iter().flat_map(|p| p.to_le_bytes()));
-            enc.write_all(&buf)?;
-        }
-        for vs in values.chunks(CHUNK) {
-            enc.write_all(vs)?;
-        }
-        enc.finish()?;
-        return Ok(count);
+        write_overwrite_frame(out, &positions, &values)?;
+        return Ok(values.len() as u64);
     }
     let count = count_changed(old, new);
     let mut enc = new_encoder(out, 4 + 5 * count)?;

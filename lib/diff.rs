@@ -376,18 +376,6 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
     })
 }
 
-/// Serialize a safetensors header: JSON padded with spaces so the data starts 8-byte aligned.
-pub fn safetensors_header(header: &Value) -> Vec<u8> {
-    let mut json = serde_json::to_vec(header).expect("JSON of plain values");
-    while (8 + json.len()) % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut out = Vec::with_capacity(8 + json.len());
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    out
-}
-
 fn write_delta_file(path: &Path, group: &mut [Encoded]) -> Result<u64> {
     let mut header = Map::new();
     let checksums: Map<String, Value> = group.iter().map(|e| (e.name.clone(), Value::String(e.checksum.clone()))).collect();
@@ -397,7 +385,7 @@ fn write_delta_file(path: &Path, group: &mut [Encoded]) -> Result<u64> {
         header.insert(e.name.clone(), json!({"dtype": "U8", "shape": [e.payload.len], "data_offsets": [offset, offset + e.payload.len]}));
         offset += e.payload.len;
     }
-    let head = safetensors_header(&Value::Object(header));
+    let head = crate::checkpoint::header_bytes(&Value::Object(header));
     let file = AtomicFile::create(path)?;
     let temp = file.temp_path().to_path_buf();
     let mut out = io::BufWriter::with_capacity(1 << 20, file);

@@ -44,7 +44,7 @@ fn write_checkpoint(dir: &Path, tensors: &[Vec<u8>]) {
         header.insert(format!("layers.{i}.weight"), json!({"dtype": "BF16", "shape": [t.len() / 2], "data_offsets": [off, off + t.len()]}));
         off += t.len();
     }
-    let mut bytes = disagg::diff::safetensors_header(&Value::Object(header));
+    let mut bytes = disagg::checkpoint::header_bytes(&Value::Object(header));
     for t in tensors {
         bytes.extend_from_slice(t);
     }

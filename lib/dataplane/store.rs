@@ -280,15 +280,10 @@ pub fn safetensors_header(tensors: &[TensorData<'_>], metadata: &BTreeMap<String
         map.insert(t.name.clone(), serde_json::json!({"dtype": t.dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}));
         offset = end;
     }
-    let mut json = serde_json::to_vec(&map).expect("serializes");
-    while json.len() % 8 != 0 {
-        json.push(b' ');
+    let out = crate::checkpoint::header_bytes(&serde_json::Value::Object(map));
+    if out.len() - 8 > MAX_HEADER_BYTES {
+        return Err(Error::Internal(format!("safetensors header of {} bytes is over {MAX_HEADER_BYTES}", out.len() - 8)));
     }
-    if json.len() > MAX_HEADER_BYTES {
-        return Err(Error::Internal(format!("safetensors header of {} bytes is over {MAX_HEADER_BYTES}", json.len())));
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&json);
     Ok(out)
 }
 

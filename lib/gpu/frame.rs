@@ -49,25 +49,7 @@ impl<W: Write> XorFrame<W> {
     }
 }
 
-/// Write an `overwrite` frame: `u32 LE count`, the positions (ascending), the values.
-pub fn write_overwrite<W: Write>(out: W, positions: &[u32], values: &[u8]) -> io::Result<W> {
-    assert_eq!(positions.len(), values.len(), "one value per position");
-    let count = positions.len() as u64;
-    let mut enc = encoder(out, 4 + 5 * count)?;
-    enc.write_all(&(count as u32).to_le_bytes())?;
-    let mut buf: Vec<u8> = Vec::with_capacity(codec::CHUNK);
-    for ps in positions.chunks(codec::CHUNK / 4) {
-        buf.clear();
-        for p in ps {
-            buf.extend_from_slice(&p.to_le_bytes());
-        }
-        enc.write_all(&buf)?;
-    }
-    for vs in values.chunks(codec::CHUNK) {
-        enc.write_all(vs)?;
-    }
-    enc.finish()
-}
+pub use codec::write_overwrite_frame as write_overwrite;
 
 /// CPU reference of what the GPU kernels compute, used by the tests here and in
 /// `tests/gpu.rs`: (XOR bytes, changed count) and (positions, values).
