@@ -83,20 +83,21 @@ pub fn encode<W: Write>(encoding: Encoding, old: &[u8], new: &[u8], out: W) -> R
     }
 }
 
-fn encode_xor<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
-    let mut enc = new_encoder(out, new.len() as u64)?;
-    let mut buf = vec![0u8; CHUNK.min(new.len())];
-    let mut changed = 0u64;
-    for (o, w) in old.chunks(CHUNK).zip(new.chunks(CHUNK)) {
-        let b = &mut buf[..o.len()];
-        for ((x, a), c) in b.iter_mut().zip(o).zip(w) {
-            *x = a ^ c;
+/// [`encode`], also feeding the new bytes to `hasher` (while they are in cache, for `xor`).
+pub fn encode_hashed<W: Write>(encoding: Encoding, old: &[u8], new: &[u8], out: W, hasher: &mut crate::checksum::Hasher) -> Result<u64, PayloadError> {
+    assert_eq!(old.len(), new.len(), "encode of tensors of different sizes");
+    match encoding {
+        Encoding::Xor => Ok(crate::sparse_frame::encode_observed(&crate::sparse_frame::Pair(old, new), out, |r| hasher.update(&new[r]))?),
+        Encoding::Overwrite => {
+            let changed = encode_overwrite(old, new, out)?;
+            hasher.update(new);
+            Ok(changed)
         }
-        changed += b.chunks(255).map(|c| c.iter().fold(0u8, |acc, &x| acc + (x != 0) as u8) as u64).sum::<u64>();
-        enc.write_all(b)?;
     }
-    enc.finish()?;
-    Ok(changed)
+}
+
+fn encode_xor<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
+    Ok(crate::sparse_frame::encode(&crate::sparse_frame::Pair(old, new), out)?)
 }
 
 /// Call `f(position)` for every differing byte, in ascending order: the scan behind the

@@ -301,11 +301,12 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
                 None
             } else {
                 let mut w = SpillWriter::new(&budget, dir);
-                let changed = engine.encode(opts.encoding, ob, nb, &mut w).map_err(|e| match e {
+                let mut hasher = opts.checksum.hasher();
+                let changed = engine.encode(opts.encoding, ob, nb, &mut w, &mut hasher).map_err(|e| match e {
                     PayloadError::Io(io) => Error::io(dir, io),
                     other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
                 })?;
-                Some(Encoded { name: name.clone(), checksum: opts.checksum.hex(nb), changed, payload: w.into_payload() })
+                Some(Encoded { name: name.clone(), checksum: hasher.finish_hex(), changed, payload: w.into_payload() })
             };
             bar.inc(nt.len as u64);
             Ok((i, out))

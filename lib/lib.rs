@@ -15,6 +15,7 @@ pub mod apply;
 pub mod checkpoint;
 pub mod checksum;
 pub mod codec;
+pub mod sparse_frame;
 pub mod diff;
 pub mod gpu;
 pub mod hooks;

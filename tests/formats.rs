@@ -111,3 +111,35 @@ fn sync_state_examples() {
         assert_eq!(serde_json::to_string(&i).unwrap(), line);
     }
 }
+
+#[test]
+fn xor_frame_header_and_window() {
+    let b = block("xor-frame-header");
+    let field = |k: &str| b.lines().find_map(|l| l.strip_prefix(k)).unwrap().trim().to_string();
+    let size = u64::from_str_radix(field("content_size:").trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(disagg::sparse_frame::frame_header(size).to_vec(), unhex(&field("header:")));
+    // A real frame: 3 blocks and a bit of RL-like sparse change; the header is the documented
+    // one, and a decoder limited to a 128 KiB window (the documented one) reads it.
+    let len = 3 * (128 << 10) + 1000;
+    let old: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
+    let mut new = old.clone();
+    for i in (0..len).step_by(37) {
+        new[i] ^= 1 + (i % 5) as u8;
+    }
+    let mut frame = Vec::new();
+    disagg::codec::encode(Encoding::Xor, &old, &new, &mut frame).unwrap();
+    assert_eq!(frame[..14], disagg::sparse_frame::frame_header(len as u64));
+    let mut d = zstd::stream::read::Decoder::with_buffer(&frame[..]).unwrap().single_frame();
+    d.window_log_max(17).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut d, &mut got).unwrap();
+    let want: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
+    assert!(got == want, "frame does not decode to old ^ new");
+    // An empty tensor: the header and one empty raw last block.
+    let mut empty = Vec::new();
+    disagg::codec::encode(Encoding::Xor, &[], &[], &mut empty).unwrap();
+    let mut want = disagg::sparse_frame::frame_header(0).to_vec();
+    want.extend([1, 0, 0]);
+    assert_eq!(empty, want);
+    assert!(zstd::stream::decode_all(&empty[..]).unwrap().is_empty());
+}

@@ -1,51 +1,30 @@
 //! The host half of the GPU path: turning what the kernels produce (XOR chunks; changed
 //! positions and values) into the zstd frame [`codec::encode`] writes, byte for byte.
 //!
-//! The frame settings and the sequence of writes mirror `codec.rs` exactly (level
-//! [`codec::ZSTD_LEVEL`], content size, no checksum, writes of [`codec::CHUNK`] bytes), so the
-//! output does not depend on how the GPU chunked the tensor. The unit tests below check this
+//! `xor` frames come from the same sparse-frame encoder as the CPU's (`sparse_frame`, fed XOR
+//! bytes instead of two tensors), `overwrite` frames from the same writer, so the output does
+//! not depend on how the GPU chunked the tensor. The unit tests below check this
 //! against `codec::encode` with pieces computed on the CPU, so drift is caught without a GPU.
 
 use crate::codec;
 use std::io::{self, Write};
 
-use codec::new_encoder as encoder;
-
-/// An `xor` frame fed with the XOR of consecutive pieces of the tensor, in order.
-pub struct XorFrame<W: Write> {
-    enc: zstd::stream::write::Encoder<'static, W>,
-    pending: Vec<u8>,
-}
+/// An `xor` frame fed with the XOR of consecutive pieces of the tensor, in order: the CPU's
+/// sparse frame ([`crate::sparse_frame`]) built from XOR bytes instead of the two tensors.
+pub struct XorFrame<W: Write>(crate::sparse_frame::XorStream<W>);
 
 impl<W: Write> XorFrame<W> {
     pub fn new(out: W, tensor_len: u64) -> io::Result<Self> {
-        Ok(XorFrame { enc: encoder(out, tensor_len)?, pending: Vec::with_capacity(codec::CHUNK) })
+        Ok(XorFrame(crate::sparse_frame::XorStream::new(out, tensor_len)?))
     }
 
     /// The XOR of the next `piece.len()` bytes of the tensor.
-    pub fn push(&mut self, mut piece: &[u8]) -> io::Result<()> {
-        if !self.pending.is_empty() {
-            let take = (codec::CHUNK - self.pending.len()).min(piece.len());
-            self.pending.extend_from_slice(&piece[..take]);
-            piece = &piece[take..];
-            if self.pending.len() == codec::CHUNK {
-                self.enc.write_all(&self.pending)?;
-                self.pending.clear();
-            }
-        }
-        let whole = piece.len() / codec::CHUNK * codec::CHUNK;
-        for c in piece[..whole].chunks(codec::CHUNK) {
-            self.enc.write_all(c)?;
-        }
-        self.pending.extend_from_slice(&piece[whole..]);
-        Ok(())
+    pub fn push(&mut self, piece: &[u8]) -> io::Result<()> {
+        self.0.push(piece)
     }
 
-    pub fn finish(mut self) -> io::Result<W> {
-        if !self.pending.is_empty() {
-            self.enc.write_all(&self.pending)?;
-        }
-        self.enc.finish()
+    pub fn finish(self) -> io::Result<W> {
+        Ok(self.0.finish()?.0)
     }
 }
 

@@ -203,7 +203,8 @@ impl Engine {
     /// Encode one tensor's change exactly as [`codec::encode`] does, on the GPU when the policy
     /// says so. Under `auto` a tensor only goes to the GPU if a pipeline is free right now, so
     /// the GPU takes a share of the tensors alongside the CPU threads instead of queueing them.
-    pub fn encode<W: Write>(&self, encoding: Encoding, old: &[u8], new: &[u8], mut out: W) -> Result<u64, PayloadError> {
+    /// The new bytes also go to `hasher` (the tensor's checksum).
+    pub fn encode<W: Write>(&self, encoding: Encoding, old: &[u8], new: &[u8], mut out: W, hasher: &mut crate::checksum::Hasher) -> Result<u64, PayloadError> {
         if let Some(gpu) = &self.gpu {
             let attempt = match self.device {
                 Device::Cuda if new.len() >= CUDA_MIN_BYTES => Some(gpu.encode(encoding, old, new, &mut out)),
@@ -212,13 +213,14 @@ impl Engine {
             };
             if let Some(r) = attempt {
                 self.gpu_tensors.fetch_add(1, Ordering::Relaxed);
+                hasher.update(new);
                 return r.map_err(|e| match e {
                     GpuError::Payload(p) => p,
                     other => PayloadError::Io(io::Error::other(format!("GPU diff failed ({other}); rerun with --device cpu"))),
                 });
             }
         }
-        codec::encode(encoding, old, new, out)
+        codec::encode_hashed(encoding, old, new, out, hasher)
     }
 }
 
@@ -267,9 +269,11 @@ mod tests {
         for enc in [Encoding::Xor, Encoding::Overwrite] {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             let e = Engine::select(Device::Cpu).unwrap();
-            assert_eq!(e.encode(enc, &old, &new, &mut a).unwrap(), 2);
+            let mut h = crate::checksum::ChecksumAlg::Xxh3_128.hasher();
+            assert_eq!(e.encode(enc, &old, &new, &mut a, &mut h).unwrap(), 2);
             codec::encode(enc, &old, &new, &mut b).unwrap();
             assert_eq!(a, b);
+            assert_eq!(h.finish_hex(), crate::checksum::ChecksumAlg::Xxh3_128.hex(&new));
             assert_eq!(e.device_used(), "cpu");
         }
     }

@@ -1,0 +1,624 @@
+//! zstd frames for sparse `xor` payloads, built from sequences we find ourselves.
+//!
+//! An RL step changes ~1–3 % of bf16 elements, nearly always in the low byte, so `new ⊕ old` is
+//! zero runs (mean ~70 bytes) between single nonzero bytes. libzstd's level-1 match finder spends
+//! ~70 % of slime's encode time rediscovering that structure by hashing. Here one linear scan
+//! over the two tensors finds it directly: every zero run of at least [`MIN_RUN`] bytes becomes a
+//! zstd sequence "literals ending in one zero byte, then a match of offset 1" (offset 1 repeats
+//! the zero), and everything else stays literal. libzstd only entropy-codes what we hand it
+//! (`ZSTD_compressSequencesAndLiterals`: Huffman literals, FSE sequence codes), so the frame is
+//! ordinary zstd that any decoder (python-zstandard, slime, sglang) reads.
+//!
+//! ## Frame layout (docs/FORMATS.md §3, "xor frames")
+//! We write the frame header ourselves: magic, a descriptor with an 8-byte content size, no
+//! checksum, no dictionary, and a 128 KiB window (the only back-reference is offset 1, so the
+//! decoder needs no more history than one block). The blocks come from libzstd, one call per
+//! [`SEGMENT`] of the tensor (bounded memory whatever the tensor size); each call makes a
+//! complete frame whose header we drop and whose blocks we splice in, clearing the last-block
+//! flag of all but the tensor's final block. Splicing is exact because nothing crosses a
+//! segment boundary: a segment's first block uses no repeated entropy tables (libzstd starts
+//! each frame fresh), every match has offset 1 with at least one literal before it (so the
+//! repeat-offset history is 1 in encoder and decoder alike), and every block starts with a
+//! literal, so no match reaches back into the previous segment.
+
+use std::io::{self, Write};
+use zstd::zstd_safe::zstd_sys as sys;
+
+/// Bytes of content per zstd block (the format's maximum).
+pub const BLOCK: usize = 128 << 10;
+/// Bytes of content per libzstd call: bounds the sequences and literals held in memory.
+pub const SEGMENT: usize = 32 * BLOCK;
+/// Shortest zero run coded as a match (one literal zero, then a match of at least 3, zstd's
+/// minimum). Measured on a 531 MiB RL-step pair: 4 gives the smallest frames (12.19 MB; 10
+/// gives 12.53, 32 gives 16.25) at the same speed, since FSE codes the short, repetitive
+/// sequence lengths in a few bits.
+pub const MIN_RUN: usize = 4;
+/// The frame's window: one block (log2).
+const WINDOW_LOG: u32 = 17;
+const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Where the XOR bytes come from: two tensors (CPU path) or an XOR already computed (GPU path).
+pub trait XorSource {
+    fn len(&self) -> usize;
+    /// XOR byte `i` (`i < len`).
+    fn byte(&self, i: usize) -> u8;
+    /// Bit k set iff XOR byte `i + k` is nonzero, for the 32 bytes from `i` (`i + 32 <= len`).
+    fn mask32(&self, i: usize) -> u32;
+    /// The same with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and `i + 32 <= len`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn mask32_avx2(&self, i: usize) -> u32;
+}
+
+/// Nonzero-byte bits of one little-endian word.
+#[inline(always)]
+fn word_mask(x: u64) -> u32 {
+    // Folding each byte onto its low bit, then gathering the eight low bits.
+    let mut y = x | (x >> 4);
+    y |= y >> 2;
+    y |= y >> 1;
+    y &= 0x0101_0101_0101_0101;
+    (y.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32
+}
+
+#[inline(always)]
+fn word_at(s: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"))
+}
+
+/// `old ⊕ new`, computed on the fly.
+pub struct Pair<'a>(pub &'a [u8], pub &'a [u8]);
+
+impl XorSource for Pair<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn byte(&self, i: usize) -> u8 {
+        self.0[i] ^ self.1[i]
+    }
+    #[inline(always)]
+    fn mask32(&self, i: usize) -> u32 {
+        (0..4).fold(0, |m, k| m | word_mask(word_at(self.0, i + 8 * k) ^ word_at(self.1, i + 8 * k)) << (8 * k))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mask32_avx2(&self, i: usize) -> u32 {
+        use std::arch::x86_64::*;
+        debug_assert!(i + 32 <= self.0.len() && self.0.len() == self.1.len());
+        // SAFETY: the caller guarantees i + 32 <= len for both slices; loadu needs no alignment.
+        let (a, b) = unsafe { (_mm256_loadu_si256(self.0.as_ptr().add(i).cast()), _mm256_loadu_si256(self.1.as_ptr().add(i).cast())) };
+        !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, b)) as u32)
+    }
+}
+
+/// XOR bytes computed elsewhere.
+pub struct Xored<'a>(pub &'a [u8]);
+
+impl XorSource for Xored<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    #[inline(always)]
+    fn byte(&self, i: usize) -> u8 {
+        self.0[i]
+    }
+    #[inline(always)]
+    fn mask32(&self, i: usize) -> u32 {
+        (0..4).fold(0, |m, k| m | word_mask(word_at(self.0, i + 8 * k)) << (8 * k))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn mask32_avx2(&self, i: usize) -> u32 {
+        use std::arch::x86_64::*;
+        debug_assert!(i + 32 <= self.0.len());
+        // SAFETY: the caller guarantees i + 32 <= len; loadu needs no alignment.
+        let a = unsafe { _mm256_loadu_si256(self.0.as_ptr().add(i).cast()) };
+        !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, _mm256_setzero_si256())) as u32)
+    }
+}
+
+/// One libzstd compression context set up for explicit sequences, reused by a thread across
+/// tensors (creating one costs more than coding a small tensor).
+struct SeqCctx(*mut sys::ZSTD_CCtx);
+
+// SAFETY: a ZSTD_CCtx has no thread affinity; it is only ever used by one thread at a time
+// (it lives in a thread-local or is owned by one encoder).
+unsafe impl Send for SeqCctx {}
+
+impl SeqCctx {
+    fn new() -> io::Result<SeqCctx> {
+        // SAFETY: plain libzstd calls on a context we own; every return code is checked.
+        unsafe {
+            let cctx = sys::ZSTD_createCCtx();
+            if cctx.is_null() {
+                return Err(io::Error::other("zstd: cannot allocate a compression context"));
+            }
+            let c = SeqCctx(cctx);
+            use sys::ZSTD_cParameter::*;
+            for (param, value) in [
+                (ZSTD_c_compressionLevel, 1),
+                (ZSTD_c_windowLog, WINDOW_LOG as i32),
+                (ZSTD_c_minMatch, 3),
+                (ZSTD_c_checksumFlag, 0),
+                (ZSTD_c_contentSizeFlag, 1),
+                (ZSTD_c_experimentalParam11, sys::ZSTD_SequenceFormat_e::ZSTD_sf_explicitBlockDelimiters as i32), // blockDelimiters
+                (ZSTD_c_experimentalParam19, sys::ZSTD_ParamSwitch_e::ZSTD_ps_enable as i32), // repcodeResolution: offset 1 as repeat code 1
+            ] {
+                check(sys::ZSTD_CCtx_setParameter(cctx, param, value))?;
+            }
+            Ok(c)
+        }
+    }
+
+    /// One complete frame for `decompressed` bytes described by `seqs` and `lits`, into `dst`.
+    /// `None` if libzstd found a block incompressible (this entry point cannot store raw blocks).
+    fn compress_with_literals(&mut self, dst: &mut Vec<u8>, seqs: &[sys::ZSTD_Sequence], lits: &mut Vec<u8>, decompressed: usize) -> io::Result<Option<()>> {
+        let lit_len = lits.len();
+        lits.reserve(32);
+        dst.clear();
+        // SAFETY: compressBound is a pure function.
+        let cap = unsafe { sys::ZSTD_compressBound(decompressed) } + 64;
+        dst.reserve(cap);
+        // SAFETY: dst has `cap` writable bytes, lits has lit_len initialized bytes and a capacity
+        // of at least lit_len + 8 as the call requires; seqs is a valid slice.
+        let r = unsafe {
+            sys::ZSTD_CCtx_reset(self.0, sys::ZSTD_ResetDirective::ZSTD_reset_session_only);
+            sys::ZSTD_compressSequencesAndLiterals(self.0, dst.as_mut_ptr().cast(), cap, seqs.as_ptr(), seqs.len(), lits.as_ptr().cast(), lit_len, lits.capacity(), decompressed)
+        };
+        // SAFETY: ZSTD_isError is a pure function.
+        if unsafe { sys::ZSTD_isError(r) } != 0 {
+            return Ok(None);
+        }
+        // SAFETY: libzstd wrote r <= cap bytes.
+        unsafe { dst.set_len(r) };
+        Ok(Some(()))
+    }
+
+    /// The same frame from the XOR bytes themselves (`src`); libzstd may store blocks raw.
+    fn compress_with_source(&mut self, dst: &mut Vec<u8>, seqs: &[sys::ZSTD_Sequence], src: &[u8]) -> io::Result<()> {
+        dst.clear();
+        // SAFETY: as above; src is the segment's full content, which the sequences describe.
+        let cap = unsafe { sys::ZSTD_compressBound(src.len()) } + 64;
+        dst.reserve(cap);
+        let r = unsafe {
+            sys::ZSTD_CCtx_reset(self.0, sys::ZSTD_ResetDirective::ZSTD_reset_session_only);
+            sys::ZSTD_compressSequences(self.0, dst.as_mut_ptr().cast(), cap, seqs.as_ptr(), seqs.len(), src.as_ptr().cast(), src.len())
+        };
+        check(r)?;
+        // SAFETY: libzstd wrote r <= cap bytes.
+        unsafe { dst.set_len(r) };
+        Ok(())
+    }
+}
+
+impl Drop for SeqCctx {
+    fn drop(&mut self) {
+        // SAFETY: created by ZSTD_createCCtx, freed once.
+        unsafe { sys::ZSTD_freeCCtx(self.0) };
+    }
+}
+
+fn check(code: usize) -> io::Result<usize> {
+    // SAFETY: pure functions on an error code; the name is a static C string.
+    unsafe {
+        if sys::ZSTD_isError(code) != 0 {
+            let name = std::ffi::CStr::from_ptr(sys::ZSTD_getErrorName(code));
+            return Err(io::Error::other(format!("zstd: {}", name.to_string_lossy())));
+        }
+    }
+    Ok(code)
+}
+
+thread_local! {
+    static CCTX: std::cell::RefCell<Option<SeqCctx>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Working buffers of one encoder, kept per thread between tensors.
+#[derive(Default)]
+struct Buffers {
+    seqs: Vec<sys::ZSTD_Sequence>,
+    lits: Vec<u8>,
+    frame: Vec<u8>,
+    xor: Vec<u8>,
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Buffers> = std::cell::RefCell::new(Buffers::default());
+}
+
+/// The frame header we write: magic, descriptor (8-byte content size, no single segment, no
+/// checksum, no dictionary), a one-block window, the content size.
+pub fn frame_header(content_size: u64) -> [u8; 14] {
+    let mut h = [0u8; 14];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4] = 0b1100_0000; // Frame_Content_Size_flag = 3 (8 bytes)
+    h[5] = ((WINDOW_LOG - 10) as u8) << 3; // Window_Descriptor: exponent, mantissa 0
+    h[6..14].copy_from_slice(&content_size.to_le_bytes());
+    h
+}
+
+/// Length of a frame header libzstd wrote, from its descriptor byte.
+fn header_len(frame: &[u8]) -> io::Result<usize> {
+    if frame.len() < 5 || frame[..4] != MAGIC {
+        return Err(io::Error::other("zstd: segment frame without magic"));
+    }
+    let fhd = frame[4];
+    let single = fhd & 0x20 != 0;
+    let fcs = match fhd >> 6 {
+        0 => usize::from(single),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let dict = [0, 1, 2, 4][(fhd & 3) as usize];
+    Ok(5 + usize::from(!single) + dict + fcs)
+}
+
+/// Copy the blocks of a libzstd frame to `out`, marking the last one last only if `last`.
+fn splice_blocks(frame: &[u8], last: bool, out: &mut impl Write) -> io::Result<()> {
+    let mut at = header_len(frame)?;
+    let start = at;
+    let mut last_header = None;
+    while at + 3 <= frame.len() {
+        let h = u32::from(frame[at]) | u32::from(frame[at + 1]) << 8 | u32::from(frame[at + 2]) << 16;
+        let size = (h >> 3) as usize;
+        let body = if (h >> 1) & 3 == 1 { 1 } else { size }; // an RLE block stores one byte
+        last_header = Some(at);
+        at += 3 + body;
+        if h & 1 == 1 {
+            break;
+        }
+    }
+    let Some(lh) = last_header.filter(|_| at == frame.len()) else {
+        return Err(io::Error::other("zstd: malformed segment frame"));
+    };
+    out.write_all(&frame[start..lh])?;
+    let mut h = [frame[lh], frame[lh + 1], frame[lh + 2]];
+    h[0] = (h[0] & !1) | u8::from(last);
+    out.write_all(&h)?;
+    out.write_all(&frame[lh + 3..at])
+}
+
+/// Sequences and literals of one block `[b0, b1)` of `src`; returns its nonzero byte count.
+/// `mask(i)` is [`XorSource::mask32`] or its AVX2 form.
+#[inline(always)]
+fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, mask: impl Fn(usize) -> u32) -> u64 {
+    let mut lit_start = b0;
+    // One past the last nonzero byte seen (b0 at the start: the block's first byte is then
+    // the literal zero that a leading zero run's match repeats, so every block opens with a
+    // literal).
+    let mut end_nz = b0;
+    let mut nonzero = 0u64;
+    // A zero run from end_nz to p (exclusive) long enough for a match: literals up to and
+    // including its first zero, then the match repeating that zero.
+    let emit = |p: usize, end_nz: usize, lit_start: &mut usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>| {
+        let lit_end = end_nz + 1;
+        lits.extend((*lit_start..lit_end).map(|j| src.byte(j)));
+        seqs.push(sys::ZSTD_Sequence { offset: 1, litLength: (lit_end - *lit_start) as u32, matchLength: (p - lit_end) as u32, rep: 0 });
+        *lit_start = p;
+    };
+    let mut i = b0;
+    while i + 32 <= b1 {
+        let mut m = mask(i);
+        nonzero += u64::from(m.count_ones());
+        while m != 0 {
+            let p = i + m.trailing_zeros() as usize;
+            if p - end_nz >= MIN_RUN {
+                emit(p, end_nz, &mut lit_start, seqs, lits);
+            }
+            end_nz = p + 1;
+            m &= m - 1;
+        }
+        i += 32;
+    }
+    for p in i..b1 {
+        if src.byte(p) != 0 {
+            if p - end_nz >= MIN_RUN {
+                emit(p, end_nz, &mut lit_start, seqs, lits);
+            }
+            end_nz = p + 1;
+            nonzero += 1;
+        }
+    }
+    if b1 - end_nz >= MIN_RUN {
+        emit(b1, end_nz, &mut lit_start, seqs, lits);
+    }
+    lits.extend((lit_start..b1).map(|j| src.byte(j)));
+    seqs.push(sys::ZSTD_Sequence { offset: 0, litLength: (b1 - lit_start) as u32, matchLength: 0, rep: 0 });
+    nonzero
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt,bmi1")]
+unsafe fn scan_block_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>) -> u64 {
+    // SAFETY: AVX2 is present (this function's contract); scan_block asks only for masks of
+    // 32 bytes inside the block, which lies inside the source.
+    scan_block(src, b0, b1, seqs, lits, |i| unsafe { src.mask32_avx2(i) })
+}
+
+/// [`scan_block`] with the fastest mask the CPU has.
+fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>) -> u64 {
+    assert!(b0 <= b1 && b1 <= src.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") && std::arch::is_x86_feature_detected!("bmi1") {
+        // SAFETY: the features were just detected; the block is inside the source (asserted).
+        return unsafe { scan_block_avx2(src, b0, b1, seqs, lits) };
+    }
+    scan_block(src, b0, b1, seqs, lits, |i| src.mask32(i))
+}
+
+/// Encode `src[range]` (a whole number of blocks, or the tensor's tail) as the blocks of one
+/// segment, written to `out`; returns its nonzero byte count.
+fn encode_segment<S: XorSource>(src: &S, from: usize, to: usize, last: bool, cctx: &mut SeqCctx, bufs: &mut Buffers, out: &mut impl Write, seen: &mut impl FnMut(std::ops::Range<usize>)) -> io::Result<u64> {
+    bufs.seqs.clear();
+    bufs.lits.clear();
+    let mut nonzero = 0;
+    let mut b0 = from;
+    while b0 < to {
+        let b1 = (b0 + BLOCK).min(to);
+        nonzero += scan_block_dispatch(src, b0, b1, &mut bufs.seqs, &mut bufs.lits);
+        // While the block is still in cache (the checksum of the new bytes, in diff).
+        seen(b0..b1);
+        b0 = b1;
+    }
+    if cctx.compress_with_literals(&mut bufs.frame, &bufs.seqs, &mut bufs.lits, to - from)?.is_none() {
+        // Dense XOR (some block would not shrink): hand libzstd the bytes so it can store
+        // such blocks raw. Same sequences, so the same frame structure.
+        bufs.xor.clear();
+        bufs.xor.extend((from..to).map(|j| src.byte(j)));
+        cctx.compress_with_source(&mut bufs.frame, &bufs.seqs, &bufs.xor)?;
+    }
+    splice_blocks(&bufs.frame, last, out)?;
+    Ok(nonzero)
+}
+
+/// Run `f` with this thread's compression context and buffers.
+fn with_context<T>(f: impl FnOnce(&mut SeqCctx, &mut Buffers) -> io::Result<T>) -> io::Result<T> {
+    CCTX.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(SeqCctx::new()?);
+        }
+        let cctx = slot.as_mut().expect("just set");
+        BUFFERS.with(|b| f(cctx, &mut b.borrow_mut()))
+    })
+}
+
+/// The last block of an empty frame: raw, size 0, marked last.
+const EMPTY_LAST_BLOCK: [u8; 3] = [1, 0, 0];
+
+/// Write the whole frame for `src` to `out`; returns the number of nonzero XOR bytes.
+pub fn encode<S: XorSource>(src: &S, out: impl Write) -> io::Result<u64> {
+    encode_observed(src, out, |_| {})
+}
+
+/// [`encode`], calling `seen(range)` for each range of the tensor, in order, right after it
+/// was scanned, so a caller can checksum the same bytes while they are in cache.
+pub fn encode_observed<S: XorSource>(src: &S, mut out: impl Write, mut seen: impl FnMut(std::ops::Range<usize>)) -> io::Result<u64> {
+    let len = src.len();
+    out.write_all(&frame_header(len as u64))?;
+    if len == 0 {
+        out.write_all(&EMPTY_LAST_BLOCK)?;
+        return Ok(0);
+    }
+    with_context(|cctx, bufs| {
+        let mut nonzero = 0;
+        let mut from = 0;
+        while from < len {
+            let to = (from + SEGMENT).min(len);
+            nonzero += encode_segment(src, from, to, to == len, cctx, bufs, &mut out, &mut seen)?;
+            from = to;
+        }
+        Ok(nonzero)
+    })
+}
+
+/// The same frame as [`encode`], fed with the XOR of consecutive pieces of the tensor (the
+/// GPU path, whose pieces arrive from the device). Pieces of any size give the same bytes;
+/// at most one segment is buffered.
+pub struct XorStream<W: Write> {
+    out: W,
+    len: usize,
+    done: usize,
+    pending: Vec<u8>,
+    nonzero: u64,
+}
+
+impl<W: Write> XorStream<W> {
+    pub fn new(mut out: W, len: u64) -> io::Result<Self> {
+        out.write_all(&frame_header(len))?;
+        let len = usize::try_from(len).map_err(|_| io::Error::other("tensor too large for this platform"))?;
+        Ok(XorStream { out, len, done: 0, pending: Vec::new(), nonzero: 0 })
+    }
+
+    fn segment_len(&self) -> usize {
+        SEGMENT.min(self.len - self.done)
+    }
+
+    fn flush_segment(&mut self, xor: &[u8]) -> io::Result<()> {
+        let last = self.done + xor.len() == self.len;
+        let out = &mut self.out;
+        self.nonzero += with_context(|cctx, bufs| encode_segment(&Xored(xor), 0, xor.len(), last, cctx, bufs, out, &mut |_| {}))?;
+        self.done += xor.len();
+        Ok(())
+    }
+
+    /// The XOR of the next `piece.len()` bytes of the tensor.
+    pub fn push(&mut self, mut piece: &[u8]) -> io::Result<()> {
+        if self.done + self.pending.len() + piece.len() > self.len {
+            return Err(io::Error::other("more XOR bytes than the tensor has"));
+        }
+        if !self.pending.is_empty() {
+            let take = (self.segment_len() - self.pending.len()).min(piece.len());
+            self.pending.extend_from_slice(&piece[..take]);
+            piece = &piece[take..];
+            if self.pending.len() == self.segment_len() {
+                let full = std::mem::take(&mut self.pending);
+                self.flush_segment(&full)?;
+                self.pending = full;
+                self.pending.clear();
+            }
+        }
+        while !piece.is_empty() && piece.len() >= self.segment_len() {
+            let n = self.segment_len();
+            self.flush_segment(&piece[..n])?;
+            piece = &piece[n..];
+        }
+        self.pending.extend_from_slice(piece);
+        Ok(())
+    }
+
+    /// Finish the frame; returns the writer and the number of nonzero XOR bytes.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        if self.done + self.pending.len() != self.len {
+            return Err(io::Error::other(format!("XOR stream got {} of {} bytes", self.done + self.pending.len(), self.len)));
+        }
+        if self.len == 0 {
+            self.out.write_all(&EMPTY_LAST_BLOCK)?;
+        }
+        Ok((self.out, self.nonzero))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    /// Tensors whose XOR has a given share of nonzero bytes, scattered, with some long runs.
+    fn sparse(len: usize, per_mille: u64, seed: u64) -> (Vec<u8>, Vec<u8>) {
+        let mut s = seed | 1;
+        let old: Vec<u8> = (0..len).map(|_| rng(&mut s) as u8).collect();
+        let mut new = old.clone();
+        for b in new.iter_mut() {
+            if rng(&mut s) % 1000 < per_mille {
+                *b ^= (rng(&mut s) as u8) | 1;
+            }
+        }
+        (old, new)
+    }
+
+    fn check_round_trip(old: &[u8], new: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        let nz = encode(&Pair(old, new), &mut frame).unwrap();
+        let want: Vec<u8> = old.iter().zip(new).map(|(a, b)| a ^ b).collect();
+        assert_eq!(nz, want.iter().filter(|&&b| b != 0).count() as u64);
+        let got = zstd::stream::decode_all(&frame[..]).unwrap();
+        assert!(got == want, "len {} decodes wrong", old.len());
+        assert_eq!(zstd::zstd_safe::get_frame_content_size(&frame).unwrap(), Some(old.len() as u64));
+        assert_eq!(zstd::zstd_safe::find_frame_compressed_size(&frame).unwrap(), frame.len());
+        let mut same = Vec::new();
+        let xor: Vec<u8> = want.clone();
+        encode(&Xored(&xor), &mut same).unwrap();
+        assert!(same == frame, "pair and xored sources make different frames");
+        frame
+    }
+
+    #[test]
+    fn round_trips_at_every_density_and_boundary() {
+        for len in [0usize, 1, 7, 8, 31, 32, 33, 100, BLOCK - 1, BLOCK, BLOCK + 1, SEGMENT - 3, SEGMENT, SEGMENT + BLOCK + 5, 2 * SEGMENT + 77] {
+            for per_mille in [0u64, 1, 14, 30, 200, 1000] {
+                let (old, new) = sparse(len, per_mille, len as u64 * 7919 + per_mille);
+                check_round_trip(&old, &new);
+            }
+        }
+    }
+
+    #[test]
+    fn stream_of_any_pieces_equals_one_shot() {
+        for len in [0usize, 5, BLOCK + 3, SEGMENT, 2 * SEGMENT + 4097] {
+            let (old, new) = sparse(len, 20, len as u64 + 1);
+            let want = check_round_trip(&old, &new);
+            let xor: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
+            for piece in [1usize << 12, 777_777, SEGMENT, 3 * SEGMENT] {
+                let mut st = XorStream::new(Vec::new(), len as u64).unwrap();
+                for p in xor.chunks(piece) {
+                    st.push(p).unwrap();
+                }
+                let (got, nz) = st.finish().unwrap();
+                assert!(got == want, "len {len} piece {piece}");
+                assert_eq!(nz, xor.iter().filter(|&&b| b != 0).count() as u64);
+            }
+        }
+        let mut st = XorStream::new(Vec::new(), 10).unwrap();
+        st.push(&[0; 4]).unwrap();
+        assert!(st.push(&[0; 7]).is_err(), "too many bytes");
+        assert!(XorStream::new(Vec::new(), 10).unwrap().finish().is_err(), "too few bytes");
+    }
+
+    #[test]
+    fn runs_at_the_threshold_and_at_block_edges() {
+        // Nonzero bytes exactly MIN_RUN-1, MIN_RUN and MIN_RUN+1 apart, at block starts and ends.
+        let len = 3 * BLOCK + 19;
+        for gap in [MIN_RUN - 1, MIN_RUN, MIN_RUN + 1, 1, 2, 3, 4] {
+            let old = vec![0u8; len];
+            let mut new = old.clone();
+            let mut p = 0;
+            while p < len {
+                new[p] = 0x5a;
+                p += gap + 1;
+            }
+            for edge in [BLOCK - 1, BLOCK, 2 * BLOCK - 1, 2 * BLOCK, len - 1] {
+                new[edge] = 0xa5;
+            }
+            check_round_trip(&old, &new);
+        }
+        // All zero but the very last byte; all zero but the very first.
+        let old = vec![0u8; 2 * SEGMENT];
+        let mut new = old.clone();
+        new[2 * SEGMENT - 1] = 1;
+        check_round_trip(&old, &new);
+        new[2 * SEGMENT - 1] = 0;
+        new[0] = 1;
+        check_round_trip(&old, &new);
+    }
+
+    #[test]
+    fn sparse_frames_are_no_larger_than_level_1() {
+        // ~1.4 % of bytes changed at random places to random values (about 16 bits of entropy
+        // a change): our sequences must not lose to libzstd's own level-1 match finder.
+        let (old, new) = sparse(4 << 20, 14, 3);
+        let frame = check_round_trip(&old, &new);
+        let xor: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
+        let level1 = zstd::bulk::compress(&xor, 1).unwrap();
+        assert!(frame.len() <= level1.len(), "{} bytes, level 1 makes {}", frame.len(), level1.len());
+    }
+
+    #[test]
+    fn portable_and_avx2_masks_agree() {
+        let (old, new) = sparse(4096, 300, 11);
+        let xor: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
+        for i in 0..4096 - 32 {
+            let want = (0..32).fold(0u32, |m, k| m | u32::from(xor[i + k] != 0) << k);
+            assert_eq!(Pair(&old, &new).mask32(i), want);
+            assert_eq!(Xored(&xor).mask32(i), want);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 detected, i + 32 <= len.
+                unsafe {
+                    assert_eq!(Pair(&old, &new).mask32_avx2(i), want);
+                    assert_eq!(Xored(&xor).mask32_avx2(i), want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn header_is_what_formats_md_says() {
+        let h = frame_header(0x0102_0304_0506);
+        assert_eq!(h, [0x28, 0xb5, 0x2f, 0xfd, 0xc0, 0x38, 6, 5, 4, 3, 2, 1, 0, 0]);
+    }
+}
