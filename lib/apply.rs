@@ -23,7 +23,6 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsio::{self, HostLock};
 use crate::pointer::{read_latest, Pointer};
 use crate::version::{parse_version_str, version_str, DeltaMeta, VersionDir};
-use memmap2::MmapMut;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -221,7 +220,7 @@ impl LocalCheckpoint {
     /// Apply a chain of validated deltas (oldest first, each based on the one before) in place,
     /// folded: every tensor any of them changes is patched by all of its payloads in one pass
     /// (see [`codec::apply_folded`]) and checked against the checksum of the newest delta that
-    /// changed it. The bytes are durable (msync + fsync) before this returns.
+    /// changed it. The bytes are durable (fsync) before this returns.
     fn apply_chain(&self, deltas: &[(&VersionDir, &DeltaMeta, &[SafetensorsFile])]) -> Result<usize> {
         let layout = Checkpoint::open(&self.dir)?;
         // tensor → its payloads in chain order: (delta, data file).
@@ -247,40 +246,25 @@ impl LocalCheckpoint {
             };
             per_local.entry(loc.file).or_default().push(tensor);
         }
-        // Map every LOCAL file that changes, then patch all its tensors in one parallel pass,
+        // Open every LOCAL file that changes, then patch all its tensors in one parallel pass,
         // largest first (one task each) so a late big tensor does not leave a core idle.
-        let mut maps = Vec::with_capacity(per_local.len());
+        // Patched with pread/pwrite, not a writable mmap (see codec::FileRangeTarget).
+        let mut files = Vec::with_capacity(per_local.len());
         for (lf, tensors) in per_local {
             let local_file = &layout.files()[lf];
             let path = local_file.path().to_path_buf();
             let file = OpenOptions::new().read(true).write(true).open(&path).at(&path)?;
-            // SAFETY: LOCAL is host-private and guarded by the flock; nothing else maps it for
-            // writing. The layout was validated against this file's length just above.
-            let map = unsafe { MmapMut::map_mut(&file) }.at(&path)?;
-            if map.len() != local_file.len() {
+            if file.metadata().at(&path)?.len() != local_file.len() as u64 {
                 return Err(Error::conflict(&path, "local file changed size while being patched"));
             }
-            let mut entries: Vec<(&str, &crate::checkpoint::TensorEntry)> = tensors.iter().map(|&name| (name, local_file.tensor(name).expect("in layout"))).collect();
-            entries.sort_by_key(|(_, t)| t.offset);
-            maps.push((path, file, map, entries));
+            let entries: Vec<(&str, &crate::checkpoint::TensorEntry)> = tensors.iter().map(|&name| (name, local_file.tensor(name).expect("in layout"))).collect();
+            files.push((path, file, entries));
         }
-        // Disjoint mutable slices, one per tensor.
-        let mut work: Vec<(&str, &mut [u8], std::os::fd::RawFd, usize)> = Vec::new();
-        for (_, file, map, entries) in maps.iter_mut() {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&*file);
-            let mut rest: &mut [u8] = &mut map[..];
-            let mut consumed = 0usize;
-            for (name, t) in entries.iter() {
-                let (_, tail) = std::mem::take(&mut rest).split_at_mut(t.offset - consumed);
-                let (mine, tail) = tail.split_at_mut(t.len);
-                work.push((*name, mine, fd, t.offset));
-                rest = tail;
-                consumed = t.offset + t.len;
-            }
-        }
+        let mut work: Vec<(&str, &std::path::Path, &std::fs::File, usize, usize)> =
+            files.iter().flat_map(|(path, file, entries)| entries.iter().map(move |(name, t)| (*name, path.as_path(), file, t.offset, t.len))).collect();
         let patched = work.len();
-        work.sort_by_key(|(_, slice, _, _)| std::cmp::Reverse(slice.len()));
-        work.into_par_iter().with_max_len(1).try_for_each(|(name, slice, fd, offset)| -> Result<()> {
+        work.sort_by_key(|w| std::cmp::Reverse(w.4));
+        work.into_par_iter().with_max_len(1).try_for_each(|(name, path, file, offset, len)| -> Result<()> {
             let sources = &touched[name];
             let payloads: Vec<(crate::version::Encoding, &[u8])> = sources
                 .iter()
@@ -289,33 +273,33 @@ impl LocalCheckpoint {
                     (deltas[di].1.encoding, f.bytes(f.tensor(name).expect("validated")))
                 })
                 .collect();
-            codec::apply_folded(&payloads, slice).map_err(|(k, e)| {
+            let &(di, fi) = sources.last().expect("at least one payload");
+            let (meta, f) = (deltas[di].1, &deltas[di].2[fi]);
+            let mut hasher = meta.checksum.hasher();
+            let mut target = codec::FileRangeTarget { file, offset: offset as u64, len, buf: Vec::new() };
+            codec::apply_folded_to(&payloads, &mut target, |new| hasher.update(new)).map_err(|(k, e)| {
                 let f = deltas[sources[k].0].2[sources[k].1].path();
                 match e {
+                    PayloadError::Target(io) => Error::io(path, io),
                     PayloadError::Io(io) => Error::bad_input(f, format!("tensor {name:?}: corrupt zstd frame: {io}")),
                     other => Error::bad_input(f, format!("tensor {name:?}: {other}")),
                 }
             })?;
             crate::failpoint!("apply.after_tensor");
-            let &(di, fi) = sources.last().expect("at least one payload");
-            let (meta, f) = (deltas[di].1, &deltas[di].2[fi]);
             let expected = &f.metadata()[name];
-            let actual = meta.checksum.hex(slice);
+            let actual = hasher.finish_hex();
             if &actual != expected {
                 return Err(Error::Checksum { path: f.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual });
             }
             // Start writeback of this tensor's pages now, so the disk works while the other
-            // tensors decode; the msync + fsync below still waits for all of it.
-            // SAFETY: a plain syscall on a descriptor the caller keeps open; failure only
-            // loses the overlap, never durability.
-            unsafe { libc::sync_file_range(fd, offset as i64, slice.len() as i64, libc::SYNC_FILE_RANGE_WRITE) };
+            // tensors decode; the fsync below still waits for all of it.
+            // SAFETY: a plain syscall on a descriptor we keep open; failure only loses the
+            // overlap, never durability.
+            unsafe { libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(file), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
             Ok(())
         })?;
-        // Durable before the caller records the version: msync, then fsync, every patched file.
-        maps.par_iter().try_for_each(|(path, file, map, _)| -> Result<()> {
-            map.flush().at(path)?;
-            file.sync_all().at(path)
-        })?;
+        // Durable before the caller records the version: fsync every patched file.
+        files.par_iter().try_for_each(|(path, file, _)| -> Result<()> { file.sync_all().at(path) })?;
         Ok(patched)
     }
 }
