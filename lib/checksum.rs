@@ -92,6 +92,15 @@ pub enum Hasher {
 }
 
 impl Hasher {
+    /// A new, empty hasher of the same algorithm.
+    pub fn fresh(&self) -> Hasher {
+        match self {
+            Hasher::Xxh3(_) => ChecksumAlg::Xxh3_128.hasher(),
+            Hasher::Blake3(_) => ChecksumAlg::Blake3.hasher(),
+            Hasher::Adler32(_) => ChecksumAlg::Adler32.hasher(),
+        }
+    }
+
     pub fn update(&mut self, bytes: &[u8]) {
         match self {
             Hasher::Xxh3(h) => h.update(bytes),

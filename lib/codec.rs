@@ -2,8 +2,10 @@
 //! against its old bytes, and decoded in place into a local checkpoint.
 //!
 //! Every payload is one zstd frame whose header records the decompressed size, so Python's
-//! `zstandard.ZstdDecompressor().decompress(frame)` reads it. Encoding and decoding stream in
-//! [`CHUNK`]-sized pieces: memory does not grow with tensor size.
+//! `zstandard.ZstdDecompressor().decompress(frame)` reads it. We write frames from our own
+//! sequences ([`crate::sparse_frame`], docs/FORMATS.md §4.5) and read any valid frame (slime's
+//! level 1 included). Encoding and decoding stream in bounded pieces: memory does not grow
+//! with tensor size.
 //!
 //! * `xor`: new ⊕ old over the whole tensor.
 //! * `overwrite`: `u32 LE count`, `count × u32 LE` strictly ascending byte positions, then
@@ -14,8 +16,6 @@ use std::io::{self, Read, Write};
 
 /// Streaming granularity.
 pub const CHUNK: usize = 1 << 20;
-/// zstd level of published frames (slime uses 1).
-pub const ZSTD_LEVEL: i32 = 1;
 /// Largest tensor the `overwrite` encoding can address.
 pub const MAX_OVERWRITE_TENSOR: usize = 1 << 32;
 /// Largest zstd window a payload may ask for (2^27 = 128 MiB), bounding decoder memory.
@@ -58,24 +58,6 @@ pub fn count_changed(old: &[u8], new: &[u8]) -> u64 {
     n
 }
 
-/// Payloads at least this long are compressed by zstd's own worker threads (still one frame),
-/// so one huge tensor (an embedding) does not leave the other cores idle at the end of a diff.
-pub const MT_PAYLOAD_BYTES: u64 = 32 << 20;
-
-/// The zstd encoder every published frame comes from (the GPU path uses it too, so both
-/// produce the same bytes): level 1, decompressed size in the header, no frame checksum.
-pub fn new_encoder<W: Write>(out: W, payload_len: u64) -> io::Result<zstd::stream::write::Encoder<'static, W>> {
-    let mut enc = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
-    enc.include_contentsize(true)?;
-    enc.include_checksum(false)?;
-    enc.set_pledged_src_size(Some(payload_len))?;
-    if payload_len >= MT_PAYLOAD_BYTES {
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
-        enc.multithread(workers as u32)?;
-    }
-    Ok(enc)
-}
-
 /// Encode one tensor's change as a zstd frame into `out`; returns the number of changed bytes.
 /// The caller has already found `old != new`.
 pub fn encode<W: Write>(encoding: Encoding, old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
@@ -91,11 +73,7 @@ pub fn encode_hashed<W: Write>(encoding: Encoding, old: &[u8], new: &[u8], out: 
     assert_eq!(old.len(), new.len(), "encode of tensors of different sizes");
     match encoding {
         Encoding::Xor => Ok(crate::sparse_frame::encode_observed(&crate::sparse_frame::Pair(old, new), out, |r| hasher.update(&new[r]))?),
-        Encoding::Overwrite => {
-            let changed = encode_overwrite(old, new, out)?;
-            hasher.update(new);
-            Ok(changed)
-        }
+        Encoding::Overwrite => encode_overwrite_capped(old, new, out, ONE_PASS_MAX_CHANGES, Some(hasher)),
     }
 }
 
@@ -158,19 +136,29 @@ unsafe fn for_each_diff_avx2<E>(old: &[u8], new: &[u8], f: &mut impl FnMut(usize
 /// streaming scans (count, positions, values) so memory stays bounded.
 pub const ONE_PASS_MAX_CHANGES: usize = 4 << 20;
 
-/// Positions (u32 LE) and new values of every changed byte, if there are at most `cap`.
-fn collect_diffs(old: &[u8], new: &[u8], cap: usize) -> Option<(Vec<u32>, Vec<u8>)> {
+/// Positions (u32 LE) and new values of every changed byte, if there are at most `cap`. The
+/// new bytes also go to `hasher`, a piece at a time right after it is scanned; if the cap
+/// is hit, `hasher` has seen a prefix only and the caller starts it afresh.
+fn collect_diffs(old: &[u8], new: &[u8], cap: usize, mut hasher: Option<&mut crate::checksum::Hasher>) -> Option<(Vec<u32>, Vec<u8>)> {
+    // Small enough that both tensors' pieces stay in L2 until hashed.
+    const PIECE: usize = 128 << 10;
     let mut positions = Vec::new();
     let mut values = Vec::new();
-    for_each_diff(old, new, |p| {
-        if values.len() == cap {
-            return Err(());
+    for (k, (o, w)) in old.chunks(PIECE).zip(new.chunks(PIECE)).enumerate() {
+        let base = k * PIECE;
+        for_each_diff(o, w, |p| {
+            if values.len() == cap {
+                return Err(());
+            }
+            positions.push((base + p) as u32);
+            values.push(w[p]);
+            Ok(())
+        })
+        .ok()?;
+        if let Some(h) = hasher.as_deref_mut() {
+            h.update(w);
         }
-        positions.push(p as u32);
-        values.push(new[p]);
-        Ok(())
-    })
-    .ok()?;
+    }
     Some((positions, values))
 }
 
@@ -193,7 +181,7 @@ fn write_diffs(old: &[u8], new: &[u8], out: &mut impl Write, emit: impl Fn(usize
 pub fn write_overwrite_frame<W: Write>(out: W, positions: &[u32], values: &[u8]) -> io::Result<W> {
     assert_eq!(positions.len(), values.len(), "one value per position");
     let count = positions.len() as u64;
-    let mut enc = new_encoder(out, 4 + 5 * count)?;
+    let mut enc = crate::sparse_frame::OverwriteFrame::new(out, count)?;
     enc.write_all(&(count as u32).to_le_bytes())?;
     let mut buf = Vec::with_capacity(CHUNK);
     for ps in positions.chunks(CHUNK / 4) {
@@ -208,19 +196,25 @@ pub fn write_overwrite_frame<W: Write>(out: W, positions: &[u32], values: &[u8])
 }
 
 fn encode_overwrite<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadError> {
-    encode_overwrite_capped(old, new, out, ONE_PASS_MAX_CHANGES)
+    encode_overwrite_capped(old, new, out, ONE_PASS_MAX_CHANGES, None)
 }
 
-fn encode_overwrite_capped<W: Write>(old: &[u8], new: &[u8], out: W, one_pass_cap: usize) -> Result<u64, PayloadError> {
+fn encode_overwrite_capped<W: Write>(old: &[u8], new: &[u8], out: W, one_pass_cap: usize, hasher: Option<&mut crate::checksum::Hasher>) -> Result<u64, PayloadError> {
     if new.len() > MAX_OVERWRITE_TENSOR {
         return Err(PayloadError::TooLarge(new.len()));
     }
-    if let Some((positions, values)) = collect_diffs(old, new, one_pass_cap) {
+    let mut hasher = hasher;
+    if let Some((positions, values)) = collect_diffs(old, new, one_pass_cap, hasher.as_deref_mut()) {
         write_overwrite_frame(out, &positions, &values)?;
         return Ok(values.len() as u64);
     }
+    if let Some(h) = hasher {
+        // The one-pass attempt fed it a prefix; hash the whole tensor afresh.
+        *h = h.fresh();
+        h.update(new);
+    }
     let count = count_changed(old, new);
-    let mut enc = new_encoder(out, 4 + 5 * count)?;
+    let mut enc = crate::sparse_frame::OverwriteFrame::new(out, count)?;
     enc.write_all(&(count as u32).to_le_bytes())?;
     // Two passes over the tensor (positions, then values) keep memory bounded.
     write_diffs(old, new, &mut enc, |p, buf| buf.extend_from_slice(&(p as u32).to_le_bytes()))?;
@@ -560,8 +554,12 @@ mod tests {
         for (len, every) in [(3 * CHUNK + 5, 3), (100_003, 1), (77, 7)] {
             let (old, new) = pair(len, every);
             let (mut one, mut streamed) = (Vec::new(), Vec::new());
-            let a = encode_overwrite_capped(&old, &new, &mut one, usize::MAX).unwrap();
-            let b = encode_overwrite_capped(&old, &new, &mut streamed, 0).unwrap();
+            let (mut h1, mut h2) = (crate::checksum::ChecksumAlg::Xxh3_128.hasher(), crate::checksum::ChecksumAlg::Xxh3_128.hasher());
+            let a = encode_overwrite_capped(&old, &new, &mut one, usize::MAX, Some(&mut h1)).unwrap();
+            // Capped at half the changes: the one-pass attempt gives up midway, after hashing a prefix.
+            let b = encode_overwrite_capped(&old, &new, &mut streamed, (count_changed(&old, &new) / 2) as usize, Some(&mut h2)).unwrap();
+            assert_eq!(h1.finish_hex(), crate::checksum::ChecksumAlg::Xxh3_128.hex(&new));
+            assert_eq!(h2.finish_hex(), crate::checksum::ChecksumAlg::Xxh3_128.hex(&new), "hash after an abandoned one-pass attempt");
             assert_eq!(a, b);
             assert!(one == streamed, "len {len}");
         }

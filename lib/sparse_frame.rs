@@ -133,7 +133,10 @@ struct SeqCctx(*mut sys::ZSTD_CCtx);
 unsafe impl Send for SeqCctx {}
 
 impl SeqCctx {
-    fn new() -> io::Result<SeqCctx> {
+    /// `repcodes`: let libzstd code an offset equal to a recent one as a repeat code (xor
+    /// frames, whose only offset is 1). Off, every offset is coded raw, which stays exact when
+    /// segments are spliced whatever the offset (overwrite frames, offset 4).
+    fn new(repcodes: bool) -> io::Result<SeqCctx> {
         // SAFETY: plain libzstd calls on a context we own; every return code is checked.
         unsafe {
             let cctx = sys::ZSTD_createCCtx();
@@ -149,7 +152,8 @@ impl SeqCctx {
                 (ZSTD_c_checksumFlag, 0),
                 (ZSTD_c_contentSizeFlag, 1),
                 (ZSTD_c_experimentalParam11, sys::ZSTD_SequenceFormat_e::ZSTD_sf_explicitBlockDelimiters as i32), // blockDelimiters
-                (ZSTD_c_experimentalParam19, sys::ZSTD_ParamSwitch_e::ZSTD_ps_enable as i32), // repcodeResolution: offset 1 as repeat code 1
+                // repcodeResolution
+                (ZSTD_c_experimentalParam19, if repcodes { sys::ZSTD_ParamSwitch_e::ZSTD_ps_enable } else { sys::ZSTD_ParamSwitch_e::ZSTD_ps_disable } as i32),
             ] {
                 check(sys::ZSTD_CCtx_setParameter(cctx, param, value))?;
             }
@@ -217,7 +221,8 @@ fn check(code: usize) -> io::Result<usize> {
 }
 
 thread_local! {
-    static CCTX: std::cell::RefCell<Option<SeqCctx>> = const { std::cell::RefCell::new(None) };
+    /// (xor context, overwrite context) of this thread.
+    static CCTX: std::cell::RefCell<[Option<SeqCctx>; 2]> = const { std::cell::RefCell::new([None, None]) };
 }
 
 /// Working buffers of one encoder, kept per thread between tensors.
@@ -379,12 +384,14 @@ fn encode_segment<S: XorSource>(src: &S, from: usize, to: usize, last: bool, cct
     Ok(nonzero)
 }
 
-/// Run `f` with this thread's compression context and buffers.
-fn with_context<T>(f: impl FnOnce(&mut SeqCctx, &mut Buffers) -> io::Result<T>) -> io::Result<T> {
-    CCTX.with(|slot| {
-        let mut slot = slot.borrow_mut();
+/// Run `f` with this thread's compression context (see [`SeqCctx::new`] for `repcodes`) and
+/// buffers.
+fn with_context<T>(repcodes: bool, f: impl FnOnce(&mut SeqCctx, &mut Buffers) -> io::Result<T>) -> io::Result<T> {
+    CCTX.with(|slots| {
+        let mut slots = slots.borrow_mut();
+        let slot = &mut slots[usize::from(!repcodes)];
         if slot.is_none() {
-            *slot = Some(SeqCctx::new()?);
+            *slot = Some(SeqCctx::new(repcodes)?);
         }
         let cctx = slot.as_mut().expect("just set");
         BUFFERS.with(|b| f(cctx, &mut b.borrow_mut()))
@@ -408,7 +415,7 @@ pub fn encode_observed<S: XorSource>(src: &S, mut out: impl Write, mut seen: imp
         out.write_all(&EMPTY_LAST_BLOCK)?;
         return Ok(0);
     }
-    with_context(|cctx, bufs| {
+    with_context(true, |cctx, bufs| {
         let mut nonzero = 0;
         let mut from = 0;
         while from < len {
@@ -445,7 +452,7 @@ impl<W: Write> XorStream<W> {
     fn flush_segment(&mut self, xor: &[u8]) -> io::Result<()> {
         let last = self.done + xor.len() == self.len;
         let out = &mut self.out;
-        self.nonzero += with_context(|cctx, bufs| encode_segment(&Xored(xor), 0, xor.len(), last, cctx, bufs, out, &mut |_| {}))?;
+        self.nonzero += with_context(true, |cctx, bufs| encode_segment(&Xored(xor), 0, xor.len(), last, cctx, bufs, out, &mut |_| {}))?;
         self.done += xor.len();
         Ok(())
     }
@@ -485,6 +492,123 @@ impl<W: Write> XorStream<W> {
         }
         Ok((self.out, self.nonzero))
     }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// `overwrite` frames
+
+/// An `overwrite` frame (`u32 count`, `count` u32 LE positions, `count` values), written as a
+/// byte stream in payload order and coded with our own sequences: each position whose upper
+/// three bytes equal the previous position's (the next change is in the same 256-byte window,
+/// ~70 % of changes on RL deltas) is one literal byte and a 3-byte match of offset 4; the
+/// values stay literal. No match search, and far smaller than level 1 on positions, which
+/// look like noise to a general-purpose match finder. Offsets are coded raw (see
+/// [`SeqCctx::new`]); segments, blocks and splicing as for `xor` frames.
+pub struct OverwriteFrame<W: Write> {
+    out: W,
+    count: u64,
+    /// Payload bytes written so far (excluding `pending`).
+    done: u64,
+    len: u64,
+    pending: Vec<u8>,
+}
+
+impl<W: Write> OverwriteFrame<W> {
+    /// A frame for `count` changes: the caller then writes exactly `4 + 5 * count` bytes.
+    pub fn new(mut out: W, count: u64) -> io::Result<Self> {
+        let len = 4 + 5 * count;
+        out.write_all(&frame_header(len))?;
+        Ok(OverwriteFrame { out, count, done: 0, len, pending: Vec::with_capacity(SEGMENT.min(len as usize)) })
+    }
+
+    fn flush_segment(&mut self) -> io::Result<()> {
+        let (from, seg) = (self.done, std::mem::take(&mut self.pending));
+        let last = from + seg.len() as u64 == self.len;
+        let positions_end = 4 + 4 * self.count;
+        let out = &mut self.out;
+        with_context(false, |cctx, bufs| {
+            bufs.seqs.clear();
+            let mut b0 = 0;
+            while b0 < seg.len() {
+                let b1 = (b0 + BLOCK).min(seg.len());
+                overwrite_block_sequences(&seg, from, b0, b1, positions_end, &mut bufs.seqs);
+                b0 = b1;
+            }
+            cctx.compress_with_source(&mut bufs.frame, &bufs.seqs, &seg)?;
+            splice_blocks(&bufs.frame, last, out)
+        })?;
+        self.done += seg.len() as u64;
+        self.pending = seg;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Finish the frame; an error if the payload was not exactly `4 + 5 * count` bytes.
+    pub fn finish(mut self) -> io::Result<W> {
+        if self.done + self.pending.len() as u64 != self.len {
+            return Err(io::Error::other(format!("overwrite payload got {} of {} bytes", self.done + self.pending.len() as u64, self.len)));
+        }
+        if !self.pending.is_empty() {
+            self.flush_segment()?;
+        }
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for OverwriteFrame<W> {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let n = data.len();
+        if self.done + (self.pending.len() + n) as u64 > self.len {
+            return Err(io::Error::other("more overwrite payload than its count allows"));
+        }
+        while !data.is_empty() {
+            let want = (SEGMENT as u64).min(self.len - self.done) as usize;
+            let take = (want - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() == want && self.done + (want as u64) < self.len {
+                // Full, and not the frame's end (the last segment goes out in finish, marked last).
+                self.flush_segment()?;
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sequences of block `[b0, b1)` of segment `seg`, which starts at payload offset `from`.
+/// Matches: at each position entry (payload offset `q = 4 + 4i`, `i >= 1`), bytes `q+1..` equal
+/// to the four bytes before, extended while equal; their source lies in this segment, so a
+/// segment's first sequence starts with literals.
+fn overwrite_block_sequences(seg: &[u8], from: u64, b0: usize, b1: usize, positions_end: u64, seqs: &mut Vec<sys::ZSTD_Sequence>) {
+    let mut lit_start = b0;
+    // Segment index of the first match candidate at or after max(b0, 4): q + 1 with q ≡ 0 mod 4
+    // in payload terms, q >= 8, q - 3 >= segment start.
+    let first = |at: usize| -> usize {
+        let abs = (from + at as u64).max(9);
+        let q = (abs - 1).div_ceil(4) * 4; // smallest entry start q with q + 1 >= abs
+        (q + 1 - from) as usize
+    };
+    let mut m = first(b0.max(3));
+    let word = |i: usize| u32::from_le_bytes(seg[i..i + 4].try_into().expect("4 bytes"));
+    while m + 3 <= b1 && from + (m as u64) < positions_end {
+        // Bytes m..m+3 against m-4..m-1, as the upper three bytes of two 4-byte words.
+        if word(m - 1) >> 8 == word(m - 5) >> 8 {
+            let mut x = m + 3;
+            while x < b1 && seg[x] == seg[x - 4] {
+                x += 1;
+            }
+            seqs.push(sys::ZSTD_Sequence { offset: 4, litLength: (m - lit_start) as u32, matchLength: (x - m) as u32, rep: 0 });
+            lit_start = x;
+            m = first(x);
+        } else {
+            m += 4;
+        }
+    }
+    seqs.push(sys::ZSTD_Sequence { offset: 0, litLength: (b1 - lit_start) as u32, matchLength: 0, rep: 0 });
 }
 
 #[cfg(test)]
@@ -614,6 +738,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The overwrite payload of a change set, written in pieces of `piece` bytes.
+    fn overwrite_frame(positions: &[u32], values: &[u8], piece: usize) -> Vec<u8> {
+        let mut payload = (positions.len() as u32).to_le_bytes().to_vec();
+        payload.extend(positions.iter().flat_map(|p| p.to_le_bytes()));
+        payload.extend_from_slice(values);
+        let mut f = OverwriteFrame::new(Vec::new(), positions.len() as u64).unwrap();
+        for c in payload.chunks(piece.max(1)) {
+            f.write_all(c).unwrap();
+        }
+        let frame = f.finish().unwrap();
+        let got = zstd::stream::decode_all(&frame[..]).unwrap();
+        assert!(got == payload, "{} changes decode wrong", positions.len());
+        assert_eq!(zstd::zstd_safe::get_frame_content_size(&frame).unwrap(), Some(payload.len() as u64));
+        assert_eq!(zstd::zstd_safe::find_frame_compressed_size(&frame).unwrap(), frame.len());
+        frame
+    }
+
+    #[test]
+    fn overwrite_frames_round_trip_in_any_pieces() {
+        let mut s = 7u64;
+        for n in [0usize, 1, 2, 3, 5, 1000, 30_000, 300_000, 1_000_000] {
+            // Gaps like an RL delta (mostly < 256, some far), plus runs of adjacent positions.
+            let mut p = 0u32;
+            let positions: Vec<u32> = (0..n)
+                .map(|_| {
+                    let r = rng(&mut s);
+                    p += 1 + match r % 10 { 0 => (r >> 8) as u32 % 100_000, 1 => 0, _ => (r >> 8) as u32 % 150 };
+                    p
+                })
+                .collect();
+            let values: Vec<u8> = (0..n).map(|_| rng(&mut s) as u8).collect();
+            let whole = overwrite_frame(&positions, &values, usize::MAX);
+            for piece in [1usize, 3, 4096, 777_777] {
+                if n <= 30_000 || piece > 4096 {
+                    assert!(overwrite_frame(&positions, &values, piece) == whole, "n {n} piece {piece}");
+                }
+            }
+            if n == 1_000_000 {
+                let mut raw = (n as u32).to_le_bytes().to_vec();
+                raw.extend(positions.iter().flat_map(|p| p.to_le_bytes()));
+                raw.extend_from_slice(&values);
+                let level1 = zstd::bulk::compress(&raw, 1).unwrap();
+                assert!(whole.len() < level1.len(), "{} bytes, level 1 makes {}", whole.len(), level1.len());
+            }
+        }
+        // Wrong lengths are refused.
+        let mut f = OverwriteFrame::new(Vec::new(), 1).unwrap();
+        assert!(f.write_all(&[0; 10]).is_err());
+        let mut f = OverwriteFrame::new(Vec::new(), 1).unwrap();
+        f.write_all(&[0; 8]).unwrap();
+        assert!(f.finish().is_err());
     }
 
     #[test]
