@@ -302,6 +302,21 @@ def bench_disagg_diff(args, old, new, res) -> None:
             rmtree(os.path.join(WORK, f"diff-{enc}-{attempt}"))
 
 
+def bench_read_ceiling(args, old, new, res) -> None:
+    """Reading OLD and NEW once through mmap on every core, nothing else (bench/read_ceiling.rs):
+    the memory-system ceiling any diff of this pair runs under on this host."""
+    tool = os.path.join(args.bin_dir, "examples", "read_ceiling")
+    if not os.access(tool, os.X_OK):
+        print(f"note: {tool} not built (cargo build --release --example read_ceiling); no read ceiling", flush=True)
+        return
+    # Timed like delta-diff: wall seconds of a child process (start and exit included), best run.
+    runs = [run_measured([tool, old, new, "1"]) for _ in attempts(args)][1:]  # the first is the warm-up
+    best = min(runs, key=lambda r: r.seconds)
+    j = json.loads(best.stdout)
+    res["ceiling"] = {"seconds": best.seconds, "gbps": gbps(j["bytes"], best.seconds), "differing": j["differing"],
+                      "all_seconds": [r.seconds for r in runs]}
+
+
 def bench_numpy(args, old, new, res) -> None:
     for enc in ("xor", "overwrite"):
         times, best, anon, hwm = [], None, 0, 0
@@ -503,6 +518,10 @@ def report(res: dict) -> list[str]:
             continue
         lines.append(f"{name:<20} {dens:>8} {d['wire_bytes'] / MIB:9.2f} {100 * d['wire_bytes'] / d['total_bytes']:6.2f}% "
                      f"{d['seconds']:7.3f} {d['gbps']:7.2f} {fmt_mib(d['peak_anon']):>9} {fmt_mib(d['peak_hwm']):>8}")
+    if res.get("ceiling"):
+        c = res["ceiling"]
+        lines.append(f"{'(read ceiling)':<20} {'':>8} {'':>9} {'':>7} {c['seconds']:7.3f} {c['gbps']:7.2f}   "
+                     f"(mmap + compare OLD and NEW once on every core, nothing else)")
     for name, d in res["diff"].items():
         ph = {k[8:]: v for k, v in (d.get("tool_json") or {}).items() if k.startswith("seconds_")}
         if ph:
@@ -567,6 +586,12 @@ def compute_targets(res) -> None:
             if f"numpy-{enc}" in d and f"disagg-{enc}" in d:
                 r[f"wire bytes disagg-{enc} / numpy-{enc}"] = d[f"disagg-{enc}"]["wire_bytes"] / d[f"numpy-{enc}"]["wire_bytes"]
         r["wire bytes disagg-xor / order-0 entropy estimate"] = d["disagg-xor"]["wire_bytes"] / d["entropy-bound"]["wire_bytes"]
+        if res.get("ceiling"):
+            for enc in ("xor", "overwrite"):
+                if f"disagg-{enc}" in d:
+                    r[f"delta-diff {enc} GB/s / read ceiling GB/s"] = d[f"disagg-{enc}"]["gbps"] / res["ceiling"]["gbps"]
+            if "numpy-xor" in d:
+                r["read ceiling GB/s / numpy xor GB/s (the most any diff can gain)"] = res["ceiling"]["gbps"] / d["numpy-xor"]["gbps"]
         for tool in ("xdelta3", "zstd-patch-from"):
             if tool in d:
                 r[f"wire bytes {tool} / disagg-xor"] = d[tool]["wire_bytes"] / d["disagg-xor"]["wire_bytes"]
@@ -634,6 +659,8 @@ def main(argv=None) -> int:
                                         "total_bytes": res["pair"]["total_bytes"], "peak_anon": 0, "peak_hwm": 0,
                                         "detail": eb}
         if not args.skip_disagg:
+            print("read ceiling ...", flush=True)
+            bench_read_ceiling(args, old, new, res)
             print("delta-diff ...", flush=True)
             bench_disagg_diff(args, old, new, res)
         print("numpy (slime) encoder ...", flush=True)

@@ -28,4 +28,7 @@ if ! "$VENV/bin/python" -c 'import numpy, zstandard, xxhash' >/dev/null 2>&1; th
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 fi
 
+# The read-ceiling baseline (bench/read_ceiling.rs), built like the tools.
+cargo build --quiet --release --locked --example read_ceiling
+
 exec "$VENV/bin/python" bench/bench_weights.py "$@"

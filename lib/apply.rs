@@ -14,8 +14,8 @@
 //!
 //! Every version on the path is validated (index, headers, checksums present) before LOCAL
 //! is touched. A host several versions behind folds the pending deltas: each changed tensor is
-//! patched by all of its payloads in one pass and checked against its final checksum. Mmapped
-//! writes are msync'ed and fsync'ed before `state.json` names the new version.
+//! patched by all of its payloads in one pass and checked against its final checksum. Patched
+//! files are fsync'ed before `state.json` names the new version.
 
 use crate::checkpoint::{is_plain_file_name, Checkpoint, SafetensorsFile};
 use crate::codec::{self, PayloadError};
