@@ -276,7 +276,7 @@ impl LocalCheckpoint {
             let &(di, fi) = sources.last().expect("at least one payload");
             let (meta, f) = (deltas[di].1, &deltas[di].2[fi]);
             let mut hasher = meta.checksum.hasher();
-            let mut target = codec::FileRangeTarget { file, offset: offset as u64, len, buf: Vec::new() };
+            let mut target = codec::FileRangeTarget::new(file, offset as u64, len);
             codec::apply_folded_to(&payloads, &mut target, |new| hasher.update(new)).map_err(|(k, e)| {
                 let f = deltas[sources[k].0].2[sources[k].1].path();
                 match e {

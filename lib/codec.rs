@@ -293,10 +293,53 @@ impl PatchTarget for SliceTarget<'_> {
 /// the kernel write-protect every page again and flush the TLB of every CPU the process runs
 /// on (one IPI per page), which measured at two thirds of an apply's time.
 pub struct FileRangeTarget<'a> {
-    pub file: &'a std::fs::File,
-    pub offset: u64,
-    pub len: usize,
-    pub buf: Vec<u8>,
+    file: &'a std::fs::File,
+    offset: u64,
+    len: usize,
+    buf: ChunkBuf,
+}
+
+impl<'a> FileRangeTarget<'a> {
+    /// Bytes `[offset, offset + len)` of `file` (open for reading and writing).
+    pub fn new(file: &'a std::fs::File, offset: u64, len: usize) -> Self {
+        FileRangeTarget { file, offset, len, buf: ChunkBuf::take() }
+    }
+}
+
+/// A [`CHUNK`]-capacity buffer from a per-thread pool, returned to it on drop: one apply
+/// patches hundreds of tensors, and a fresh zeroed megabyte per tensor and payload showed up
+/// as memset in profiles.
+pub struct ChunkBuf(Vec<u8>);
+
+thread_local! {
+    static SPARE_CHUNKS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl ChunkBuf {
+    fn take() -> ChunkBuf {
+        ChunkBuf(SPARE_CHUNKS.with(|s| s.borrow_mut().pop()).unwrap_or_default())
+    }
+    /// The first `len` bytes (contents unspecified: callers overwrite them).
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.0.len() < len {
+            self.0.resize(len, 0);
+        }
+        &mut self.0[..len]
+    }
+}
+
+impl Drop for ChunkBuf {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        if v.capacity() > 0 && v.capacity() <= 2 * CHUNK {
+            SPARE_CHUNKS.with(|s| {
+                let mut s = s.borrow_mut();
+                if s.len() < 8 {
+                    s.push(v);
+                }
+            });
+        }
+    }
 }
 
 impl PatchTarget for FileRangeTarget<'_> {
@@ -305,22 +348,26 @@ impl PatchTarget for FileRangeTarget<'_> {
     }
     fn patch(&mut self, base: usize, len: usize, f: &mut dyn FnMut(&mut [u8]) -> Result<(), PayloadError>) -> Result<(), PayloadError> {
         use std::os::unix::fs::FileExt;
-        self.buf.resize(len, 0);
+        let buf = self.buf.get(len);
         let at = self.offset + base as u64;
-        self.file.read_exact_at(&mut self.buf, at).map_err(PayloadError::Target)?;
-        f(&mut self.buf)?;
-        self.file.write_all_at(&self.buf, at).map_err(PayloadError::Target)
+        self.file.read_exact_at(buf, at).map_err(PayloadError::Target)?;
+        f(buf)?;
+        self.file.write_all_at(buf, at).map_err(PayloadError::Target)
     }
 }
 
 /// [`apply_folded`] into any [`PatchTarget`], calling `seen(bytes)` on each chunk's new bytes
 /// in order (the checksum, computed while the chunk is in cache).
-pub fn apply_folded_to(payloads: &[(Encoding, &[u8])], target: &mut impl PatchTarget, mut seen: impl FnMut(&[u8])) -> Result<(), (usize, PayloadError)> {
+pub fn apply_folded_to(payloads: &[(Encoding, &[u8])], target: &mut impl PatchTarget, seen: impl FnMut(&[u8])) -> Result<(), (usize, PayloadError)> {
+    apply_folded_capped(payloads, target, seen, OVERWRITE_POSITIONS_IN_MEMORY)
+}
+
+fn apply_folded_capped(payloads: &[(Encoding, &[u8])], target: &mut impl PatchTarget, mut seen: impl FnMut(&[u8]), positions_cap: u64) -> Result<(), (usize, PayloadError)> {
     let len = target.len();
     let mut cursors = payloads
         .iter()
         .enumerate()
-        .map(|(i, (enc, frame))| PayloadCursor::new(*enc, frame, len).map_err(|e| (i, e)))
+        .map(|(i, (enc, frame))| PayloadCursor::new(*enc, frame, len, positions_cap).map_err(|e| (i, e)))
         .collect::<Result<Vec<_>, _>>()?;
     let mut fault = None;
     let mut base = 0;
@@ -340,15 +387,21 @@ pub fn apply_folded_to(payloads: &[(Encoding, &[u8])], target: &mut impl PatchTa
     cursors.into_iter().enumerate().try_for_each(|(i, c)| c.finish().map_err(|e| (i, e)))
 }
 
+/// Largest position list (bytes) an `overwrite` cursor holds in memory to decode its frame
+/// once (4 Mi changes); tensors with more changes decode the positions twice instead.
+pub const OVERWRITE_POSITIONS_IN_MEMORY: u64 = 16 << 20;
+
 /// A payload being applied front to back, one range of the tensor at a time.
 enum PayloadCursor<'a> {
     Xor {
         dec: zstd::stream::read::Decoder<'static, &'a [u8]>,
-        buf: Vec<u8>,
+        buf: ChunkBuf,
         size: u64,
     },
     Overwrite {
-        positions: zstd::stream::read::Decoder<'static, &'a [u8]>,
+        /// The positions: held in memory when they fit [`OVERWRITE_POSITIONS_IN_MEMORY`], so
+        /// the frame is decoded once; else a second decoder over the same frame.
+        positions: Box<dyn Read + 'a>,
         values: zstd::stream::read::Decoder<'static, &'a [u8]>,
         /// Entries read but not yet applied: (positions bytes, values), from `next`.
         pbuf: Vec<u8>,
@@ -363,14 +416,14 @@ enum PayloadCursor<'a> {
 }
 
 impl<'a> PayloadCursor<'a> {
-    fn new(encoding: Encoding, frame: &'a [u8], len: usize) -> Result<Self, PayloadError> {
+    fn new(encoding: Encoding, frame: &'a [u8], len: usize, positions_cap: u64) -> Result<Self, PayloadError> {
         let size = frame_content_size(frame)?;
         match encoding {
             Encoding::Xor => {
                 if size != len as u64 {
                     return Err(PayloadError::Length { expected: len as u64, actual: size });
                 }
-                Ok(PayloadCursor::Xor { dec: decoder(frame)?, buf: vec![0u8; CHUNK.min(len)], size })
+                Ok(PayloadCursor::Xor { dec: decoder(frame)?, buf: ChunkBuf::take(), size })
             }
             Encoding::Overwrite => {
                 if len > MAX_OVERWRITE_TENSOR {
@@ -386,10 +439,18 @@ impl<'a> PayloadCursor<'a> {
                 if size != 4 + 5 * count {
                     return Err(PayloadError::Length { expected: 4 + 5 * count, actual: size });
                 }
-                // A second decoder over the same frame reads the values, so neither list is
-                // held in memory whole.
-                let mut values = decoder(frame)?;
-                io::copy(&mut (&mut values).take(4 + 4 * count), &mut io::sink())?;
+                let (positions, values): (Box<dyn Read + 'a>, _) = if 4 * count <= positions_cap {
+                    // One decoder: all positions first, then it goes on with the values.
+                    let mut all = vec![0u8; 4 * count as usize];
+                    read_full(&mut positions, &mut all, size)?;
+                    (Box::new(io::Cursor::new(all)), positions)
+                } else {
+                    // A second decoder over the same frame reads the values, so neither list is
+                    // held in memory whole (decoding the positions twice).
+                    let mut values = decoder(frame)?;
+                    io::copy(&mut (&mut values).take(4 + 4 * count), &mut io::sink())?;
+                    (Box::new(positions), values)
+                };
                 Ok(PayloadCursor::Overwrite { positions, values, pbuf: Vec::new(), vbuf: Vec::new(), next: 0, unread: count, next_min: 0, len, size })
             }
         }
@@ -399,7 +460,7 @@ impl<'a> PayloadCursor<'a> {
     fn apply_range(&mut self, chunk: &mut [u8], base: usize) -> Result<(), PayloadError> {
         match self {
             PayloadCursor::Xor { dec, buf, size } => {
-                let b = &mut buf[..chunk.len()];
+                let b = buf.get(chunk.len());
                 read_full(dec, b, *size)?;
                 for (x, y) in chunk.iter_mut().zip(b.iter()) {
                     *x ^= *y;
@@ -514,6 +575,10 @@ mod tests {
             let mut t = v0.clone();
             apply_folded(&payloads, &mut t).unwrap();
             assert!(t == v3, "{encs:?}");
+            // Overwrite positions decoded twice instead of held in memory: same result.
+            let mut t = v0.clone();
+            apply_folded_capped(&payloads, &mut SliceTarget(&mut t), |_| {}, 0).unwrap();
+            assert!(t == v3, "{encs:?}, positions streamed");
         }
     }
 
@@ -535,7 +600,7 @@ mod tests {
             encode(enc, &old, &new, &mut frame).unwrap();
             let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
             let mut hasher = crate::checksum::ChecksumAlg::Xxh3_128.hasher();
-            let mut t = FileRangeTarget { file: &file, offset: 100, len, buf: Vec::new() };
+            let mut t = FileRangeTarget::new(&file, 100, len);
             apply_folded_to(&[(enc, &frame)], &mut t, |b| hasher.update(b)).unwrap();
             let after = std::fs::read(&path).unwrap();
             assert!(after[100..100 + len] == new[..], "{enc}");
@@ -543,7 +608,7 @@ mod tests {
             assert_eq!(hasher.finish_hex(), crate::checksum::ChecksumAlg::Xxh3_128.hex(&new));
             // A read-only descriptor: the write fails as a target error, not a payload error.
             let ro = std::fs::File::open(&path).unwrap();
-            let mut t = FileRangeTarget { file: &ro, offset: 100, len, buf: Vec::new() };
+            let mut t = FileRangeTarget::new(&ro, 100, len);
             assert!(matches!(apply_folded_to(&[(enc, &frame)], &mut t, |_| {}), Err((0, PayloadError::Target(_)))));
         }
         std::fs::remove_dir_all(&dir).unwrap();
