@@ -766,7 +766,7 @@ mod tests {
             let positions: Vec<u32> = (0..n)
                 .map(|_| {
                     let r = rng(&mut s);
-                    p += 1 + match r % 10 { 0 => (r >> 8) as u32 % 100_000, 1 => 0, _ => (r >> 8) as u32 % 150 };
+                    p += 1 + match r % 10 { 0 => (r >> 8) as u32 % 10_000, 1 => 0, _ => (r >> 8) as u32 % 150 };
                     p
                 })
                 .collect();

@@ -126,15 +126,27 @@ fn xor_frame_header_and_window() {
     for i in (0..len).step_by(37) {
         new[i] ^= 1 + (i % 5) as u8;
     }
+    let decode_in_window = |frame: &[u8]| {
+        let mut d = zstd::stream::read::Decoder::with_buffer(frame).unwrap().single_frame();
+        d.window_log_max(17).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut d, &mut got).unwrap();
+        got
+    };
     let mut frame = Vec::new();
     disagg::codec::encode(Encoding::Xor, &old, &new, &mut frame).unwrap();
     assert_eq!(frame[..14], disagg::sparse_frame::frame_header(len as u64));
-    let mut d = zstd::stream::read::Decoder::with_buffer(&frame[..]).unwrap().single_frame();
-    d.window_log_max(17).unwrap();
-    let mut got = Vec::new();
-    std::io::Read::read_to_end(&mut d, &mut got).unwrap();
     let want: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
-    assert!(got == want, "frame does not decode to old ^ new");
+    assert!(decode_in_window(&frame) == want, "xor frame does not decode to old ^ new");
+    // overwrite: the same header over 4 + 5·count bytes, the payload of §4.3.
+    let mut frame = Vec::new();
+    let count = disagg::codec::encode(Encoding::Overwrite, &old, &new, &mut frame).unwrap();
+    assert_eq!(frame[..14], disagg::sparse_frame::frame_header(4 + 5 * count));
+    let mut payload = (count as u32).to_le_bytes().to_vec();
+    let changed: Vec<usize> = (0..len).filter(|&i| old[i] != new[i]).collect();
+    payload.extend(changed.iter().flat_map(|&i| (i as u32).to_le_bytes()));
+    payload.extend(changed.iter().map(|&i| new[i]));
+    assert!(decode_in_window(&frame) == payload, "overwrite frame does not decode to the §4.3 payload");
     // An empty tensor: the header and one empty raw last block.
     let mut empty = Vec::new();
     disagg::codec::encode(Encoding::Xor, &[], &[], &mut empty).unwrap();

@@ -62,8 +62,11 @@ def tree_digest(path) -> dict:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def check_delta_dir(src, version: int, base_version: int, old: dict, new: dict, encoding: str, ck: str) -> dict:
+def check_delta_dir(src, version: int, base_version: int, old: dict, new: dict, encoding: str, ck: str,
+                    ours: bool = True) -> dict:
     """Validate a published delta dir byte-for-byte against the spec, using only Python libraries.
+    `ours`: written by delta-diff, so its frames also follow FORMATS.md §4.5 (any valid frame is
+    readable; the Python reference writer's are plain level 1).
     Returns {"wire_bytes": .., "changed_bytes": ..}."""
     d = ref.vdir(src, version)
     index = json.loads((d / ref.INDEX).read_text())
@@ -110,6 +113,10 @@ def check_delta_dir(src, version: int, base_version: int, old: dict, new: dict, 
                 params = zstandard.get_frame_parameters(frame)
                 payload = zstandard.ZstdDecompressor().decompress(frame)
                 assert params.content_size == len(payload), (name, params.content_size, len(payload))
+                # FORMATS.md §4.5: our 14-byte header (8-byte content size, no checksum, a 128 KiB
+                # window), and a decoder limited to that window reads the whole frame
+                if ours:
+                    check_our_frame(name, frame, params)
                 dobj = zstandard.ZstdDecompressor().decompressobj()
                 assert dobj.decompress(frame) == payload
                 assert dobj.eof and dobj.unused_data == b"", f"{name}: payload is not exactly one zstd frame"
@@ -132,6 +139,17 @@ def check_delta_dir(src, version: int, base_version: int, old: dict, new: dict, 
                 changed_bytes += ref.changed_byte_count(ob, nb)
     wire = sum(p.stat().st_size for p in d.iterdir())
     return {"wire_bytes": wire, "changed_bytes": changed_bytes}
+
+
+def check_our_frame(name: str, frame: bytes, params) -> None:
+    """FORMATS.md §4.5: the 14-byte header (magic, descriptor c0 = 8-byte content size, window
+    descriptor 38 = 128 KiB, the size), no checksum, and a decoder limited to that window reads it."""
+    payload = zstandard.ZstdDecompressor().decompress(frame)
+    assert frame[:6] == bytes.fromhex("28b52ffdc038"), f"{name}: header {frame[:6].hex()}"
+    assert frame[6:14] == struct.pack("<Q", len(payload)), f"{name}: content size field"
+    assert params.window_size == 128 << 10 and not params.has_checksum, (name, params.window_size)
+    small = zstandard.ZstdDecompressor(max_window_size=128 << 10).decompressobj()
+    assert small.decompress(frame) == payload, f"{name}: needs more than a 128 KiB window"
 
 
 def check_diff_summary(s: dict, version, base_version, encoding, ck, old, new, facts) -> None:
@@ -216,7 +234,7 @@ def test_python_delta_rust_apply(cli, make_ckpts, tmp_path, encoding, checksum):
     (c0, t0), (c1, t1) = make_ckpts(2, shards=[3, 1])  # sharded BASE (with index), single-file NEW
     src = tmp_path / "src"
     ref.write_delta(c0, c1, src, 1, 0, encoding, checksum, num_files=2)
-    check_delta_dir(src, 1, 0, t0, t1, encoding, checksum)  # self-check of the reference writer
+    check_delta_dir(src, 1, 0, t0, t1, encoding, checksum, ours=False)  # self-check of the reference writer
     base_before = tree_digest(c0)
 
     local = tmp_path / "local"
@@ -295,7 +313,7 @@ def test_mixed_chain_both_appliers_converge(cli, make_ckpts, tmp_path, encoding,
     cli.diff(ck[3][0], ck[4][0], src, 4, base_version=3, encoding=encoding, checksum="xxh3-128")
     ref.write_delta(ck[4][0], ck[5][0], src, 5, 4, other, ck5)
     for v, b, e, c in [(2, 1, other, "adler32"), (4, 3, encoding, "xxh3-128")]:
-        check_delta_dir(src, v, b, ck[b][1], ck[v][1], e, c)
+        check_delta_dir(src, v, b, ck[b][1], ck[v][1], e, c)  # both written by delta-diff
     base = ck[0][0]
     frozen = {"base": tree_digest(base), "src": tree_digest(src)}
 
@@ -355,7 +373,7 @@ def test_empty_delta(cli, make_ckpts, tmp_path, writer):
     index = json.loads((d / ref.INDEX).read_text())
     assert index["weight_map"] == {}
     assert index["metadata"]["delta_encoding"] == "xor"
-    check_delta_dir(src, 1, 0, t0, t0, "xor", "xxh3-128")
+    check_delta_dir(src, 1, 0, t0, t0, "xor", "xxh3-128", ours=writer == "rust")
 
     lp, lr = tmp_path / "lp", tmp_path / "lr"
     ref.pull(lp, c0, src, 1)
@@ -439,7 +457,7 @@ def test_reference_roundtrip(make_ckpts, tmp_path, encoding, checksum):
     ref.write_delta(ck[0][0], ck[1][0], src, 1, 0, encoding, checksum, num_files=2)
     ref.write_full(ck[2][0], src, 2)
     ref.write_delta(ck[2][0], ck[3][0], src, 3, 2, encoding, checksum)
-    check_delta_dir(src, 1, 0, ck[0][1], ck[1][1], encoding, checksum)
+    check_delta_dir(src, 1, 0, ck[0][1], ck[1][1], encoding, checksum, ours=False)
     check_full_dir(src, 2, ck[2][1])
     local = tmp_path / "local"
     assert ref.pull(local, ck[0][0], src, 1)["applied"] == [1]
