@@ -37,6 +37,9 @@ pub const MIN_RUN: usize = 4;
 const WINDOW_LOG: u32 = 17;
 const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
+/// How far ahead of the scan (bytes) the AVX2 path prefetches.
+pub const PREFETCH: usize = 1024;
+
 /// Where the XOR bytes come from: two tensors (CPU path) or an XOR already computed (GPU path).
 pub trait XorSource {
     fn len(&self) -> usize;
@@ -90,6 +93,11 @@ impl XorSource for Pair<'_> {
     unsafe fn mask32_avx2(&self, i: usize) -> u32 {
         use std::arch::x86_64::*;
         debug_assert!(i + 32 <= self.0.len() && self.0.len() == self.1.len());
+        // Prefetch ahead: the per-change work between loads leaves the memory system idle
+        // otherwise. A prefetch never faults, and wrapping_add computes the address without
+        // claiming it is in bounds.
+        _mm_prefetch::<_MM_HINT_T0>(self.0.as_ptr().wrapping_add(i + PREFETCH).cast());
+        _mm_prefetch::<_MM_HINT_T0>(self.1.as_ptr().wrapping_add(i + PREFETCH).cast());
         // SAFETY: the caller guarantees i + 32 <= len for both slices; loadu needs no alignment.
         let (a, b) = unsafe { (_mm256_loadu_si256(self.0.as_ptr().add(i).cast()), _mm256_loadu_si256(self.1.as_ptr().add(i).cast())) };
         !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, b)) as u32)
