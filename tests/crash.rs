@@ -169,19 +169,29 @@ fn apply_killed_at_random_moments_converges() {
     let src = root.join("src");
     publish(&src, &steps);
     let local = root.join("local");
+    // Sleeps inside the apply widen the windows so kills land mid-mutation.
+    let slow = "apply.after_tensor:sleep-2,fsio.before_rename:sleep-1,apply.seed_copy:sleep-3";
+    let spawn = |t: &str| {
+        Command::new(APPLY)
+            .args(["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", t])
+            .env("DISAGG_FAILPOINT", slow)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Kill times are drawn over the time a whole run takes here (seed + the chain, from a
+    // fresh LOCAL), so the test keeps landing mid-flight however fast the build or the machine.
+    let started = std::time::Instant::now();
+    assert!(spawn("4").wait().unwrap().success());
+    let window_us = (started.elapsed().as_micros() as u64).max(5_000);
+    let _ = std::fs::remove_dir_all(&local);
     let mut killed = 0;
     for trial in 0..trials {
         let target = 1 + rng.below(4) as usize;
         let t = target.to_string();
-        // Sleeps inside the apply widen the windows so kills land mid-mutation.
-        let mut child = Command::new(APPLY)
-            .args(["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", &t])
-            .env("DISAGG_FAILPOINT", "apply.after_tensor:sleep-2,fsio.before_rename:sleep-1,apply.seed_copy:sleep-3")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_micros(rng.below(40_000)));
+        let mut child = spawn(&t);
+        std::thread::sleep(Duration::from_micros(rng.below(window_us)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             killed += 1;
