@@ -204,11 +204,10 @@ fn encode_overwrite<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, Pay
     encode_overwrite_capped(old, new, out, ONE_PASS_MAX_CHANGES, None)
 }
 
-fn encode_overwrite_capped<W: Write>(old: &[u8], new: &[u8], out: W, one_pass_cap: usize, hasher: Option<&mut crate::checksum::Hasher>) -> Result<u64, PayloadError> {
+fn encode_overwrite_capped<W: Write>(old: &[u8], new: &[u8], out: W, one_pass_cap: usize, mut hasher: Option<&mut crate::checksum::Hasher>) -> Result<u64, PayloadError> {
     if new.len() > MAX_OVERWRITE_TENSOR {
         return Err(PayloadError::TooLarge(new.len()));
     }
-    let mut hasher = hasher;
     if let Some((positions, values)) = collect_diffs(old, new, one_pass_cap, hasher.as_deref_mut()) {
         write_overwrite_frame(out, &positions, &values)?;
         return Ok(values.len() as u64);
@@ -311,9 +310,9 @@ impl<'a> FileRangeTarget<'a> {
     }
 }
 
-/// A [`CHUNK`]-capacity buffer from a per-thread pool, returned to it on drop: one apply
-/// patches hundreds of tensors, and a fresh zeroed megabyte per tensor and payload showed up
-/// as memset in profiles.
+/// A [`CHUNK`]-sized buffer from a per-thread pool, returned to it on drop: one apply patches
+/// hundreds of tensors, and a fresh zeroed buffer per tensor and payload showed up as memset
+/// in profiles.
 pub struct ChunkBuf(Vec<u8>);
 
 thread_local! {

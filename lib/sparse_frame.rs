@@ -136,10 +136,6 @@ impl XorSource for Xored<'_> {
 /// tensors (creating one costs more than coding a small tensor).
 struct SeqCctx(*mut sys::ZSTD_CCtx);
 
-// SAFETY: a ZSTD_CCtx has no thread affinity; it is only ever used by one thread at a time
-// (it lives in a thread-local or is owned by one encoder).
-unsafe impl Send for SeqCctx {}
-
 impl SeqCctx {
     /// `repcodes`: let libzstd code an offset equal to a recent one as a repeat code (xor
     /// frames, whose only offset is 1). Off, every offset is coded raw, which stays exact when
@@ -170,7 +166,8 @@ impl SeqCctx {
     }
 
     /// One complete frame for `decompressed` bytes described by `seqs` and `lits`, into `dst`.
-    /// `None` if libzstd found a block incompressible (this entry point cannot store raw blocks).
+    /// `None` if libzstd refused, which it does when a block would not shrink (this entry point
+    /// cannot store raw blocks); the caller then uses [`Self::compress_with_source`].
     fn compress_with_literals(&mut self, dst: &mut Vec<u8>, seqs: &[sys::ZSTD_Sequence], lits: &mut Vec<u8>, decompressed: usize) -> io::Result<Option<()>> {
         let lit_len = lits.len();
         lits.reserve(32);
@@ -435,40 +432,38 @@ pub fn encode_observed<S: XorSource>(src: &S, mut out: impl Write, mut seen: imp
     })
 }
 
-/// The same frame as [`encode`], fed with the XOR of consecutive pieces of the tensor (the
-/// GPU path, whose pieces arrive from the device). Pieces of any size give the same bytes;
-/// at most one segment is buffered.
-pub struct XorStream<W: Write> {
+/// The part both streaming writers share: a frame of `len` payload bytes arriving in pieces
+/// of any size, cut into [`SEGMENT`]s counted from the payload's start (so the bytes do not
+/// depend on the pieces), each handed to `code(segment, offset, last)` once complete. At most
+/// one segment is buffered; whole segments inside a piece are coded without a copy.
+struct Segmenter<W: Write> {
     out: W,
-    len: usize,
-    done: usize,
+    len: u64,
+    /// Payload bytes coded so far (excluding `pending`).
+    done: u64,
     pending: Vec<u8>,
-    nonzero: u64,
 }
 
-impl<W: Write> XorStream<W> {
-    pub fn new(mut out: W, len: u64) -> io::Result<Self> {
+impl<W: Write> Segmenter<W> {
+    fn new(mut out: W, len: u64) -> io::Result<Self> {
         out.write_all(&frame_header(len))?;
-        let len = usize::try_from(len).map_err(|_| io::Error::other("tensor too large for this platform"))?;
-        Ok(XorStream { out, len, done: 0, pending: Vec::new(), nonzero: 0 })
+        Ok(Segmenter { out, len, done: 0, pending: Vec::new() })
     }
 
     fn segment_len(&self) -> usize {
-        SEGMENT.min(self.len - self.done)
+        (SEGMENT as u64).min(self.len - self.done) as usize
     }
 
-    fn flush_segment(&mut self, xor: &[u8]) -> io::Result<()> {
-        let last = self.done + xor.len() == self.len;
-        let out = &mut self.out;
-        self.nonzero += with_context(true, |cctx, bufs| encode_segment(&Xored(xor), 0, xor.len(), last, cctx, bufs, out, &mut |_| {}))?;
-        self.done += xor.len();
+    fn code_one(&mut self, seg: &[u8], code: &mut impl FnMut(&[u8], u64, bool, &mut W) -> io::Result<()>) -> io::Result<()> {
+        let last = self.done + seg.len() as u64 == self.len;
+        code(seg, self.done, last, &mut self.out)?;
+        self.done += seg.len() as u64;
         Ok(())
     }
 
-    /// The XOR of the next `piece.len()` bytes of the tensor.
-    pub fn push(&mut self, mut piece: &[u8]) -> io::Result<()> {
-        if self.done + self.pending.len() + piece.len() > self.len {
-            return Err(io::Error::other("more XOR bytes than the tensor has"));
+    fn push(&mut self, mut piece: &[u8], mut code: impl FnMut(&[u8], u64, bool, &mut W) -> io::Result<()>) -> io::Result<()> {
+        if self.done + (self.pending.len() + piece.len()) as u64 > self.len {
+            return Err(io::Error::other("more payload bytes than the frame's content size"));
         }
         if !self.pending.is_empty() {
             let take = (self.segment_len() - self.pending.len()).min(piece.len());
@@ -476,32 +471,61 @@ impl<W: Write> XorStream<W> {
             piece = &piece[take..];
             if self.pending.len() == self.segment_len() {
                 let full = std::mem::take(&mut self.pending);
-                self.flush_segment(&full)?;
+                self.code_one(&full, &mut code)?;
                 self.pending = full;
                 self.pending.clear();
             }
         }
         while !piece.is_empty() && piece.len() >= self.segment_len() {
             let n = self.segment_len();
-            self.flush_segment(&piece[..n])?;
+            self.code_one(&piece[..n], &mut code)?;
             piece = &piece[n..];
         }
         self.pending.extend_from_slice(piece);
         Ok(())
     }
 
-    /// Finish the frame; returns the writer and the number of nonzero XOR bytes.
-    pub fn finish(mut self) -> io::Result<(W, u64)> {
-        if self.done + self.pending.len() != self.len {
-            return Err(io::Error::other(format!("XOR stream got {} of {} bytes", self.done + self.pending.len(), self.len)));
+    /// The writer, once exactly `len` bytes were pushed (every segment, the last included, is
+    /// coded as soon as it is complete).
+    fn finish(mut self) -> io::Result<W> {
+        if self.done + self.pending.len() as u64 != self.len {
+            return Err(io::Error::other(format!("frame got {} of {} payload bytes", self.done + self.pending.len() as u64, self.len)));
         }
         if self.len == 0 {
             self.out.write_all(&EMPTY_LAST_BLOCK)?;
         }
-        Ok((self.out, self.nonzero))
+        Ok(self.out)
     }
 }
 
+/// The same frame as [`encode`], fed with the XOR of consecutive pieces of the tensor (the
+/// GPU path, whose pieces arrive from the device). Pieces of any size give the same bytes;
+/// at most one segment is buffered.
+pub struct XorStream<W: Write> {
+    seg: Segmenter<W>,
+    nonzero: u64,
+}
+
+impl<W: Write> XorStream<W> {
+    pub fn new(out: W, len: u64) -> io::Result<Self> {
+        usize::try_from(len).map_err(|_| io::Error::other("tensor too large for this platform"))?;
+        Ok(XorStream { seg: Segmenter::new(out, len)?, nonzero: 0 })
+    }
+
+    /// The XOR of the next `piece.len()` bytes of the tensor.
+    pub fn push(&mut self, piece: &[u8]) -> io::Result<()> {
+        let nonzero = &mut self.nonzero;
+        self.seg.push(piece, |xor, _, last, out| {
+            *nonzero += with_context(true, |cctx, bufs| encode_segment(&Xored(xor), 0, xor.len(), last, cctx, bufs, out, &mut |_| {}))?;
+            Ok(())
+        })
+    }
+
+    /// Finish the frame; returns the writer and the number of nonzero XOR bytes.
+    pub fn finish(self) -> io::Result<(W, u64)> {
+        Ok((self.seg.finish()?, self.nonzero))
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // `overwrite` frames
@@ -514,73 +538,39 @@ impl<W: Write> XorStream<W> {
 /// look like noise to a general-purpose match finder. Offsets are coded raw (see
 /// [`SeqCctx::new`]); segments, blocks and splicing as for `xor` frames.
 pub struct OverwriteFrame<W: Write> {
-    out: W,
+    seg: Segmenter<W>,
     count: u64,
-    /// Payload bytes written so far (excluding `pending`).
-    done: u64,
-    len: u64,
-    pending: Vec<u8>,
 }
 
 impl<W: Write> OverwriteFrame<W> {
     /// A frame for `count` changes: the caller then writes exactly `4 + 5 * count` bytes.
-    pub fn new(mut out: W, count: u64) -> io::Result<Self> {
-        let len = 4 + 5 * count;
-        out.write_all(&frame_header(len))?;
-        Ok(OverwriteFrame { out, count, done: 0, len, pending: Vec::with_capacity(SEGMENT.min(len as usize)) })
-    }
-
-    fn flush_segment(&mut self) -> io::Result<()> {
-        let (from, seg) = (self.done, std::mem::take(&mut self.pending));
-        let last = from + seg.len() as u64 == self.len;
-        let positions_end = 4 + 4 * self.count;
-        let out = &mut self.out;
-        with_context(false, |cctx, bufs| {
-            bufs.seqs.clear();
-            let mut b0 = 0;
-            while b0 < seg.len() {
-                let b1 = (b0 + BLOCK).min(seg.len());
-                overwrite_block_sequences(&seg, from, b0, b1, positions_end, &mut bufs.seqs);
-                b0 = b1;
-            }
-            cctx.compress_with_source(&mut bufs.frame, &bufs.seqs, &seg)?;
-            splice_blocks(&bufs.frame, last, out)
-        })?;
-        self.done += seg.len() as u64;
-        self.pending = seg;
-        self.pending.clear();
-        Ok(())
+    pub fn new(out: W, count: u64) -> io::Result<Self> {
+        Ok(OverwriteFrame { seg: Segmenter::new(out, 4 + 5 * count)?, count })
     }
 
     /// Finish the frame; an error if the payload was not exactly `4 + 5 * count` bytes.
-    pub fn finish(mut self) -> io::Result<W> {
-        if self.done + self.pending.len() as u64 != self.len {
-            return Err(io::Error::other(format!("overwrite payload got {} of {} bytes", self.done + self.pending.len() as u64, self.len)));
-        }
-        if !self.pending.is_empty() {
-            self.flush_segment()?;
-        }
-        Ok(self.out)
+    pub fn finish(self) -> io::Result<W> {
+        self.seg.finish()
     }
 }
 
 impl<W: Write> Write for OverwriteFrame<W> {
-    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
-        let n = data.len();
-        if self.done + (self.pending.len() + n) as u64 > self.len {
-            return Err(io::Error::other("more overwrite payload than its count allows"));
-        }
-        while !data.is_empty() {
-            let want = (SEGMENT as u64).min(self.len - self.done) as usize;
-            let take = (want - self.pending.len()).min(data.len());
-            self.pending.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.pending.len() == want && self.done + (want as u64) < self.len {
-                // Full, and not the frame's end (the last segment goes out in finish, marked last).
-                self.flush_segment()?;
-            }
-        }
-        Ok(n)
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let positions_end = 4 + 4 * self.count;
+        self.seg.push(data, |seg, from, last, out| {
+            with_context(false, |cctx, bufs| {
+                bufs.seqs.clear();
+                let mut b0 = 0;
+                while b0 < seg.len() {
+                    let b1 = (b0 + BLOCK).min(seg.len());
+                    overwrite_block_sequences(seg, from, b0, b1, positions_end, &mut bufs.seqs);
+                    b0 = b1;
+                }
+                cctx.compress_with_source(&mut bufs.frame, &bufs.seqs, seg)?;
+                splice_blocks(&bufs.frame, last, out)
+            })
+        })?;
+        Ok(data.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
