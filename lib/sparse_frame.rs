@@ -45,30 +45,62 @@ pub trait XorSource {
     fn len(&self) -> usize;
     /// XOR byte `i` (`i < len`).
     fn byte(&self, i: usize) -> u8;
-    /// Bit k set iff XOR byte `i + k` is nonzero, for the 32 bytes from `i` (`i + 32 <= len`).
-    fn mask32(&self, i: usize) -> u32;
+    /// XOR bytes `i..i + 16` (`i + 16 <= len`).
+    fn bytes16(&self, i: usize) -> [u8; 16];
+    /// Bit k set iff XOR byte `i + k` is nonzero, for the 64 bytes from `i` (`i + 64 <= len`).
+    fn mask64(&self, i: usize) -> u64;
     /// The same with AVX2.
     ///
     /// # Safety
-    /// The CPU must support AVX2 and `i + 32 <= len`.
+    /// The CPU must support AVX2 and `i + 64 <= len`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn mask32_avx2(&self, i: usize) -> u32;
+    unsafe fn mask64_avx2(&self, i: usize) -> u64;
 }
 
 /// Nonzero-byte bits of one little-endian word.
 #[inline(always)]
-fn word_mask(x: u64) -> u32 {
+fn word_mask(x: u64) -> u64 {
     // Folding each byte onto its low bit, then gathering the eight low bits.
     let mut y = x | (x >> 4);
     y |= y >> 2;
     y |= y >> 1;
     y &= 0x0101_0101_0101_0101;
-    (y.wrapping_mul(0x0102_0408_1020_4080) >> 56) as u32
+    y.wrapping_mul(0x0102_0408_1020_4080) >> 56
 }
 
 #[inline(always)]
 fn word_at(s: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"))
+}
+
+#[inline(always)]
+fn u128_at(s: &[u8], i: usize) -> u128 {
+    u128::from_le_bytes(s[i..i + 16].try_into().expect("16 bytes"))
+}
+
+/// Nonzero-byte mask of the 64 bytes at `a` (XOR `b` if given), with AVX2 and a prefetch.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nonzero_mask64_avx2(a: *const u8, b: Option<*const u8>) -> u64 {
+    use std::arch::x86_64::*;
+    // Prefetch ahead: the per-change work between loads leaves the memory system idle
+    // otherwise. A prefetch never faults, and wrapping_add computes the address without
+    // claiming it is in bounds.
+    _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH).cast());
+    // SAFETY (all loads): the caller guarantees 64 readable bytes at `a` and at `b`; loadu
+    // needs no alignment.
+    let (x0, x1) = unsafe { (_mm256_loadu_si256(a.cast()), _mm256_loadu_si256(a.add(32).cast())) };
+    let (y0, y1) = match b {
+        Some(b) => {
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH).cast());
+            unsafe { (_mm256_loadu_si256(b.cast()), _mm256_loadu_si256(b.add(32).cast())) }
+        }
+        None => (_mm256_setzero_si256(), _mm256_setzero_si256()),
+    };
+    let lo = _mm256_movemask_epi8(_mm256_cmpeq_epi8(x0, y0)) as u32;
+    let hi = _mm256_movemask_epi8(_mm256_cmpeq_epi8(x1, y1)) as u32;
+    !(u64::from(lo) | u64::from(hi) << 32)
 }
 
 /// `old ⊕ new`, computed on the fly.
@@ -84,23 +116,20 @@ impl XorSource for Pair<'_> {
         self.0[i] ^ self.1[i]
     }
     #[inline(always)]
-    fn mask32(&self, i: usize) -> u32 {
-        (0..4).fold(0, |m, k| m | word_mask(word_at(self.0, i + 8 * k) ^ word_at(self.1, i + 8 * k)) << (8 * k))
+    fn bytes16(&self, i: usize) -> [u8; 16] {
+        (u128_at(self.0, i) ^ u128_at(self.1, i)).to_le_bytes()
+    }
+    #[inline(always)]
+    fn mask64(&self, i: usize) -> u64 {
+        (0..8).fold(0, |m, k| m | word_mask(word_at(self.0, i + 8 * k) ^ word_at(self.1, i + 8 * k)) << (8 * k))
     }
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn mask32_avx2(&self, i: usize) -> u32 {
-        use std::arch::x86_64::*;
-        debug_assert!(i + 32 <= self.0.len() && self.0.len() == self.1.len());
-        // Prefetch ahead: the per-change work between loads leaves the memory system idle
-        // otherwise. A prefetch never faults, and wrapping_add computes the address without
-        // claiming it is in bounds.
-        _mm_prefetch::<_MM_HINT_T0>(self.0.as_ptr().wrapping_add(i + PREFETCH).cast());
-        _mm_prefetch::<_MM_HINT_T0>(self.1.as_ptr().wrapping_add(i + PREFETCH).cast());
-        // SAFETY: the caller guarantees i + 32 <= len for both slices; loadu needs no alignment.
-        let (a, b) = unsafe { (_mm256_loadu_si256(self.0.as_ptr().add(i).cast()), _mm256_loadu_si256(self.1.as_ptr().add(i).cast())) };
-        !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, b)) as u32)
+    unsafe fn mask64_avx2(&self, i: usize) -> u64 {
+        debug_assert!(i + 64 <= self.0.len() && self.0.len() == self.1.len());
+        // SAFETY: the caller guarantees i + 64 <= len for both slices.
+        unsafe { nonzero_mask64_avx2(self.0.as_ptr().add(i), Some(self.1.as_ptr().add(i))) }
     }
 }
 
@@ -117,18 +146,20 @@ impl XorSource for Xored<'_> {
         self.0[i]
     }
     #[inline(always)]
-    fn mask32(&self, i: usize) -> u32 {
-        (0..4).fold(0, |m, k| m | word_mask(word_at(self.0, i + 8 * k)) << (8 * k))
+    fn bytes16(&self, i: usize) -> [u8; 16] {
+        self.0[i..i + 16].try_into().expect("16 bytes")
+    }
+    #[inline(always)]
+    fn mask64(&self, i: usize) -> u64 {
+        (0..8).fold(0, |m, k| m | word_mask(word_at(self.0, i + 8 * k)) << (8 * k))
     }
     #[cfg(target_arch = "x86_64")]
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn mask32_avx2(&self, i: usize) -> u32 {
-        use std::arch::x86_64::*;
-        debug_assert!(i + 32 <= self.0.len());
-        // SAFETY: the caller guarantees i + 32 <= len; loadu needs no alignment.
-        let a = unsafe { _mm256_loadu_si256(self.0.as_ptr().add(i).cast()) };
-        !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, _mm256_setzero_si256())) as u32)
+    unsafe fn mask64_avx2(&self, i: usize) -> u64 {
+        debug_assert!(i + 64 <= self.0.len());
+        // SAFETY: the caller guarantees i + 64 <= len.
+        unsafe { nonzero_mask64_avx2(self.0.as_ptr().add(i), None) }
     }
 }
 
@@ -237,6 +268,8 @@ struct Buffers {
     lits: Vec<u8>,
     frame: Vec<u8>,
     xor: Vec<u8>,
+    /// Nonzero offsets of the block being scanned.
+    pos: Vec<u32>,
 }
 
 thread_local! {
@@ -297,71 +330,113 @@ fn splice_blocks(frame: &[u8], last: bool, out: &mut impl Write) -> io::Result<(
 }
 
 /// Sequences and literals of one block `[b0, b1)` of `src`; returns its nonzero byte count.
-/// `mask(i)` is [`XorSource::mask32`] or its AVX2 form.
+/// `mask(i)` is [`XorSource::mask64`] or its AVX2 form; `pos` is scratch of at least
+/// `BLOCK + 64` entries.
+///
+/// Two passes, because the changes sit at random places: a single loop that branches on
+/// "does this 64-byte window hold a change" mispredicts about every other window. The first
+/// pass only lists the block's nonzero offsets, with four unconditional stores per window (a
+/// window rarely holds more); the second walks that list, where the one branch left ("is the
+/// zero run long enough") nearly always goes the same way.
 #[inline(always)]
-fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, mask: impl Fn(usize) -> u32) -> u64 {
+fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut [u32], mask: impl Fn(usize) -> u64) -> u64 {
+    debug_assert!(b1 - b0 <= BLOCK && pos.len() >= BLOCK + 64);
+    let mut n = 0usize;
+    let mut i = b0;
+    while i + 64 <= b1 {
+        let mut m = mask(i);
+        let count = m.count_ones() as usize;
+        let off = (i - b0) as u32;
+        // n <= i - b0 (at most one entry a byte), so n + 64 <= BLOCK + 64: in bounds. A store
+        // past the count holds garbage (trailing_zeros(0) = 64) that the next window overwrites.
+        for k in 0..4 {
+            pos[n + k] = off + m.trailing_zeros();
+            m &= m.wrapping_sub(1);
+        }
+        let mut k = 4;
+        while m != 0 {
+            pos[n + k] = off + m.trailing_zeros();
+            m &= m - 1;
+            k += 1;
+        }
+        n += count;
+        i += 64;
+    }
+    for p in i..b1 {
+        pos[n] = (p - b0) as u32;
+        n += usize::from(src.byte(p) != 0);
+    }
+
     let mut lit_start = b0;
     // One past the last nonzero byte seen (b0 at the start: the block's first byte is then
     // the literal zero that a leading zero run's match repeats, so every block opens with a
     // literal).
     let mut end_nz = b0;
-    let mut nonzero = 0u64;
     // A zero run from end_nz to p (exclusive) long enough for a match: literals up to and
     // including its first zero, then the match repeating that zero.
     let emit = |p: usize, end_nz: usize, lit_start: &mut usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>| {
         let lit_end = end_nz + 1;
-        lits.extend((*lit_start..lit_end).map(|j| src.byte(j)));
+        push_literals(src, *lit_start, lit_end, lits);
         seqs.push(sys::ZSTD_Sequence { offset: 1, litLength: (lit_end - *lit_start) as u32, matchLength: (p - lit_end) as u32, rep: 0 });
         *lit_start = p;
     };
-    let mut i = b0;
-    while i + 32 <= b1 {
-        let mut m = mask(i);
-        nonzero += u64::from(m.count_ones());
-        while m != 0 {
-            let p = i + m.trailing_zeros() as usize;
-            if p - end_nz >= MIN_RUN {
-                emit(p, end_nz, &mut lit_start, seqs, lits);
-            }
-            end_nz = p + 1;
-            m &= m - 1;
+    for &q in &pos[..n] {
+        let p = b0 + q as usize;
+        if p - end_nz >= MIN_RUN {
+            emit(p, end_nz, &mut lit_start, seqs, lits);
         }
-        i += 32;
-    }
-    for p in i..b1 {
-        if src.byte(p) != 0 {
-            if p - end_nz >= MIN_RUN {
-                emit(p, end_nz, &mut lit_start, seqs, lits);
-            }
-            end_nz = p + 1;
-            nonzero += 1;
-        }
+        end_nz = p + 1;
     }
     if b1 - end_nz >= MIN_RUN {
         emit(b1, end_nz, &mut lit_start, seqs, lits);
     }
-    lits.extend((lit_start..b1).map(|j| src.byte(j)));
+    push_literals(src, lit_start, b1, lits);
     seqs.push(sys::ZSTD_Sequence { offset: 0, litLength: (b1 - lit_start) as u32, matchLength: 0, rep: 0 });
-    nonzero
+    n as u64
+}
+
+/// Append XOR bytes `from..to` to `lits`. A literal run is mostly 1–2 bytes: one 16-byte
+/// copy trimmed back costs less than a loop of unpredictable length.
+#[inline(always)]
+fn push_literals<S: XorSource>(src: &S, from: usize, to: usize, lits: &mut Vec<u8>) {
+    if to - from <= 16 && from + 16 <= src.len() {
+        let at = lits.len();
+        lits.extend_from_slice(&src.bytes16(from));
+        lits.truncate(at + (to - from));
+    } else {
+        push_literals_long(src, from, to, lits);
+    }
+}
+
+#[inline(never)]
+fn push_literals_long<S: XorSource>(src: &S, mut from: usize, to: usize, lits: &mut Vec<u8>) {
+    while from + 16 <= to {
+        lits.extend_from_slice(&src.bytes16(from));
+        from += 16;
+    }
+    lits.extend((from..to).map(|j| src.byte(j)));
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt,bmi1")]
-unsafe fn scan_block_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>) -> u64 {
+unsafe fn scan_block_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut [u32]) -> u64 {
     // SAFETY: AVX2 is present (this function's contract); scan_block asks only for masks of
-    // 32 bytes inside the block, which lies inside the source.
-    scan_block(src, b0, b1, seqs, lits, |i| unsafe { src.mask32_avx2(i) })
+    // 64 bytes inside the block, which lies inside the source.
+    scan_block(src, b0, b1, seqs, lits, pos, |i| unsafe { src.mask64_avx2(i) })
 }
 
 /// [`scan_block`] with the fastest mask the CPU has.
-fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>) -> u64 {
-    assert!(b0 <= b1 && b1 <= src.len());
+fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut Vec<u32>) -> u64 {
+    assert!(b0 <= b1 && b1 <= src.len() && b1 - b0 <= BLOCK);
+    if pos.len() < BLOCK + 64 {
+        pos.resize(BLOCK + 64, 0);
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") && std::arch::is_x86_feature_detected!("bmi1") {
         // SAFETY: the features were just detected; the block is inside the source (asserted).
-        return unsafe { scan_block_avx2(src, b0, b1, seqs, lits) };
+        return unsafe { scan_block_avx2(src, b0, b1, seqs, lits, pos) };
     }
-    scan_block(src, b0, b1, seqs, lits, |i| src.mask32(i))
+    scan_block(src, b0, b1, seqs, lits, pos, |i| src.mask64(i))
 }
 
 /// Encode `src[range]` (a whole number of blocks, or the tensor's tail) as the blocks of one
@@ -373,7 +448,7 @@ fn encode_segment<S: XorSource>(src: &S, from: usize, to: usize, last: bool, cct
     let mut b0 = from;
     while b0 < to {
         let b1 = (b0 + BLOCK).min(to);
-        nonzero += scan_block_dispatch(src, b0, b1, &mut bufs.seqs, &mut bufs.lits);
+        nonzero += scan_block_dispatch(src, b0, b1, &mut bufs.seqs, &mut bufs.lits, &mut bufs.pos);
         // While the block is still in cache (the checksum of the new bytes, in diff).
         seen(b0..b1);
         b0 = b1;
@@ -723,18 +798,36 @@ mod tests {
     fn portable_and_avx2_masks_agree() {
         let (old, new) = sparse(4096, 300, 11);
         let xor: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
-        for i in 0..4096 - 32 {
-            let want = (0..32).fold(0u32, |m, k| m | u32::from(xor[i + k] != 0) << k);
-            assert_eq!(Pair(&old, &new).mask32(i), want);
-            assert_eq!(Xored(&xor).mask32(i), want);
+        for i in 0..4096 - 64 {
+            let want = (0..64).fold(0u64, |m, k| m | u64::from(xor[i + k] != 0) << k);
+            assert_eq!(Pair(&old, &new).mask64(i), want);
+            assert_eq!(Xored(&xor).mask64(i), want);
+            assert_eq!(Pair(&old, &new).bytes16(i), xor[i..i + 16]);
+            assert_eq!(Xored(&xor).bytes16(i), xor[i..i + 16]);
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: AVX2 detected, i + 32 <= len.
+                // SAFETY: AVX2 detected, i + 64 <= len.
                 unsafe {
-                    assert_eq!(Pair(&old, &new).mask32_avx2(i), want);
-                    assert_eq!(Xored(&xor).mask32_avx2(i), want);
+                    assert_eq!(Pair(&old, &new).mask64_avx2(i), want);
+                    assert_eq!(Xored(&xor).mask64_avx2(i), want);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn portable_and_dispatched_scans_agree() {
+        for (len, per_mille) in [(BLOCK, 14u64), (BLOCK, 300), (BLOCK - 13, 1000), (100, 50), (63, 500)] {
+            let (old, new) = sparse(len, per_mille, len as u64 + per_mille);
+            let src = Pair(&old, &new);
+            let mut pos = vec![0u32; BLOCK + 64];
+            let (mut s1, mut l1, mut s2, mut l2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let n1 = scan_block(&src, 0, len, &mut s1, &mut l1, &mut pos, |i| src.mask64(i));
+            let n2 = scan_block_dispatch(&src, 0, len, &mut s2, &mut l2, &mut pos);
+            assert_eq!(n1, n2);
+            assert!(l1 == l2, "literals differ at len {len}");
+            let key = |s: &[sys::ZSTD_Sequence]| s.iter().map(|q| (q.offset, q.litLength, q.matchLength)).collect::<Vec<_>>();
+            assert_eq!(key(&s1), key(&s2));
         }
     }
 
