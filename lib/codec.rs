@@ -83,57 +83,18 @@ fn encode_xor<W: Write>(old: &[u8], new: &[u8], out: W) -> Result<u64, PayloadEr
 }
 
 /// Call `f(position)` for every differing byte, in ascending order: the scan behind the
-/// `overwrite` encoder. Uses AVX2 (32 bytes per compare) where the CPU has it.
+/// `overwrite` encoder (the first pass of sparse_frame's xor scan, one block at a time).
 fn for_each_diff<E>(old: &[u8], new: &[u8], mut f: impl FnMut(usize) -> Result<(), E>) -> Result<(), E> {
     assert_eq!(old.len(), new.len());
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present (checked just above); the function reads only within the
-        // two slices, whose lengths are equal.
-        return unsafe { for_each_diff_avx2(old, new, &mut f) };
-    }
-    for_each_diff_words(old, new, 0, &mut f)
-}
-
-/// Portable scan from byte `from` on: 8-byte words, walking the set bytes of their XOR.
-fn for_each_diff_words<E>(old: &[u8], new: &[u8], from: usize, f: &mut impl FnMut(usize) -> Result<(), E>) -> Result<(), E> {
-    let (old, new) = (&old[from..], &new[from..]);
-    let words = old.len() / 8;
-    for (k, (a, b)) in old.chunks_exact(8).zip(new.chunks_exact(8)).enumerate() {
-        let mut x = u64::from_le_bytes(a.try_into().expect("8 bytes")) ^ u64::from_le_bytes(b.try_into().expect("8 bytes"));
-        while x != 0 {
-            let byte = (x.trailing_zeros() / 8) as usize;
-            f(from + k * 8 + byte)?;
-            x &= !(0xffu64 << (byte * 8));
-        }
-    }
-    for i in words * 8..old.len() {
-        if old[i] != new[i] {
-            f(from + i)?;
+    let src = crate::sparse_frame::Pair(old, new);
+    let mut scan = crate::sparse_frame::NonzeroScan::default();
+    for b0 in (0..old.len()).step_by(crate::sparse_frame::BLOCK) {
+        let b1 = (b0 + crate::sparse_frame::BLOCK).min(old.len());
+        for &q in scan.block(&src, b0, b1) {
+            f(b0 + q as usize)?;
         }
     }
     Ok(())
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn for_each_diff_avx2<E>(old: &[u8], new: &[u8], f: &mut impl FnMut(usize) -> Result<(), E>) -> Result<(), E> {
-    use std::arch::x86_64::{__m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm_prefetch, _MM_HINT_T0};
-    let blocks = old.len() / 32;
-    for i in 0..blocks {
-        // As in sparse_frame: prefetch ahead of the scan (never faults; the address is not
-        // claimed to be in bounds).
-        _mm_prefetch::<_MM_HINT_T0>(old.as_ptr().wrapping_add(i * 32 + crate::sparse_frame::PREFETCH).cast());
-        _mm_prefetch::<_MM_HINT_T0>(new.as_ptr().wrapping_add(i * 32 + crate::sparse_frame::PREFETCH).cast());
-        // SAFETY: i * 32 + 32 <= len for both slices; loadu has no alignment requirement.
-        let (a, b) = unsafe { (_mm256_loadu_si256(old.as_ptr().add(i * 32) as *const __m256i), _mm256_loadu_si256(new.as_ptr().add(i * 32) as *const __m256i)) };
-        let mut differ = !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, b)) as u32);
-        while differ != 0 {
-            f(i * 32 + differ.trailing_zeros() as usize)?;
-            differ &= differ - 1;
-        }
-    }
-    for_each_diff_words(old, new, blocks * 32, f)
 }
 
 /// Tensors with at most this many changed bytes are encoded from one scan, with positions and
@@ -145,23 +106,22 @@ pub const ONE_PASS_MAX_CHANGES: usize = 4 << 20;
 /// new bytes also go to `hasher`, a piece at a time right after it is scanned; if the cap
 /// is hit, `hasher` has seen a prefix only and the caller starts it afresh.
 fn collect_diffs(old: &[u8], new: &[u8], cap: usize, mut hasher: Option<&mut crate::checksum::Hasher>) -> Option<(Vec<u32>, Vec<u8>)> {
-    // Small enough that both tensors' pieces stay in L2 until hashed.
-    const PIECE: usize = 128 << 10;
+    use crate::sparse_frame::BLOCK;
+    let src = crate::sparse_frame::Pair(old, new);
+    let mut scan = crate::sparse_frame::NonzeroScan::default();
     let mut positions = Vec::new();
     let mut values = Vec::new();
-    for (k, (o, w)) in old.chunks(PIECE).zip(new.chunks(PIECE)).enumerate() {
-        let base = k * PIECE;
-        for_each_diff(o, w, |p| {
-            if values.len() == cap {
-                return Err(());
-            }
-            positions.push((base + p) as u32);
-            values.push(w[p]);
-            Ok(())
-        })
-        .ok()?;
+    for b0 in (0..new.len()).step_by(BLOCK) {
+        // A block is small enough that both tensors' pieces stay in L2 until hashed.
+        let b1 = (b0 + BLOCK).min(new.len());
+        let found = scan.block(&src, b0, b1);
+        if values.len() + found.len() > cap {
+            return None;
+        }
+        positions.extend(found.iter().map(|&q| (b0 + q as usize) as u32));
+        values.extend(found.iter().map(|&q| new[b0 + q as usize]));
         if let Some(h) = hasher.as_deref_mut() {
-            h.update(w);
+            h.update(&new[b0..b1]);
         }
     }
     Some((positions, values))

@@ -340,6 +340,39 @@ fn splice_blocks(frame: &[u8], last: bool, out: &mut impl Write) -> io::Result<(
 /// zero run long enough") nearly always goes the same way.
 #[inline(always)]
 fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut [u32], mask: impl Fn(usize) -> u64) -> u64 {
+    let n = list_nonzero(src, b0, b1, pos, mask);
+    let mut lit_start = b0;
+    // One past the last nonzero byte seen (b0 at the start: the block's first byte is then
+    // the literal zero that a leading zero run's match repeats, so every block opens with a
+    // literal).
+    let mut end_nz = b0;
+    // A zero run from end_nz to p (exclusive) long enough for a match: literals up to and
+    // including its first zero, then the match repeating that zero.
+    let emit = |p: usize, end_nz: usize, lit_start: &mut usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>| {
+        let lit_end = end_nz + 1;
+        push_literals(src, *lit_start, lit_end, lits);
+        seqs.push(sys::ZSTD_Sequence { offset: 1, litLength: (lit_end - *lit_start) as u32, matchLength: (p - lit_end) as u32, rep: 0 });
+        *lit_start = p;
+    };
+    for &q in &pos[..n] {
+        let p = b0 + q as usize;
+        if p - end_nz >= MIN_RUN {
+            emit(p, end_nz, &mut lit_start, seqs, lits);
+        }
+        end_nz = p + 1;
+    }
+    if b1 - end_nz >= MIN_RUN {
+        emit(b1, end_nz, &mut lit_start, seqs, lits);
+    }
+    push_literals(src, lit_start, b1, lits);
+    seqs.push(sys::ZSTD_Sequence { offset: 0, litLength: (b1 - lit_start) as u32, matchLength: 0, rep: 0 });
+    n as u64
+}
+
+/// Offsets (from `b0`) of the nonzero XOR bytes in `[b0, b1)` into `pos`, ascending; returns
+/// how many. `pos` holds at least `BLOCK + 64` entries.
+#[inline(always)]
+fn list_nonzero<S: XorSource>(src: &S, b0: usize, b1: usize, pos: &mut [u32], mask: impl Fn(usize) -> u64) -> usize {
     debug_assert!(b1 - b0 <= BLOCK && pos.len() >= BLOCK + 64);
     let mut n = 0usize;
     let mut i = b0;
@@ -367,32 +400,42 @@ fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::Z
         n += usize::from(src.byte(p) != 0);
     }
 
-    let mut lit_start = b0;
-    // One past the last nonzero byte seen (b0 at the start: the block's first byte is then
-    // the literal zero that a leading zero run's match repeats, so every block opens with a
-    // literal).
-    let mut end_nz = b0;
-    // A zero run from end_nz to p (exclusive) long enough for a match: literals up to and
-    // including its first zero, then the match repeating that zero.
-    let emit = |p: usize, end_nz: usize, lit_start: &mut usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>| {
-        let lit_end = end_nz + 1;
-        push_literals(src, *lit_start, lit_end, lits);
-        seqs.push(sys::ZSTD_Sequence { offset: 1, litLength: (lit_end - *lit_start) as u32, matchLength: (p - lit_end) as u32, rep: 0 });
-        *lit_start = p;
-    };
-    for &q in &pos[..n] {
-        let p = b0 + q as usize;
-        if p - end_nz >= MIN_RUN {
-            emit(p, end_nz, &mut lit_start, seqs, lits);
+    n
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,popcnt,bmi1")]
+unsafe fn list_nonzero_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, pos: &mut [u32]) -> usize {
+    // SAFETY: AVX2 is present (this function's contract); list_nonzero asks only for masks of
+    // 64 bytes inside the range, which lies inside the source.
+    list_nonzero(src, b0, b1, pos, |i| unsafe { src.mask64_avx2(i) })
+}
+
+/// The first pass of the scan on its own, for the `overwrite` encoder: the offsets of the
+/// nonzero XOR bytes, one block at a time, from scratch reused across blocks.
+pub struct NonzeroScan {
+    pos: Vec<u32>,
+}
+
+impl Default for NonzeroScan {
+    fn default() -> Self {
+        NonzeroScan { pos: vec![0; BLOCK + 64] }
+    }
+}
+
+impl NonzeroScan {
+    /// Offsets from `b0` of the nonzero bytes of `src[b0..b1]` (at most [`BLOCK`] bytes), ascending.
+    pub fn block<S: XorSource>(&mut self, src: &S, b0: usize, b1: usize) -> &[u32] {
+        assert!(b0 <= b1 && b1 <= src.len() && b1 - b0 <= BLOCK);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") && std::arch::is_x86_feature_detected!("bmi1") {
+            // SAFETY: the features were just detected; the range is inside the source (asserted).
+            let n = unsafe { list_nonzero_avx2(src, b0, b1, &mut self.pos) };
+            return &self.pos[..n];
         }
-        end_nz = p + 1;
+        let n = list_nonzero(src, b0, b1, &mut self.pos, |i| src.mask64(i));
+        &self.pos[..n]
     }
-    if b1 - end_nz >= MIN_RUN {
-        emit(b1, end_nz, &mut lit_start, seqs, lits);
-    }
-    push_literals(src, lit_start, b1, lits);
-    seqs.push(sys::ZSTD_Sequence { offset: 0, litLength: (b1 - lit_start) as u32, matchLength: 0, rep: 0 });
-    n as u64
 }
 
 /// Append XOR bytes `from..to` to `lits`. A literal run is mostly 1–2 bytes: one 16-byte
