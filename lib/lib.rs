@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod checksum;
 pub mod codec;
 pub mod sparse_frame;
+pub mod zstd_decode;
 pub mod diff;
 pub mod gpu;
 pub mod hooks;
