@@ -17,6 +17,7 @@ pub mod checksum;
 pub mod codec;
 pub mod sparse_frame;
 pub mod zstd_decode;
+pub mod zstd_block;
 pub mod diff;
 pub mod gpu;
 pub mod hooks;

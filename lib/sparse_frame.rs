@@ -165,13 +165,13 @@ impl XorSource for Xored<'_> {
 
 /// One libzstd compression context set up for explicit sequences, reused by a thread across
 /// tensors (creating one costs more than coding a small tensor).
-struct SeqCctx(*mut sys::ZSTD_CCtx);
+pub(crate) struct SeqCctx(*mut sys::ZSTD_CCtx);
 
 impl SeqCctx {
     /// `repcodes`: let libzstd code an offset equal to a recent one as a repeat code (xor
     /// frames, whose only offset is 1). Off, every offset is coded raw, which stays exact when
     /// segments are spliced whatever the offset (overwrite frames, offset 4).
-    fn new(repcodes: bool) -> io::Result<SeqCctx> {
+    pub(crate) fn new(repcodes: bool) -> io::Result<SeqCctx> {
         // SAFETY: plain libzstd calls on a context we own; every return code is checked.
         unsafe {
             let cctx = sys::ZSTD_createCCtx();
@@ -199,7 +199,7 @@ impl SeqCctx {
     /// One complete frame for `decompressed` bytes described by `seqs` and `lits`, into `dst`.
     /// `None` if libzstd refused, which it does when a block would not shrink (this entry point
     /// cannot store raw blocks); the caller then uses [`Self::compress_with_source`].
-    fn compress_with_literals(&mut self, dst: &mut Vec<u8>, seqs: &[sys::ZSTD_Sequence], lits: &mut Vec<u8>, decompressed: usize) -> io::Result<Option<()>> {
+    pub(crate) fn compress_with_literals(&mut self, dst: &mut Vec<u8>, seqs: &[sys::ZSTD_Sequence], lits: &mut Vec<u8>, decompressed: usize) -> io::Result<Option<()>> {
         let lit_len = lits.len();
         lits.reserve(32);
         dst.clear();
@@ -469,7 +469,7 @@ unsafe fn scan_block_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mu
 }
 
 /// [`scan_block`] with the fastest mask the CPU has.
-fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut Vec<u32>) -> u64 {
+pub(crate) fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut Vec<u32>) -> u64 {
     assert!(b0 <= b1 && b1 <= src.len() && b1 - b0 <= BLOCK);
     if pos.len() < BLOCK + 64 {
         pos.resize(BLOCK + 64, 0);
@@ -699,7 +699,7 @@ impl<W: Write> Write for OverwriteFrame<W> {
 /// Matches: at each position entry (payload offset `q = 4 + 4i`, `i >= 1`), bytes `q+1..` equal
 /// to the four bytes before, extended while equal; their source lies in this segment, so a
 /// segment's first sequence starts with literals.
-fn overwrite_block_sequences(seg: &[u8], from: u64, b0: usize, b1: usize, positions_end: u64, seqs: &mut Vec<sys::ZSTD_Sequence>) {
+pub(crate) fn overwrite_block_sequences(seg: &[u8], from: u64, b0: usize, b1: usize, positions_end: u64, seqs: &mut Vec<sys::ZSTD_Sequence>) {
     let mut lit_start = b0;
     // Segment index of the first match candidate at or after max(b0, 4): q + 1 with q ≡ 0 mod 4
     // in payload terms, q >= 8, q - 3 >= segment start.
