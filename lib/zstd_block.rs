@@ -127,10 +127,13 @@ fn ll_code(ll: u32) -> u8 {
 
 #[inline(always)]
 fn ml_code(ml_base: u32) -> u8 {
+    // Both, then a select: match lengths straddle 128 unpredictably.
+    let small = ML_CODE[(ml_base & 127) as usize];
+    let big = (highbit(ml_base | 1) + 36) as u8;
     if ml_base < 128 {
-        ML_CODE[ml_base as usize]
+        small
     } else {
-        (highbit(ml_base) + 36) as u8
+        big
     }
 }
 
@@ -215,13 +218,14 @@ struct FseTable {
     norm: [i16; 64],
     nsym: usize,
     /// Next state (in `[size, 2 size)`) by symbol-sorted cell.
-    state: Vec<u16>,
-    tt: [SymTT; 64],
+    state: Box<[u16; 512]>,
+    /// By symbol (256 entries, so a byte indexes it without a bounds check).
+    tt: Box<[SymTT; 256]>,
 }
 
 impl FseTable {
     fn empty() -> Self {
-        FseTable { log: 0, norm: [0; 64], nsym: 0, state: vec![0; 1], tt: [SymTT::default(); 64] }
+        FseTable { log: 0, norm: [0; 64], nsym: 0, state: Box::new([0; 512]), tt: Box::new([SymTT::default(); 256]) }
     }
 
     /// The RLE table: no bits for any symbol.
@@ -268,8 +272,6 @@ impl FseTable {
             }
         }
         debug_assert_eq!(pos, 0, "normalized counts do not fill the table");
-        self.state.clear();
-        self.state.resize(size, 0);
         for (u, &s) in symbols[..size].iter().enumerate() {
             let s = s as usize;
             self.state[cumul[s] as usize] = (size + u) as u16;
@@ -305,7 +307,7 @@ impl FseTable {
         let tt = self.tt[s as usize];
         let nb = tt.delta_nb_bits.wrapping_add(1 << 15) >> 16;
         let v = (nb << 16).wrapping_sub(tt.delta_nb_bits);
-        u32::from(self.state[((v >> nb) as i32 + tt.delta_find_state) as usize])
+        u32::from(self.state[((v >> nb) as i32 + tt.delta_find_state) as usize & 511])
     }
 
     #[inline(always)]
@@ -313,7 +315,7 @@ impl FseTable {
         let tt = self.tt[s as usize];
         let nb = st.wrapping_add(tt.delta_nb_bits) >> 16;
         w.add(u64::from(*st), nb);
-        *st = u32::from(self.state[((*st >> nb) as i32 + tt.delta_find_state) as usize]);
+        *st = u32::from(self.state[((*st >> nb) as i32 + tt.delta_find_state) as usize & 511]);
     }
 
     /// Estimated bits for symbols with these counts, or None if one of them has no cell.
@@ -1062,6 +1064,8 @@ pub struct BlockEncoder {
     /// Per sequence: LL, OF, ML codes and the number of LL + ML extra bits.
     codes: Vec<[u8; 4]>,
     off_base: Vec<u32>,
+    /// Per sequence: the LL then ML extra bits.
+    extra: Vec<u32>,
     bits: Vec<u8>,
 }
 
@@ -1092,6 +1096,7 @@ impl BlockEncoder {
             bmi2: false,
             codes: Vec::new(),
             off_base: Vec::new(),
+            extra: Vec::new(),
             bits: Vec::new(),
         }
     }
@@ -1157,45 +1162,42 @@ impl BlockEncoder {
         self.off_base.clear();
         let mut rep = self.rep;
         let mut pos = self.produced;
-        let (mut lit_sum, mut match_sum) = (0u64, 0u64);
-        // Two histograms each for LL and ML (alternate sequences) and a register for OF code 0
+        let mut lit_sum = 0u64;
+        // Four histograms each for LL and ML (sequences in turn) and a register for OF code 0
         // (repeat code 1): runs of one code would otherwise wait on their own stores.
-        let mut hll = [[0u32; 36]; 2];
-        let mut hml = [[0u32; 53]; 2];
+        let mut hll = [[0u32; 36]; 4];
+        let mut hml = [[0u32; 53]; 4];
         let mut hof = [0u32; 32];
         let mut of0 = 0u32;
-        self.codes.reserve(nb);
-        self.off_base.reserve(nb);
-        for (i, s) in seqs.iter().enumerate() {
-            if s.match_len < 3 || s.offset == 0 {
-                return Err(invalid(format!("bad sequence {s:?}")));
-            }
+        self.codes.resize(nb, [0; 4]);
+        self.off_base.resize(nb, 0);
+        self.extra.resize(nb, 0);
+        for (i, (((s, c), ob_out), ex)) in seqs.iter().zip(self.codes.iter_mut()).zip(self.off_base.iter_mut()).zip(self.extra.iter_mut()).enumerate() {
             pos += u64::from(s.lit_len);
             lit_sum += u64::from(s.lit_len);
-            if u64::from(s.offset) > pos || u64::from(s.offset) > WINDOW {
-                return Err(invalid(format!("offset {} reaches before the frame or window (at {pos})", s.offset)));
+            // One branch for all the checks.
+            if (s.match_len < 3) | (s.offset == 0) | (s.match_len > MAX_BLOCK as u32) | (s.lit_len >= MAX_BLOCK as u32) | (u64::from(s.offset) > pos.min(WINDOW)) {
+                return Err(invalid(format!("bad sequence {s:?} at frame position {} (offsets reach at most the frame's start and {WINDOW} back; match_len >= 3)", pos - u64::from(s.lit_len))));
             }
             pos += u64::from(s.match_len);
-            match_sum += u64::from(s.match_len);
-            if match_sum > content_len as u64 {
-                return Err(invalid("matches longer than the block".into()));
-            }
             let ob = resolve_offset(&mut rep, s.offset, s.lit_len == 0);
             let (llc, mlc, ofc) = (ll_code(s.lit_len), ml_code(s.match_len - 3), highbit(ob) as u8);
-            let extra_bits = LL_BITS[llc as usize] + ML_BITS[mlc as usize];
-            hll[i & 1][llc as usize] += 1;
-            hml[i & 1][mlc as usize] += 1;
+            let llb = LL_BITS[llc as usize];
+            *ex = (s.lit_len & ((1 << llb) - 1)) | (s.match_len - 3) << llb;
+            hll[i & 3][llc as usize] += 1;
+            hml[i & 3][mlc as usize] += 1;
             if ofc == 0 {
                 of0 += 1;
             } else {
                 hof[ofc as usize] += 1;
             }
-            self.codes.push([llc, ofc, mlc, extra_bits]);
-            self.off_base.push(ob);
+            *c = [llc, ofc, mlc, llb + ML_BITS[mlc as usize]];
+            *ob_out = ob;
         }
         hof[0] = of0;
-        let hll: [u32; 36] = std::array::from_fn(|k| hll[0][k] + hll[1][k]);
-        let hml: [u32; 53] = std::array::from_fn(|k| hml[0][k] + hml[1][k]);
+        let hll: [u32; 36] = std::array::from_fn(|k| hll[0][k] + hll[1][k] + hll[2][k] + hll[3][k]);
+        let hml: [u32; 53] = std::array::from_fn(|k| hml[0][k] + hml[1][k] + hml[2][k] + hml[3][k]);
+        let match_sum = pos - self.produced - lit_sum;
         if lit_sum > lits.len() as u64 || lits.len() as u64 + match_sum != content_len as u64 {
             return Err(invalid(format!("{} literals and {match_sum} match bytes for a block of {content_len}", lits.len())));
         }
@@ -1259,34 +1261,27 @@ impl BlockEncoder {
         let w = BitWriter::new(&mut self.bits);
         let (codes, offs) = (&self.codes[..nb], &self.off_base[..nb]);
         if of_free {
-            encode_sequences_with::<true>(w, seqs, codes, offs, llt, oft, mlt)
+            encode_sequences_with::<true>(w, &self.extra[..nb], codes, offs, llt, oft, mlt)
         } else {
-            encode_sequences_with::<false>(w, seqs, codes, offs, llt, oft, mlt)
+            encode_sequences_with::<false>(w, &self.extra[..nb], codes, offs, llt, oft, mlt)
         }
     }
-}
-
-/// The extra bits of LL then ML (`c[3]` of them in all).
-#[inline(always)]
-fn ll_ml_extra(s: &Sequence, c: [u8; 4]) -> u64 {
-    let llb = u32::from(LL_BITS[c[0] as usize]);
-    (u64::from(s.lit_len) & ((1 << llb) - 1)) | u64::from(s.match_len - 3) << llb
 }
 
 /// The bitstream (§3.1.1.3.2.1.2 backwards): per sequence from the last, the OF, ML, LL state
 /// transitions, then the LL, ML, OF extra bits; the first sequence's states are the initial
 /// ones, written last (ML, OF, LL). `OF_FREE`: the OF table is RLE and no offset has extra bits.
 #[inline(always)]
-fn encode_sequences_with<const OF_FREE: bool>(mut w: BitWriter, seqs: &[Sequence], codes: &[[u8; 4]], offs: &[u32], llt: &FseTable, oft: &FseTable, mlt: &FseTable) -> usize {
-    let n = seqs.len() - 1;
+fn encode_sequences_with<const OF_FREE: bool>(mut w: BitWriter, extra: &[u32], codes: &[[u8; 4]], offs: &[u32], llt: &FseTable, oft: &FseTable, mlt: &FseTable) -> usize {
+    let n = extra.len() - 1;
     let c = codes[n];
     let mut sml = mlt.init_state(c[2]);
     let mut sof = oft.init_state(c[1]);
     let mut sll = llt.init_state(c[0]);
-    w.add(ll_ml_extra(&seqs[n], c), u32::from(c[3]));
+    w.add(u64::from(extra[n]), u32::from(c[3]));
     w.add(u64::from(offs[n]), u32::from(c[1]));
     w.flush();
-    for ((s, &c), &ob) in seqs[..n].iter().zip(&codes[..n]).zip(&offs[..n]).rev() {
+    for ((&ex, &c), &ob) in extra[..n].iter().zip(&codes[..n]).zip(&offs[..n]).rev() {
         if !OF_FREE {
             oft.encode(&mut w, &mut sof, c[1]);
         }
@@ -1296,7 +1291,7 @@ fn encode_sequences_with<const OF_FREE: bool>(mut w: BitWriter, seqs: &[Sequence
         if u32::from(c[3]) + u32::from(c[1]) > 30 {
             w.flush();
         }
-        w.add(ll_ml_extra(s, c), u32::from(c[3]));
+        w.add(u64::from(ex), u32::from(c[3]));
         if !OF_FREE {
             w.add(u64::from(ob), u32::from(c[1]));
         }
