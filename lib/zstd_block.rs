@@ -171,7 +171,7 @@ impl<'a> BitWriter<'a> {
     /// [`Self::add`] for a `v` already below `1 << nb`.
     #[inline(always)]
     fn add_clean(&mut self, v: u64, nb: u32) {
-        debug_assert!(nb <= 32 && self.n + nb <= 63 && v >> nb == 0);
+        debug_assert!(self.n + nb <= 63 && v >> nb == 0);
         self.acc |= v << self.n;
         self.n += nb;
     }
@@ -316,6 +316,16 @@ impl FseTable {
         let nb = st.wrapping_add(tt.delta_nb_bits) >> 16;
         w.add(u64::from(*st), nb);
         *st = u32::from(self.state[((*st >> nb) as i32 + tt.delta_find_state) as usize & 511]);
+    }
+
+    /// [`Self::encode`] without the writer: the bits to append and their count.
+    #[inline(always)]
+    fn step(&self, st: &mut u32, s: u8) -> (u64, u32) {
+        let tt = self.tt[s as usize];
+        let nb = st.wrapping_add(tt.delta_nb_bits) >> 16;
+        let bits = u64::from(*st) & ((1u64 << nb) - 1);
+        *st = u32::from(self.state[((*st >> nb) as i32 + tt.delta_find_state) as usize & 511]);
+        (bits, nb)
     }
 
     /// Estimated bits for symbols with these counts, or None if one of them has no cell.
@@ -1172,7 +1182,9 @@ impl BlockEncoder {
         self.codes.resize(nb, [0; 4]);
         self.off_base.resize(nb, 0);
         self.extra.resize(nb, 0);
-        for (i, (((s, c), ob_out), ex)) in seqs.iter().zip(self.codes.iter_mut()).zip(self.off_base.iter_mut()).zip(self.extra.iter_mut()).enumerate() {
+        let (codes, off_base, extra) = (&mut self.codes[..nb], &mut self.off_base[..nb], &mut self.extra[..nb]);
+        for i in 0..nb {
+            let s = &seqs[i];
             pos += u64::from(s.lit_len);
             lit_sum += u64::from(s.lit_len);
             // One branch for all the checks.
@@ -1183,7 +1195,8 @@ impl BlockEncoder {
             let ob = resolve_offset(&mut rep, s.offset, s.lit_len == 0);
             let (llc, mlc, ofc) = (ll_code(s.lit_len), ml_code(s.match_len - 3), highbit(ob) as u8);
             let llb = LL_BITS[llc as usize];
-            *ex = (s.lit_len & ((1 << llb) - 1)) | (s.match_len - 3) << llb;
+            let nx = llb + ML_BITS[mlc as usize];
+            extra[i] = ((u64::from(s.lit_len) & ((1 << llb) - 1) | u64::from(s.match_len - 3) << llb) & ((1 << nx) - 1)) as u32;
             hll[i & 3][llc as usize] += 1;
             hml[i & 3][mlc as usize] += 1;
             if ofc == 0 {
@@ -1191,8 +1204,8 @@ impl BlockEncoder {
             } else {
                 hof[ofc as usize] += 1;
             }
-            *c = [llc, ofc, mlc, llb + ML_BITS[mlc as usize]];
-            *ob_out = ob;
+            codes[i] = [llc, ofc, mlc, nx];
+            off_base[i] = ob;
         }
         hof[0] = of0;
         let hll: [u32; 36] = std::array::from_fn(|k| hll[0][k] + hll[1][k] + hll[2][k] + hll[3][k]);
@@ -1282,17 +1295,21 @@ fn encode_sequences_with<const OF_FREE: bool>(mut w: BitWriter, extra: &[u32], c
     w.add(u64::from(offs[n]), u32::from(c[1]));
     w.flush();
     for ((&ex, &c), &ob) in extra[..n].iter().zip(&codes[..n]).zip(&offs[..n]).rev() {
-        if !OF_FREE {
-            oft.encode(&mut w, &mut sof, c[1]);
-        }
-        mlt.encode(&mut w, &mut sml, c[2]);
-        llt.encode(&mut w, &mut sll, c[0]);
-        // At most 7 + 26 bits held; the extras fit unless they are long.
-        if u32::from(c[3]) + u32::from(c[1]) > 30 {
-            w.flush();
-        }
-        w.add(u64::from(ex), u32::from(c[3]));
-        if !OF_FREE {
+        if OF_FREE {
+            // ML and LL state bits (at most 18) and the LL, ML extra bits (at most 32) in one go.
+            let (mb, mn) = mlt.step(&mut sml, c[2]);
+            let (lb, ln) = llt.step(&mut sll, c[0]);
+            w.add_clean(mb | lb << mn | u64::from(ex) << (mn + ln), mn + ln + u32::from(c[3]));
+        } else {
+            let (ob_bits, on) = oft.step(&mut sof, c[1]);
+            let (mb, mn) = mlt.step(&mut sml, c[2]);
+            let (lb, ln) = llt.step(&mut sll, c[0]);
+            w.add_clean(ob_bits | mb << on | lb << (on + mn), on + mn + ln);
+            // At most 7 + 26 bits held; the extras fit unless they are long.
+            if u32::from(c[3]) + u32::from(c[1]) > 30 {
+                w.flush();
+            }
+            w.add(u64::from(ex), u32::from(c[3]));
             w.add(u64::from(ob), u32::from(c[1]));
         }
         w.flush();
