@@ -9,6 +9,14 @@
 //!
 //! Built for `sparse_frame`'s blocks (~1800 sequences of offset 1 and ~3600 small literals per
 //! 128 KiB), where libzstd's generic entropy stage is a large part of `delta-diff`'s time.
+//! Measured (`speed_vs_libzstd`, 64 MiB of RL-like xor, 4 MiB segments, shared 2-core box):
+//! 1.15–1.3x the speed of `ZSTD_compressSequencesAndLiterals`, output 0.98 % smaller. Not yet
+//! the 2x aimed for: per sequence, the code/histogram pass and the bitstream loop are each
+//! about as costly as libzstd's; fixed per-block work (Huffman and FSE table builds) ~10 %.
+//!
+//! Not used yet by `sparse_frame` (wiring it in is separate work). Not done: libzstd's
+//! "last symbol is free" count adjustment before normalizing, Huffman table-log search, and
+//! 4-stream literals below 1024 bytes (one stream is used there).
 
 use std::io;
 
