@@ -5,32 +5,29 @@
 //! ~70 % of slime's encode time rediscovering that structure by hashing. Here one linear scan
 //! over the two tensors finds it directly: every zero run of at least [`MIN_RUN`] bytes becomes a
 //! zstd sequence "literals ending in one zero byte, then a match of offset 1" (offset 1 repeats
-//! the zero), and everything else stays literal. libzstd only entropy-codes what we hand it
-//! (`ZSTD_compressSequencesAndLiterals`: Huffman literals, FSE sequence codes), so the frame is
-//! ordinary zstd that any decoder (python-zstandard, slime, sglang) reads.
+//! the zero), and everything else stays literal. Our own entropy stage ([`crate::zstd_block`]:
+//! Huffman literals, FSE sequence codes) turns each block's sequences into a compressed block,
+//! so the frame is ordinary zstd that any decoder (python-zstandard, slime, sglang) reads.
 //!
-//! ## Frame layout (docs/FORMATS.md §3, "xor frames")
+//! ## Frame layout (docs/FORMATS.md §4.5)
 //! We write the frame header ourselves: magic, a descriptor with an 8-byte content size, no
 //! checksum, no dictionary, and a 128 KiB window (the only back-reference is offset 1, so the
-//! decoder needs no more history than one block). The blocks come from libzstd, one call per
-//! [`SEGMENT`] of the tensor (bounded memory whatever the tensor size); each call makes a
-//! complete frame whose header we drop and whose blocks we splice in, clearing the last-block
-//! flag of all but the tensor's final block. Splicing is exact because nothing crosses a
-//! segment boundary: a segment's first block uses no repeated entropy tables (libzstd starts
-//! each frame fresh), every match has offset 1 with at least one literal before it (so the
-//! repeat-offset history is 1 in encoder and decoder alike), and every block starts with a
-//! literal, so no match reaches back into the previous segment.
+//! decoder needs no more history than one block). Blocks follow in order, each coded by the
+//! frame's one [`BlockEncoder`], which carries the repeat offsets and the entropy tables a later
+//! block may reuse; a block that would not shrink is stored raw. The scan works one
+//! [`SEGMENT`] at a time (the streaming writers buffer at most one), so memory is bounded
+//! whatever the tensor size and the bytes do not depend on how the input arrives.
 
 use std::io::{self, Write};
-use zstd::zstd_safe::zstd_sys as sys;
+use crate::zstd_block::{BlockEncoder, Sequence};
 
 /// Bytes of content per zstd block (the format's maximum).
 pub const BLOCK: usize = 128 << 10;
-/// Bytes of content per libzstd call: bounds the sequences and literals held in memory.
+/// Bytes of content scanned and written out at a time (the streaming writers buffer one).
 pub const SEGMENT: usize = 32 * BLOCK;
 /// Shortest zero run coded as a match (one literal zero, then a match of at least 3, zstd's
-/// minimum). Measured on a 531 MiB RL-step pair: 4 gives the smallest frames (12.19 MB; 10
-/// gives 12.53, 32 gives 16.25) at the same speed, since FSE codes the short, repetitive
+/// minimum). Measured on a 531 MiB RL-step pair (with libzstd's entropy stage): 4 gives the
+/// smallest frames (12.19 MB; 10 gives 12.53, 32 gives 16.25) at the same speed, since FSE codes the short, repetitive
 /// sequence lengths in a few bits.
 pub const MIN_RUN: usize = 4;
 /// The frame's window: one block (log2).
@@ -163,108 +160,10 @@ impl XorSource for Xored<'_> {
     }
 }
 
-/// One libzstd compression context set up for explicit sequences, reused by a thread across
-/// tensors (creating one costs more than coding a small tensor).
-pub(crate) struct SeqCctx(*mut sys::ZSTD_CCtx);
-
-impl SeqCctx {
-    /// `repcodes`: let libzstd code an offset equal to a recent one as a repeat code (xor
-    /// frames, whose only offset is 1). Off, every offset is coded raw, which stays exact when
-    /// segments are spliced whatever the offset (overwrite frames, offset 4).
-    pub(crate) fn new(repcodes: bool) -> io::Result<SeqCctx> {
-        // SAFETY: plain libzstd calls on a context we own; every return code is checked.
-        unsafe {
-            let cctx = sys::ZSTD_createCCtx();
-            if cctx.is_null() {
-                return Err(io::Error::other("zstd: cannot allocate a compression context"));
-            }
-            let c = SeqCctx(cctx);
-            use sys::ZSTD_cParameter::*;
-            for (param, value) in [
-                (ZSTD_c_compressionLevel, 1),
-                (ZSTD_c_windowLog, WINDOW_LOG as i32),
-                (ZSTD_c_minMatch, 3),
-                (ZSTD_c_checksumFlag, 0),
-                (ZSTD_c_contentSizeFlag, 1),
-                (ZSTD_c_experimentalParam11, sys::ZSTD_SequenceFormat_e::ZSTD_sf_explicitBlockDelimiters as i32), // blockDelimiters
-                // repcodeResolution
-                (ZSTD_c_experimentalParam19, if repcodes { sys::ZSTD_ParamSwitch_e::ZSTD_ps_enable } else { sys::ZSTD_ParamSwitch_e::ZSTD_ps_disable } as i32),
-            ] {
-                check(sys::ZSTD_CCtx_setParameter(cctx, param, value))?;
-            }
-            Ok(c)
-        }
-    }
-
-    /// One complete frame for `decompressed` bytes described by `seqs` and `lits`, into `dst`.
-    /// `None` if libzstd refused, which it does when a block would not shrink (this entry point
-    /// cannot store raw blocks); the caller then uses [`Self::compress_with_source`].
-    pub(crate) fn compress_with_literals(&mut self, dst: &mut Vec<u8>, seqs: &[sys::ZSTD_Sequence], lits: &mut Vec<u8>, decompressed: usize) -> io::Result<Option<()>> {
-        let lit_len = lits.len();
-        lits.reserve(32);
-        dst.clear();
-        // SAFETY: compressBound is a pure function.
-        let cap = unsafe { sys::ZSTD_compressBound(decompressed) } + 64;
-        dst.reserve(cap);
-        // SAFETY: dst has `cap` writable bytes, lits has lit_len initialized bytes and a capacity
-        // of at least lit_len + 8 as the call requires; seqs is a valid slice.
-        let r = unsafe {
-            sys::ZSTD_CCtx_reset(self.0, sys::ZSTD_ResetDirective::ZSTD_reset_session_only);
-            sys::ZSTD_compressSequencesAndLiterals(self.0, dst.as_mut_ptr().cast(), cap, seqs.as_ptr(), seqs.len(), lits.as_ptr().cast(), lit_len, lits.capacity(), decompressed)
-        };
-        // SAFETY: ZSTD_isError is a pure function.
-        if unsafe { sys::ZSTD_isError(r) } != 0 {
-            return Ok(None);
-        }
-        // SAFETY: libzstd wrote r <= cap bytes.
-        unsafe { dst.set_len(r) };
-        Ok(Some(()))
-    }
-
-    /// The same frame from the XOR bytes themselves (`src`); libzstd may store blocks raw.
-    fn compress_with_source(&mut self, dst: &mut Vec<u8>, seqs: &[sys::ZSTD_Sequence], src: &[u8]) -> io::Result<()> {
-        dst.clear();
-        // SAFETY: as above; src is the segment's full content, which the sequences describe.
-        let cap = unsafe { sys::ZSTD_compressBound(src.len()) } + 64;
-        dst.reserve(cap);
-        let r = unsafe {
-            sys::ZSTD_CCtx_reset(self.0, sys::ZSTD_ResetDirective::ZSTD_reset_session_only);
-            sys::ZSTD_compressSequences(self.0, dst.as_mut_ptr().cast(), cap, seqs.as_ptr(), seqs.len(), src.as_ptr().cast(), src.len())
-        };
-        check(r)?;
-        // SAFETY: libzstd wrote r <= cap bytes.
-        unsafe { dst.set_len(r) };
-        Ok(())
-    }
-}
-
-impl Drop for SeqCctx {
-    fn drop(&mut self) {
-        // SAFETY: created by ZSTD_createCCtx, freed once.
-        unsafe { sys::ZSTD_freeCCtx(self.0) };
-    }
-}
-
-fn check(code: usize) -> io::Result<usize> {
-    // SAFETY: pure functions on an error code; the name is a static C string.
-    unsafe {
-        if sys::ZSTD_isError(code) != 0 {
-            let name = std::ffi::CStr::from_ptr(sys::ZSTD_getErrorName(code));
-            return Err(io::Error::other(format!("zstd: {}", name.to_string_lossy())));
-        }
-    }
-    Ok(code)
-}
-
-thread_local! {
-    /// (xor context, overwrite context) of this thread.
-    static CCTX: std::cell::RefCell<[Option<SeqCctx>; 2]> = const { std::cell::RefCell::new([None, None]) };
-}
-
 /// Working buffers of one encoder, kept per thread between tensors.
 #[derive(Default)]
 struct Buffers {
-    seqs: Vec<sys::ZSTD_Sequence>,
+    seqs: Vec<Sequence>,
     lits: Vec<u8>,
     frame: Vec<u8>,
     xor: Vec<u8>,
@@ -287,48 +186,6 @@ pub fn frame_header(content_size: u64) -> [u8; 14] {
     h
 }
 
-/// Length of a frame header libzstd wrote, from its descriptor byte.
-fn header_len(frame: &[u8]) -> io::Result<usize> {
-    if frame.len() < 5 || frame[..4] != MAGIC {
-        return Err(io::Error::other("zstd: segment frame without magic"));
-    }
-    let fhd = frame[4];
-    let single = fhd & 0x20 != 0;
-    let fcs = match fhd >> 6 {
-        0 => usize::from(single),
-        1 => 2,
-        2 => 4,
-        _ => 8,
-    };
-    let dict = [0, 1, 2, 4][(fhd & 3) as usize];
-    Ok(5 + usize::from(!single) + dict + fcs)
-}
-
-/// Copy the blocks of a libzstd frame to `out`, marking the last one last only if `last`.
-fn splice_blocks(frame: &[u8], last: bool, out: &mut impl Write) -> io::Result<()> {
-    let mut at = header_len(frame)?;
-    let start = at;
-    let mut last_header = None;
-    while at + 3 <= frame.len() {
-        let h = u32::from(frame[at]) | u32::from(frame[at + 1]) << 8 | u32::from(frame[at + 2]) << 16;
-        let size = (h >> 3) as usize;
-        let body = if (h >> 1) & 3 == 1 { 1 } else { size }; // an RLE block stores one byte
-        last_header = Some(at);
-        at += 3 + body;
-        if h & 1 == 1 {
-            break;
-        }
-    }
-    let Some(lh) = last_header.filter(|_| at == frame.len()) else {
-        return Err(io::Error::other("zstd: malformed segment frame"));
-    };
-    out.write_all(&frame[start..lh])?;
-    let mut h = [frame[lh], frame[lh + 1], frame[lh + 2]];
-    h[0] = (h[0] & !1) | u8::from(last);
-    out.write_all(&h)?;
-    out.write_all(&frame[lh + 3..at])
-}
-
 /// Sequences and literals of one block `[b0, b1)` of `src`; returns its nonzero byte count.
 /// `mask(i)` is [`XorSource::mask64`] or its AVX2 form; `pos` is scratch of at least
 /// `BLOCK + 64` entries.
@@ -339,7 +196,7 @@ fn splice_blocks(frame: &[u8], last: bool, out: &mut impl Write) -> io::Result<(
 /// window rarely holds more); the second walks that list, where the one branch left ("is the
 /// zero run long enough") nearly always goes the same way.
 #[inline(always)]
-fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut [u32], mask: impl Fn(usize) -> u64) -> u64 {
+fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<Sequence>, lits: &mut Vec<u8>, pos: &mut [u32], mask: impl Fn(usize) -> u64) -> u64 {
     let n = list_nonzero(src, b0, b1, pos, mask);
     let mut lit_start = b0;
     // One past the last nonzero byte seen (b0 at the start: the block's first byte is then
@@ -348,10 +205,10 @@ fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::Z
     let mut end_nz = b0;
     // A zero run from end_nz to p (exclusive) long enough for a match: literals up to and
     // including its first zero, then the match repeating that zero.
-    let emit = |p: usize, end_nz: usize, lit_start: &mut usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>| {
+    let emit = |p: usize, end_nz: usize, lit_start: &mut usize, seqs: &mut Vec<Sequence>, lits: &mut Vec<u8>| {
         let lit_end = end_nz + 1;
         push_literals(src, *lit_start, lit_end, lits);
-        seqs.push(sys::ZSTD_Sequence { offset: 1, litLength: (lit_end - *lit_start) as u32, matchLength: (p - lit_end) as u32, rep: 0 });
+        seqs.push(Sequence { lit_len: (lit_end - *lit_start) as u32, match_len: (p - lit_end) as u32, offset: 1 });
         *lit_start = p;
     };
     for &q in &pos[..n] {
@@ -365,7 +222,6 @@ fn scan_block<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::Z
         emit(b1, end_nz, &mut lit_start, seqs, lits);
     }
     push_literals(src, lit_start, b1, lits);
-    seqs.push(sys::ZSTD_Sequence { offset: 0, litLength: (b1 - lit_start) as u32, matchLength: 0, rep: 0 });
     n as u64
 }
 
@@ -462,14 +318,14 @@ fn push_literals_long<S: XorSource>(src: &S, mut from: usize, to: usize, lits: &
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt,bmi1")]
-unsafe fn scan_block_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut [u32]) -> u64 {
+unsafe fn scan_block_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<Sequence>, lits: &mut Vec<u8>, pos: &mut [u32]) -> u64 {
     // SAFETY: AVX2 is present (this function's contract); scan_block asks only for masks of
     // 64 bytes inside the block, which lies inside the source.
     scan_block(src, b0, b1, seqs, lits, pos, |i| unsafe { src.mask64_avx2(i) })
 }
 
 /// [`scan_block`] with the fastest mask the CPU has.
-pub(crate) fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<sys::ZSTD_Sequence>, lits: &mut Vec<u8>, pos: &mut Vec<u32>) -> u64 {
+pub(crate) fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<Sequence>, lits: &mut Vec<u8>, pos: &mut Vec<u32>) -> u64 {
     assert!(b0 <= b1 && b1 <= src.len() && b1 - b0 <= BLOCK);
     if pos.len() < BLOCK + 64 {
         pos.resize(BLOCK + 64, 0);
@@ -482,43 +338,76 @@ pub(crate) fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, s
     scan_block(src, b0, b1, seqs, lits, pos, |i| src.mask64(i))
 }
 
-/// Encode `src[range]` (a whole number of blocks, or the tensor's tail) as the blocks of one
-/// segment, written to `out`; returns its nonzero byte count.
-fn encode_segment<S: XorSource>(src: &S, from: usize, to: usize, last: bool, cctx: &mut SeqCctx, bufs: &mut Buffers, out: &mut impl Write, seen: &mut impl FnMut(std::ops::Range<usize>)) -> io::Result<u64> {
-    bufs.seqs.clear();
-    bufs.lits.clear();
+/// Encode `src[from..to]` (a whole number of blocks, or the tensor's tail) as blocks written
+/// to `out`; returns its nonzero byte count. `last`: this range ends the frame.
+#[allow(clippy::too_many_arguments)]
+fn encode_segment<S: XorSource>(src: &S, from: usize, to: usize, last: bool, enc: &mut BlockEncoder, bufs: &mut Buffers, out: &mut impl Write, seen: &mut impl FnMut(std::ops::Range<usize>)) -> io::Result<u64> {
+    bufs.frame.clear();
     let mut nonzero = 0;
     let mut b0 = from;
     while b0 < to {
         let b1 = (b0 + BLOCK).min(to);
+        bufs.seqs.clear();
+        bufs.lits.clear();
         nonzero += scan_block_dispatch(src, b0, b1, &mut bufs.seqs, &mut bufs.lits, &mut bufs.pos);
         // While the block is still in cache (the checksum of the new bytes, in diff).
         seen(b0..b1);
+        let last_block = last && b1 == to;
+        if !enc.encode_block(&bufs.seqs, &bufs.lits, b1 - b0, last_block, &mut bufs.frame)? {
+            // Dense XOR: the block would not shrink, so it is stored raw.
+            bufs.xor.clear();
+            bufs.xor.extend((b0..b1).map(|j| src.byte(j)));
+            enc.raw_block(&bufs.xor, last_block, &mut bufs.frame);
+        }
         b0 = b1;
     }
-    if cctx.compress_with_literals(&mut bufs.frame, &bufs.seqs, &mut bufs.lits, to - from)?.is_none() {
-        // Dense XOR (some block would not shrink): hand libzstd the bytes so it can store
-        // such blocks raw. Same sequences, so the same frame structure.
-        bufs.xor.clear();
-        bufs.xor.extend((from..to).map(|j| src.byte(j)));
-        cctx.compress_with_source(&mut bufs.frame, &bufs.seqs, &bufs.xor)?;
-    }
-    splice_blocks(&bufs.frame, last, out)?;
+    out.write_all(&bufs.frame)?;
     Ok(nonzero)
 }
 
-/// Run `f` with this thread's compression context (see [`SeqCctx::new`] for `repcodes`) and
-/// buffers.
-fn with_context<T>(repcodes: bool, f: impl FnOnce(&mut SeqCctx, &mut Buffers) -> io::Result<T>) -> io::Result<T> {
-    CCTX.with(|slots| {
-        let mut slots = slots.borrow_mut();
-        let slot = &mut slots[usize::from(!repcodes)];
-        if slot.is_none() {
-            *slot = Some(SeqCctx::new(repcodes)?);
+/// Run `f` with this thread's scratch buffers.
+fn with_buffers<T>(f: impl FnOnce(&mut Buffers) -> io::Result<T>) -> io::Result<T> {
+    BUFFERS.with(|b| f(&mut b.borrow_mut()))
+}
+
+thread_local! {
+    /// Block encoders not in use by a frame on this thread (their tables cost allocations).
+    static ENCODERS: std::cell::RefCell<Vec<Box<BlockEncoder>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The block encoder of one frame: it carries the frame's state from block to block (repeat
+/// offsets, the entropy tables a block may reuse), so every frame being written has its own;
+/// taken from this thread's pool, reset, and given back when the frame is done.
+struct FrameEncoder(Option<Box<BlockEncoder>>);
+
+impl FrameEncoder {
+    fn take() -> Self {
+        let mut enc = ENCODERS.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+        enc.reset();
+        FrameEncoder(Some(enc))
+    }
+}
+
+impl std::ops::Deref for FrameEncoder {
+    type Target = BlockEncoder;
+    fn deref(&self) -> &BlockEncoder {
+        self.0.as_deref().expect("present until drop")
+    }
+}
+
+impl std::ops::DerefMut for FrameEncoder {
+    fn deref_mut(&mut self) -> &mut BlockEncoder {
+        self.0.as_deref_mut().expect("present until drop")
+    }
+}
+
+impl Drop for FrameEncoder {
+    fn drop(&mut self) {
+        if let Some(enc) = self.0.take() {
+            // try_with: a thread being torn down just frees it.
+            let _ = ENCODERS.try_with(|p| p.borrow_mut().push(enc));
         }
-        let cctx = slot.as_mut().expect("just set");
-        BUFFERS.with(|b| f(cctx, &mut b.borrow_mut()))
-    })
+    }
 }
 
 /// The last block of an empty frame: raw, size 0, marked last.
@@ -538,12 +427,13 @@ pub fn encode_observed<S: XorSource>(src: &S, mut out: impl Write, mut seen: imp
         out.write_all(&EMPTY_LAST_BLOCK)?;
         return Ok(0);
     }
-    with_context(true, |cctx, bufs| {
+    let mut enc = FrameEncoder::take();
+    with_buffers(|bufs| {
         let mut nonzero = 0;
         let mut from = 0;
         while from < len {
             let to = (from + SEGMENT).min(len);
-            nonzero += encode_segment(src, from, to, to == len, cctx, bufs, &mut out, &mut seen)?;
+            nonzero += encode_segment(src, from, to, to == len, &mut enc, bufs, &mut out, &mut seen)?;
             from = to;
         }
         Ok(nonzero)
@@ -556,6 +446,7 @@ pub fn encode_observed<S: XorSource>(src: &S, mut out: impl Write, mut seen: imp
 /// one segment is buffered; whole segments inside a piece are coded without a copy.
 struct Segmenter<W: Write> {
     out: W,
+    enc: FrameEncoder,
     len: u64,
     /// Payload bytes coded so far (excluding `pending`).
     done: u64,
@@ -565,21 +456,21 @@ struct Segmenter<W: Write> {
 impl<W: Write> Segmenter<W> {
     fn new(mut out: W, len: u64) -> io::Result<Self> {
         out.write_all(&frame_header(len))?;
-        Ok(Segmenter { out, len, done: 0, pending: Vec::new() })
+        Ok(Segmenter { out, enc: FrameEncoder::take(), len, done: 0, pending: Vec::new() })
     }
 
     fn segment_len(&self) -> usize {
         (SEGMENT as u64).min(self.len - self.done) as usize
     }
 
-    fn code_one(&mut self, seg: &[u8], code: &mut impl FnMut(&[u8], u64, bool, &mut W) -> io::Result<()>) -> io::Result<()> {
+    fn code_one(&mut self, seg: &[u8], code: &mut impl FnMut(&[u8], u64, bool, &mut BlockEncoder, &mut W) -> io::Result<()>) -> io::Result<()> {
         let last = self.done + seg.len() as u64 == self.len;
-        code(seg, self.done, last, &mut self.out)?;
+        code(seg, self.done, last, &mut self.enc, &mut self.out)?;
         self.done += seg.len() as u64;
         Ok(())
     }
 
-    fn push(&mut self, mut piece: &[u8], mut code: impl FnMut(&[u8], u64, bool, &mut W) -> io::Result<()>) -> io::Result<()> {
+    fn push(&mut self, mut piece: &[u8], mut code: impl FnMut(&[u8], u64, bool, &mut BlockEncoder, &mut W) -> io::Result<()>) -> io::Result<()> {
         if self.done + (self.pending.len() + piece.len()) as u64 > self.len {
             return Err(io::Error::other("more payload bytes than the frame's content size"));
         }
@@ -633,8 +524,8 @@ impl<W: Write> XorStream<W> {
     /// The XOR of the next `piece.len()` bytes of the tensor.
     pub fn push(&mut self, piece: &[u8]) -> io::Result<()> {
         let nonzero = &mut self.nonzero;
-        self.seg.push(piece, |xor, _, last, out| {
-            *nonzero += with_context(true, |cctx, bufs| encode_segment(&Xored(xor), 0, xor.len(), last, cctx, bufs, out, &mut |_| {}))?;
+        self.seg.push(piece, |xor, _, last, enc, out| {
+            *nonzero += with_buffers(|bufs| encode_segment(&Xored(xor), 0, xor.len(), last, enc, bufs, out, &mut |_| {}))?;
             Ok(())
         })
     }
@@ -653,8 +544,7 @@ impl<W: Write> XorStream<W> {
 /// three bytes equal the previous position's (the next change is in the same 256-byte window,
 /// ~70 % of changes on RL deltas) is one literal byte and a 3-byte match of offset 4; the
 /// values stay literal. No match search, and far smaller than level 1 on positions, which
-/// look like noise to a general-purpose match finder. Offsets are coded raw (see
-/// [`SeqCctx::new`]); segments, blocks and splicing as for `xor` frames.
+/// look like noise to a general-purpose match finder. Segments and blocks as for `xor` frames.
 pub struct OverwriteFrame<W: Write> {
     seg: Segmenter<W>,
     count: u64,
@@ -675,17 +565,22 @@ impl<W: Write> OverwriteFrame<W> {
 impl<W: Write> Write for OverwriteFrame<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let positions_end = 4 + 4 * self.count;
-        self.seg.push(data, |seg, from, last, out| {
-            with_context(false, |cctx, bufs| {
-                bufs.seqs.clear();
+        self.seg.push(data, |seg, from, last, enc, out| {
+            with_buffers(|bufs| {
+                bufs.frame.clear();
                 let mut b0 = 0;
                 while b0 < seg.len() {
                     let b1 = (b0 + BLOCK).min(seg.len());
-                    overwrite_block_sequences(seg, from, b0, b1, positions_end, &mut bufs.seqs);
+                    bufs.seqs.clear();
+                    bufs.lits.clear();
+                    overwrite_block_sequences(seg, from, b0, b1, positions_end, &mut bufs.seqs, &mut bufs.lits);
+                    let last_block = last && b1 == seg.len();
+                    if !enc.encode_block(&bufs.seqs, &bufs.lits, b1 - b0, last_block, &mut bufs.frame)? {
+                        enc.raw_block(&seg[b0..b1], last_block, &mut bufs.frame);
+                    }
                     b0 = b1;
                 }
-                cctx.compress_with_source(&mut bufs.frame, &bufs.seqs, seg)?;
-                splice_blocks(&bufs.frame, last, out)
+                out.write_all(&bufs.frame)
             })
         })?;
         Ok(data.len())
@@ -699,7 +594,7 @@ impl<W: Write> Write for OverwriteFrame<W> {
 /// Matches: at each position entry (payload offset `q = 4 + 4i`, `i >= 1`), bytes `q+1..` equal
 /// to the four bytes before, extended while equal; their source lies in this segment, so a
 /// segment's first sequence starts with literals.
-pub(crate) fn overwrite_block_sequences(seg: &[u8], from: u64, b0: usize, b1: usize, positions_end: u64, seqs: &mut Vec<sys::ZSTD_Sequence>) {
+pub(crate) fn overwrite_block_sequences(seg: &[u8], from: u64, b0: usize, b1: usize, positions_end: u64, seqs: &mut Vec<Sequence>, lits: &mut Vec<u8>) {
     let mut lit_start = b0;
     // Segment index of the first match candidate at or after max(b0, 4): q + 1 with q ≡ 0 mod 4
     // in payload terms, q >= 8, q - 3 >= segment start.
@@ -717,14 +612,15 @@ pub(crate) fn overwrite_block_sequences(seg: &[u8], from: u64, b0: usize, b1: us
             while x < b1 && seg[x] == seg[x - 4] {
                 x += 1;
             }
-            seqs.push(sys::ZSTD_Sequence { offset: 4, litLength: (m - lit_start) as u32, matchLength: (x - m) as u32, rep: 0 });
+            lits.extend_from_slice(&seg[lit_start..m]);
+            seqs.push(Sequence { lit_len: (m - lit_start) as u32, match_len: (x - m) as u32, offset: 4 });
             lit_start = x;
             m = first(x);
         } else {
             m += 4;
         }
     }
-    seqs.push(sys::ZSTD_Sequence { offset: 0, litLength: (b1 - lit_start) as u32, matchLength: 0, rep: 0 });
+    lits.extend_from_slice(&seg[lit_start..b1]);
 }
 
 #[cfg(test)]
@@ -869,8 +765,7 @@ mod tests {
             let n2 = scan_block_dispatch(&src, 0, len, &mut s2, &mut l2, &mut pos);
             assert_eq!(n1, n2);
             assert!(l1 == l2, "literals differ at len {len}");
-            let key = |s: &[sys::ZSTD_Sequence]| s.iter().map(|q| (q.offset, q.litLength, q.matchLength)).collect::<Vec<_>>();
-            assert_eq!(key(&s1), key(&s2));
+            assert_eq!(s1, s2);
         }
     }
 

@@ -1341,7 +1341,86 @@ pub fn raw_block(content: &[u8], last: bool, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
     use crate::sparse_frame::{self, frame_header, Xored, BLOCK, SEGMENT};
+    use std::io;
     use zstd::zstd_safe::zstd_sys as sys;
+
+    /// libzstd's entropy stage, which sparse_frame used before this module: the reference for
+    /// size and speed (ZSTD_compressSequencesAndLiterals, zstd's "experimental" API, enabled
+    /// for tests only).
+    struct SeqCctx(*mut sys::ZSTD_CCtx);
+
+    impl SeqCctx {
+        /// `repcodes`: let libzstd code an offset equal to a recent one as a repeat code (xor
+        /// frames, whose only offset is 1). Off, every offset is coded raw, which stays exact when
+        /// segments are spliced whatever the offset (overwrite frames, offset 4).
+        fn new(repcodes: bool) -> io::Result<SeqCctx> {
+            // SAFETY: plain libzstd calls on a context we own; every return code is checked.
+            unsafe {
+                let cctx = sys::ZSTD_createCCtx();
+                if cctx.is_null() {
+                    return Err(io::Error::other("zstd: cannot allocate a compression context"));
+                }
+                let c = SeqCctx(cctx);
+                use sys::ZSTD_cParameter::*;
+                for (param, value) in [
+                    (ZSTD_c_compressionLevel, 1),
+                    (ZSTD_c_windowLog, 17),
+                    (ZSTD_c_minMatch, 3),
+                    (ZSTD_c_checksumFlag, 0),
+                    (ZSTD_c_contentSizeFlag, 1),
+                    (ZSTD_c_experimentalParam11, sys::ZSTD_SequenceFormat_e::ZSTD_sf_explicitBlockDelimiters as i32), // blockDelimiters
+                    // repcodeResolution
+                    (ZSTD_c_experimentalParam19, if repcodes { sys::ZSTD_ParamSwitch_e::ZSTD_ps_enable } else { sys::ZSTD_ParamSwitch_e::ZSTD_ps_disable } as i32),
+                ] {
+                    check(sys::ZSTD_CCtx_setParameter(cctx, param, value))?;
+                }
+                Ok(c)
+            }
+        }
+
+        /// One complete frame for `decompressed` bytes described by `seqs` and `lits`, into `dst`.
+        /// `None` if libzstd refused, which it does when a block would not shrink (this entry point
+        /// cannot store raw blocks); the caller then uses [`Self::compress_with_source`].
+        fn compress_with_literals(&mut self, dst: &mut Vec<u8>, seqs: &[sys::ZSTD_Sequence], lits: &mut Vec<u8>, decompressed: usize) -> io::Result<Option<()>> {
+            let lit_len = lits.len();
+            lits.reserve(32);
+            dst.clear();
+            // SAFETY: compressBound is a pure function.
+            let cap = unsafe { sys::ZSTD_compressBound(decompressed) } + 64;
+            dst.reserve(cap);
+            // SAFETY: dst has `cap` writable bytes, lits has lit_len initialized bytes and a capacity
+            // of at least lit_len + 8 as the call requires; seqs is a valid slice.
+            let r = unsafe {
+                sys::ZSTD_CCtx_reset(self.0, sys::ZSTD_ResetDirective::ZSTD_reset_session_only);
+                sys::ZSTD_compressSequencesAndLiterals(self.0, dst.as_mut_ptr().cast(), cap, seqs.as_ptr(), seqs.len(), lits.as_ptr().cast(), lit_len, lits.capacity(), decompressed)
+            };
+            // SAFETY: ZSTD_isError is a pure function.
+            if unsafe { sys::ZSTD_isError(r) } != 0 {
+                return Ok(None);
+            }
+            // SAFETY: libzstd wrote r <= cap bytes.
+            unsafe { dst.set_len(r) };
+            Ok(Some(()))
+        }
+    }
+
+    impl Drop for SeqCctx {
+        fn drop(&mut self) {
+            // SAFETY: created by ZSTD_createCCtx, freed once.
+            unsafe { sys::ZSTD_freeCCtx(self.0) };
+        }
+    }
+
+    fn check(code: usize) -> io::Result<usize> {
+        // SAFETY: pure functions on an error code; the name is a static C string.
+        unsafe {
+            if sys::ZSTD_isError(code) != 0 {
+                let name = std::ffi::CStr::from_ptr(sys::ZSTD_getErrorName(code));
+                return Err(io::Error::other(format!("zstd: {}", name.to_string_lossy())));
+            }
+        }
+        Ok(code)
+    }
 
     fn rng(s: &mut u64) -> u64 {
         *s ^= *s << 13;
@@ -1604,23 +1683,20 @@ mod tests {
         let mut zseqs = Vec::new();
         let mut zlits = Vec::new();
         let mut blocks = Vec::new();
+        let mut pos = Vec::new();
         let mut b0 = 0;
         while b0 < xor.len() {
             let b1 = (b0 + BLOCK).min(xor.len());
-            let (s0, l0) = (zseqs.len(), zlits.len());
-            sparse_frame::scan_block_dispatch(&Xored(xor), b0, b1, &mut zseqs, &mut zlits);
-            blocks.push(block_from_zstd(&zseqs[s0..], &zlits[l0..]));
+            let (mut seqs, mut lits) = (Vec::new(), Vec::new());
+            sparse_frame::scan_block_dispatch(&Xored(xor), b0, b1, &mut seqs, &mut lits, &mut pos);
+            let used: u32 = seqs.iter().map(|q| q.lit_len).sum();
+            zseqs.extend(seqs.iter().map(|q| sys::ZSTD_Sequence { offset: q.offset, litLength: q.lit_len, matchLength: q.match_len, rep: 0 }));
+            zseqs.push(sys::ZSTD_Sequence { offset: 0, litLength: lits.len() as u32 - used, matchLength: 0, rep: 0 });
+            zlits.extend_from_slice(&lits);
+            blocks.push(Block { seqs, lits });
             b0 = b1;
         }
         (zseqs, zlits, blocks)
-    }
-
-    /// One block's sequences (ending in the delimiter) in our form.
-    fn block_from_zstd(zs: &[sys::ZSTD_Sequence], lits: &[u8]) -> Block {
-        let (delim, body) = zs.split_last().expect("delimiter");
-        assert_eq!((delim.offset, delim.matchLength), (0, 0));
-        let seqs = body.iter().map(|z| Sequence { lit_len: z.litLength, match_len: z.matchLength, offset: z.offset }).collect();
-        Block { seqs, lits: lits.to_vec() }
     }
 
     #[test]
@@ -1666,15 +1742,9 @@ mod tests {
             let mut b0 = 0;
             while b0 < payload.len() {
                 let b1 = (b0 + BLOCK).min(payload.len());
-                let mut zs = Vec::new();
-                sparse_frame::overwrite_block_sequences(&payload, 0, b0, b1, positions_end, &mut zs);
-                let mut lits = Vec::new();
-                let mut at = b0;
-                for z in &zs {
-                    lits.extend_from_slice(&payload[at..at + z.litLength as usize]);
-                    at += (z.litLength + z.matchLength) as usize;
-                }
-                blocks.push(block_from_zstd(&zs, &lits));
+                let (mut seqs, mut lits) = (Vec::new(), Vec::new());
+                sparse_frame::overwrite_block_sequences(&payload, 0, b0, b1, positions_end, &mut seqs, &mut lits);
+                blocks.push(Block { seqs, lits });
                 b0 = b1;
             }
             let (frame, _) = round_trip(&mut enc, &blocks, &[]);
@@ -1687,7 +1757,7 @@ mod tests {
 
     /// libzstd's blocks for one segment (ZSTD_compressSequencesAndLiterals, as sparse_frame
     /// calls it): the frame minus its header.
-    fn libzstd_segment(cctx: &mut sparse_frame::SeqCctx, zseqs: &[sys::ZSTD_Sequence], zlits: &mut Vec<u8>, len: usize, frame: &mut Vec<u8>) -> usize {
+    fn libzstd_segment(cctx: &mut SeqCctx, zseqs: &[sys::ZSTD_Sequence], zlits: &mut Vec<u8>, len: usize, frame: &mut Vec<u8>) -> usize {
         cctx.compress_with_literals(frame, zseqs, zlits, len).unwrap().expect("libzstd compresses sparse blocks");
         let fhd = frame[4];
         let single = fhd & 0x20 != 0;
@@ -1705,7 +1775,7 @@ mod tests {
 
     #[test]
     fn sparse_xor_blocks_no_larger_than_libzstd() {
-        let mut cctx = sparse_frame::SeqCctx::new(true).unwrap();
+        let mut cctx = SeqCctx::new(true).unwrap();
         let mut enc = BlockEncoder::new();
         let mut frame = Vec::new();
         for seed in 1..=3u64 {
@@ -1732,7 +1802,7 @@ mod tests {
         let nseq: usize = segs.iter().map(|s| s.0.len()).sum();
         let nlit: usize = segs.iter().map(|s| s.1.len()).sum();
         println!("{} MiB, {} blocks, {:.0} seqs and {:.0} literals a block", total >> 20, total / BLOCK, nseq as f64 / (total / BLOCK) as f64, nlit as f64 / (total / BLOCK) as f64);
-        let mut cctx = sparse_frame::SeqCctx::new(true).unwrap();
+        let mut cctx = SeqCctx::new(true).unwrap();
         let mut enc = BlockEncoder::new();
         let mut frame = Vec::new();
         let mut ours = Vec::with_capacity(8 << 20);
