@@ -128,9 +128,8 @@ impl<'a> BitReader<'a> {
     /// Refill so at least 57 bits are available (fewer only at the stream's start).
     #[inline(always)]
     fn reload(&mut self) {
-        if self.consumed > 64 {
-            return;
-        }
+        // Overflow only happens at ptr == 0 (between reloads at most 57 bits are read), where
+        // step is 0: an overflowed reader stays overflowed.
         let step = ((self.consumed >> 3) as usize).min(self.ptr);
         if step != 0 {
             self.ptr -= step;
@@ -545,6 +544,7 @@ fn huf_sym(br: &mut BitReader, tab: &[u16; HUF_TABLE], shift: u32) -> u8 {
     (e >> 8) as u8
 }
 
+#[inline(always)]
 /// Decode `out.len()` symbols from stream `br`, starting at `out[from]`; the stream must end exactly.
 fn huf_tail(mut br: BitReader, tab: &[u16; HUF_TABLE], shift: u32, out: &mut [u8], from: usize) -> Result<(), DecodeError> {
     let mut chunks = out[from..].chunks_exact_mut(4);
@@ -564,11 +564,41 @@ fn huf_tail(mut br: BitReader, tab: &[u16; HUF_TABLE], shift: u32, out: &mut [u8
     Ok(())
 }
 
+/// Decode Huffman-coded literals from 1 or 4 streams into `out`.
+fn huf_decode(tab: &HufTable, src: &[u8], out: &mut [u8], four: bool) -> Result<(), DecodeError> {
+    #[cfg(target_arch = "x86_64")]
+    if !portable_only() && std::is_x86_feature_detected!("bmi2") {
+        // SAFETY: the CPU supports BMI2 (checked just above).
+        return unsafe { huf_decode_bmi2(tab, src, out, four) };
+    }
+    if four {
+        huf_4streams(tab, src, out)
+    } else {
+        huf_1stream(tab, src, out)
+    }
+}
+
+/// The same compiled with BMI2 (two variable shifts per symbol).
+///
+/// # Safety
+/// The CPU must support BMI2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "bmi2")]
+unsafe fn huf_decode_bmi2(tab: &HufTable, src: &[u8], out: &mut [u8], four: bool) -> Result<(), DecodeError> {
+    if four {
+        huf_4streams(tab, src, out)
+    } else {
+        huf_1stream(tab, src, out)
+    }
+}
+
+#[inline(always)]
 fn huf_1stream(tab: &HufTable, src: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     let br = BitReader::new(src).ok_or(DecodeError::Literals("bad Huffman stream"))?;
     huf_tail(br, &tab.e, 64 - tab.log, out, 0)
 }
 
+#[inline(always)]
 fn huf_4streams(tab: &HufTable, src: &[u8], out: &mut [u8]) -> Result<(), DecodeError> {
     if src.len() < 6 {
         return Err(DecodeError::Literals("jump table truncated"));
@@ -972,12 +1002,7 @@ impl<'a> FrameReader<'a> {
                 return Err(DecodeError::Literals("treeless literals without a previous Huffman table"));
             };
             let streams = &data[tree..];
-            let out = &mut self.lits[..n];
-            if four {
-                huf_4streams(&self.huf, streams, out)?;
-            } else {
-                huf_1stream(&self.huf, streams, out)?;
-            }
+            huf_decode(&self.huf, streams, &mut self.lits[..n], four)?;
             Ok((hs + csize, n))
         }
     }
@@ -1230,14 +1255,14 @@ mod tests {
                 let mut v = Vec::with_capacity(len + 16);
                 while v.len() < len {
                     let r = rng(&mut s);
-                    if r % 50 == 0 && v.len() > 100 {
+                    if r.is_multiple_of(50) && v.len() > 100 {
                         // a long repeat from far back
                         let from = (rng(&mut s) as usize) % (v.len() - 50);
                         let n = 20 + (rng(&mut s) as usize) % 200;
                         for k in 0..n.min(v.len() - from) {
                             v.push(v[from + k]);
                         }
-                    } else if r % 7 == 0 {
+                    } else if r.is_multiple_of(7) {
                         v.push((r >> 20) as u8);
                     } else {
                         v.extend_from_slice(WORDS[(r >> 8) as usize % 16].as_bytes());
@@ -1519,7 +1544,7 @@ mod tests {
             for _ in 0..flips {
                 let r = rng(&mut s);
                 // Bias toward the header and the first block's tables, where damage is subtle.
-                let at = if r % 3 == 0 { (r >> 8) as usize % f.len().min(64) } else { (r >> 8) as usize % f.len() };
+                let at = if r.is_multiple_of(3) { (r >> 8) as usize % f.len().min(64) } else { (r >> 8) as usize % f.len() };
                 match (r >> 40) % 3 {
                     0 => f[at] ^= 1 << ((r >> 50) % 8),
                     1 => f[at] = (r >> 52) as u8,
@@ -1578,7 +1603,7 @@ mod tests {
             let mut new = old.clone();
             for i in (0..len).step_by(2) {
                 let r = rng(&mut s);
-                if r % 37 == 0 {
+                if r.is_multiple_of(37) {
                     new[i] ^= ((r >> 32) as u8 & 0x0F) | 1;
                 }
             }
@@ -1587,7 +1612,8 @@ mod tests {
             xor
         }
         let text = || make(Data::Text, 64 << 20, 3);
-        let cases: [(&str, Box<dyn Fn() -> Vec<u8>>); 5] = [
+        type MakeFrame<'a> = Box<dyn Fn() -> Vec<u8> + 'a>;
+        let cases: [(&str, MakeFrame); 5] = [
             ("sparse xor 64 MiB", Box::new(xor_frame)),
             ("text level 1", Box::new(|| bulk(&text(), 1, false, true))),
             ("text level 3", Box::new(|| bulk(&text(), 3, false, true))),
