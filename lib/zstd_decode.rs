@@ -2,21 +2,30 @@
 //!
 //! Our xor frames (`sparse_frame`, docs/FORMATS.md §4.5) are ~1 sequence per 70 output bytes,
 //! every match offset 1 (a zero run) after 1–2 literals. libzstd copies offset-1 matches with an
-//! overlapping 8-byte loop; here an offset-1 match is a 16-byte-chunk fill, offsets ≥ 16 are wide
-//! chunk copies, 2..15 expand a pattern, and literals are copied in 16-byte chunks, all using
-//! slack space after the block so no copy needs an exact tail.
+//! overlapping 8-byte loop; here an offset-1 match is a fill in 32-byte stores, offsets 2..15
+//! expand a 16-byte pattern, offsets ≥ 16 copy in 16-byte chunks (one memmove when the match
+//! does not overlap itself and is longer than 32 bytes), and literals are copied in 16/32-byte
+//! chunks — all using slack space after the block, so no copy needs an exact tail. On x86_64
+//! the sequence loop and the Huffman literal decoder are also compiled with BMI2 (+AVX2 for the
+//! sequence loop) and picked at run time; the portable versions are used elsewhere.
 //!
 //! Decoding goes block by block into one buffer holding `[history ≤ window | current block |
 //! slack]`; `read` serves from it and the next block is decoded only once it is drained. When
 //! the buffer is full the last `window` bytes slide to its front. The buffer is
 //! `window + max(2 blocks, window) + slack` (so sliding moves at most one byte per byte
-//! decoded), or the frame content size plus slack when the header declares a smaller one. It
-//! is allocated zeroed on the first block, so pages are only touched as output reaches them.
+//! decoded; for our 128 KiB-window frames that is window + 2 blocks = 384 KiB), or the frame
+//! content size plus slack when the header declares a smaller one. It is allocated zeroed on
+//! the first block, so pages are only touched as output reaches them. Beyond it: 128 KiB of
+//! literals and ~16 KiB of tables.
 //!
 //! Input is untrusted: every length, table and offset is checked; malformed input gives a
 //! [`DecodeError`], never a panic. The last block's bytes are only served after the content
-//! size and checksum have been verified. Not supported: dictionaries, skippable frames, and
-//! Huffman tables deeper than 11 bits (RFC 8878's limit; libzstd accepts 12).
+//! size and checksum have been verified; after an error every later `read` fails too.
+//!
+//! Differences from libzstd (both refuse, or we refuse where libzstd is lenient): no
+//! dictionaries, no skippable frames, Huffman tables at most 11 bits deep (RFC 8878's limit;
+//! libzstd accepts 12), a match offset beyond the window is an error even if those bytes are
+//! still buffered, and a window larger than `2^window_log_max` (capped at 2^31) is refused.
 
 use std::io;
 
@@ -1536,9 +1545,11 @@ mod tests {
         frames.push(sparse_frame(2 * BLOCK_MAX + 999, 30, 8).0);
         frames.push(sparse_frame(70_000, 200, 9).0);
         frames.push(crate::codec::write_overwrite_frame(Vec::new(), &[1, 5, 9, 1000, 70_000], &[1, 2, 3, 4, 5]).unwrap());
-        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut s = std::env::var("ZSTD_DECODE_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x9E37_79B9_7F4A_7C15u64) | 1;
         let (mut both_ok, mut both_err) = (0, 0);
-        for it in 0..3000 {
+        // ZSTD_DECODE_FUZZ_ITERS / ZSTD_DECODE_FUZZ_SEED run a longer or different campaign.
+        let iters: usize = std::env::var("ZSTD_DECODE_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+        for it in 0..iters {
             let mut f = frames[it % frames.len()].clone();
             let flips = 1 + rng(&mut s) % 4;
             for _ in 0..flips {
@@ -1562,7 +1573,7 @@ mod tests {
                 _ => {}
             }
         }
-        eprintln!("fuzz: {both_ok} both decode, {both_err} both refuse, of 3000");
+        eprintln!("fuzz: {both_ok} both decode, {both_err} both refuse, of {iters}");
         assert!(both_ok > 10 && both_err > 1000, "{both_ok} {both_err}");
     }
 
