@@ -2,7 +2,7 @@
 //!
 //! Our xor frames (`sparse_frame`, docs/FORMATS.md §4.5) are ~1 sequence per 70 output bytes,
 //! every match offset 1 (a zero run) after 1–2 literals. libzstd copies offset-1 matches with an
-//! overlapping 8-byte loop; here an offset-1 match is a fill in 32-byte stores, offsets 2..15
+//! overlapping 8-byte loop; here an offset-1 match is a fill in 32-byte stores (64 at once), offsets 2..15
 //! expand a 16-byte pattern, offsets ≥ 16 copy in 16-byte chunks (one memmove when the match
 //! does not overlap itself and is longer than 32 bytes), and literals are copied in 16/32-byte
 //! chunks — all using slack space after the block, so no copy needs an exact tail. On x86_64
@@ -32,8 +32,9 @@ use std::io;
 const MAGIC: u32 = 0xFD2F_B528;
 /// The format's largest block.
 const BLOCK_MAX: usize = 128 << 10;
-/// Bytes after every region we write (and after the literals) that wide copies may touch.
-const SLACK: usize = 64;
+/// Bytes after every region we write (and after the literals) that wide copies may touch
+/// (offset-1 fills store 64 bytes unconditionally).
+const SLACK: usize = 128;
 /// Deepest Huffman code we decode (RFC 8878 §4.2.1).
 const HUF_MAX_LOG: u32 = 11;
 const HUF_TABLE: usize = 1 << HUF_MAX_LOG;
@@ -693,12 +694,12 @@ fn copy_match(buf: &mut [u8], op: usize, offset: usize, len: usize) {
         }
     } else if offset == 1 {
         // A run of the previous byte (our xor frames' zero runs): 32-byte stores.
-        let pat = [buf[op - 1]; 32];
-        buf[op..op + 32].copy_from_slice(&pat);
-        if len > 32 {
+        let b = buf[op - 1];
+        buf[op..op + 64].copy_from_slice(&[b; 64]);
+        if len > 64 {
             let n = (len + 31) & !31;
-            for c in buf[op + 32..op + n].chunks_exact_mut(32) {
-                c.copy_from_slice(&pat);
+            for c in buf[op + 64..op + n.max(64)].chunks_exact_mut(32) {
+                c.copy_from_slice(&[b; 32]);
             }
         }
     } else {
