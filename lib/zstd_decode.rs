@@ -670,7 +670,12 @@ fn copy_match(buf: &mut [u8], op: usize, offset: usize, len: usize) {
     if offset >= 16 {
         assert!(op + len + 32 <= buf.len() && offset <= op);
         let p = buf.as_mut_ptr();
-        if len <= 32 {
+        if len <= 32 && offset >= 32 {
+            // SAFETY: [op, op + 32) lies in buf (asserted op + len + 32 <= buf.len()); the
+            // source [op - offset, op - offset + 32) starts at >= 0 (offset <= op) and ends at
+            // or before op (offset >= 32): the ranges do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(p.add(op - offset), p.add(op), 32) };
+        } else if len <= 32 {
             // SAFETY: [op, op + 32) lies in buf (asserted op + len + 32 <= buf.len()); each
             // 16-byte source range starts offset >= 16 bytes before its destination and at
             // >= 0 (offset <= op), so the two ranges of each copy do not overlap; the second
