@@ -1153,22 +1153,43 @@ fn execute_body(job: &mut SeqJob) -> Result<usize, DecodeError> {
         let oe = of_t[s_of & (SEQ_TABLE - 1)];
         let me = ml_t[s_ml & (SEQ_TABLE - 1)];
         let (a, b, c) = (oe.extra as u32, me.extra as u32, le.extra as u32);
-        let ofv = oe.base as usize + br.read(a) as usize;
-        let mut used = a;
-        if a + b + c > 57 {
-            br.reload();
-            used = 0;
-        }
-        let ml = me.base as usize + br.read(b) as usize;
-        let ll = le.base as usize + br.read(c) as usize;
-        used += b + c;
-        if i + 1 < nseq {
-            if used + state_bits > 57 {
+        let (n_ll, n_ml, n_of) = (le.nb as u32, me.nb as u32, oe.nb as u32);
+        let all = a + b + c + n_ll + n_ml + n_of;
+        let (ofv, ml, ll);
+        if all <= 57 && i + 1 < nseq {
+            // The common case: one read for the extra bits and the three state updates, in
+            // stream order (offset, match length, literal length extras; LL, ML, OF states).
+            let v = br.read(all);
+            let mask = |n: u32| (1u64 << n) - 1;
+            let mut sh = all - a;
+            ofv = oe.base as usize + ((v >> sh) & mask(a)) as usize;
+            sh -= b;
+            ml = me.base as usize + ((v >> sh) & mask(b)) as usize;
+            sh -= c;
+            ll = le.base as usize + ((v >> sh) & mask(c)) as usize;
+            sh -= n_ll;
+            s_ll = le.next as usize + ((v >> sh) & mask(n_ll)) as usize;
+            sh -= n_ml;
+            s_ml = me.next as usize + ((v >> sh) & mask(n_ml)) as usize;
+            s_of = oe.next as usize + (v & mask(n_of)) as usize;
+        } else {
+            ofv = oe.base as usize + br.read(a) as usize;
+            let mut used = a;
+            if a + b + c > 57 {
                 br.reload();
+                used = 0;
             }
-            s_ll = le.next as usize + br.read(le.nb as u32) as usize;
-            s_ml = me.next as usize + br.read(me.nb as u32) as usize;
-            s_of = oe.next as usize + br.read(oe.nb as u32) as usize;
+            ml = me.base as usize + br.read(b) as usize;
+            ll = le.base as usize + br.read(c) as usize;
+            used += b + c;
+            if i + 1 < nseq {
+                if used + state_bits > 57 {
+                    br.reload();
+                }
+                s_ll = le.next as usize + br.read(n_ll) as usize;
+                s_ml = me.next as usize + br.read(n_ml) as usize;
+                s_of = oe.next as usize + br.read(n_of) as usize;
+            }
         }
         let offset = if ofv > 3 {
             rep = [ofv - 3, rep[0], rep[1]];
