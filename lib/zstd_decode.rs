@@ -1529,10 +1529,36 @@ mod tests {
         let frame = e.finish().unwrap();
         assert!(matches!(FrameReader::new(&frame, 21), Err(DecodeError::WindowTooLarge { .. })));
         check(&frame, &data, 2, "window 2^22");
-        // A match reaching before the frame start: a block whose first sequence has offset 5.
-        // Literals: raw, 1 byte "a"; sequences: 1 sequence, predefined tables... built by libzstd
-        // instead: compress "abcabcabc..." and check it decodes, then the bad-offset path is
-        // covered by the fuzz test (libzstd agrees such frames are corrupt).
+        // A match reaching before the frame start: later blocks of a streamed frame, each
+        // spliced in as the first block of a frame of its own, reference the missing history.
+        // Random bytes (raw literals, so no Huffman table is reused) with far repeats.
+        let mut data = make(Data::Random, 6 * BLOCK_MAX, 21);
+        let mut s = 5u64;
+        for at in (BLOCK_MAX..data.len() - 600).step_by(3000) {
+            let from = (rng(&mut s) as usize) % (at - 600);
+            data.copy_within(from..from + 600, at);
+        }
+        let frame = streamed(&data, 3, false);
+        assert_eq!(frame[4], 0, "streamed frame: no content size, no checksum, a window byte");
+        let mut at = 6;
+        let mut bad_offsets = 0;
+        while at + 3 <= frame.len() {
+            let h = le_bytes(&frame[at..at + 3]) as usize;
+            let len = if (h >> 1) & 3 == 1 { 1 } else { h >> 3 };
+            if at > 6 && (h >> 1) & 3 == 2 {
+                let mut alone = frame[..6].to_vec();
+                alone.extend_from_slice(&[(h | 1) as u8, (h >> 8) as u8, (h >> 16) as u8]);
+                alone.extend_from_slice(&frame[at + 3..at + 3 + len]);
+                let mut r = FrameReader::new(&alone, 27).unwrap();
+                match r.decode_block() {
+                    Err(DecodeError::BadOffset(_)) => bad_offsets += 1,
+                    Err(_) => {}
+                    Ok(()) => panic!("block at {at} decodes without its history"),
+                }
+            }
+            at += 3 + len;
+        }
+        assert!(bad_offsets > 0, "no block was refused for its offsets");
         let (frame, want) = sparse_frame(BLOCK_MAX * 3, 30, 3);
         assert_eq!(ours(&frame, 4096).unwrap(), want);
         assert!(FrameReader::new(&frame, 16).is_err());
