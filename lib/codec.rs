@@ -200,10 +200,33 @@ pub fn frame_content_size(frame: &[u8]) -> Result<u64, PayloadError> {
     }
 }
 
-/// Our own decoder (crate::zstd_decode): on our frames it is several times faster than
-/// libzstd's streaming decoder, whose offset-1 match copy dominated delta-apply.
-fn decoder(frame: &[u8]) -> Result<crate::zstd_decode::FrameReader<'_>, PayloadError> {
-    crate::zstd_decode::FrameReader::new(frame, MAX_WINDOW_LOG).map_err(|e| PayloadError::Frame(e.to_string()))
+/// The decoder for one payload frame. Frames we wrote (recognised by their header,
+/// [`crate::sparse_frame::has_our_header`]) go to our own decoder ([`crate::zstd_decode`]),
+/// about 1.2–1.5× libzstd's streaming decoder on them (its offset-1 match copy dominated
+/// delta-apply); any other frame (slime's level 1, say) goes to libzstd, which is faster on
+/// general-purpose frames. Both decode every valid frame identically and refuse bad ones, so
+/// the choice only affects speed.
+enum FrameDecoder<'a> {
+    Ours(crate::zstd_decode::FrameReader<'a>),
+    Libzstd(zstd::stream::read::Decoder<'static, &'a [u8]>),
+}
+
+impl Read for FrameDecoder<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            FrameDecoder::Ours(d) => d.read(buf),
+            FrameDecoder::Libzstd(d) => d.read(buf),
+        }
+    }
+}
+
+fn decoder(frame: &[u8]) -> Result<FrameDecoder<'_>, PayloadError> {
+    if crate::sparse_frame::has_our_header(frame) {
+        return crate::zstd_decode::FrameReader::new(frame, MAX_WINDOW_LOG).map(FrameDecoder::Ours).map_err(|e| PayloadError::Frame(e.to_string()));
+    }
+    let mut d = zstd::stream::read::Decoder::with_buffer(frame)?.single_frame();
+    d.window_log_max(MAX_WINDOW_LOG)?;
+    Ok(FrameDecoder::Libzstd(d))
 }
 
 /// Read exactly `buf.len()` bytes or report a short payload.
@@ -358,7 +381,7 @@ pub const OVERWRITE_POSITIONS_IN_MEMORY: u64 = 16 << 20;
 /// A payload being applied front to back, one range of the tensor at a time.
 enum PayloadCursor<'a> {
     Xor {
-        dec: crate::zstd_decode::FrameReader<'a>,
+        dec: FrameDecoder<'a>,
         buf: ChunkBuf,
         size: u64,
     },
@@ -366,7 +389,7 @@ enum PayloadCursor<'a> {
         /// The positions: held in memory when they fit [`OVERWRITE_POSITIONS_IN_MEMORY`], so
         /// the frame is decoded once; else a second decoder over the same frame.
         positions: Box<dyn Read + 'a>,
-        values: crate::zstd_decode::FrameReader<'a>,
+        values: FrameDecoder<'a>,
         /// Entries read but not yet applied: (positions bytes, values), from `next`.
         pbuf: Vec<u8>,
         vbuf: Vec<u8>,
@@ -513,6 +536,23 @@ mod tests {
                 let expected = if enc == Encoding::Xor { len as u64 } else { 4 + 5 * changed };
                 assert_eq!(frame_content_size(&frame).unwrap(), expected);
             }
+        }
+    }
+
+    #[test]
+    fn our_frames_and_slime_frames_take_their_decoders_and_agree() {
+        let (old, new) = pair(3 * CHUNK + 5, 37);
+        let xor: Vec<u8> = old.iter().zip(&new).map(|(a, b)| a ^ b).collect();
+        let mut ours = Vec::new();
+        encode(Encoding::Xor, &old, &new, &mut ours).unwrap();
+        // slime's writer: one level-1 frame with the content size.
+        let slime = zstd::bulk::compress(&xor, 1).unwrap();
+        assert!(matches!(decoder(&ours).unwrap(), FrameDecoder::Ours(_)));
+        assert!(matches!(decoder(&slime).unwrap(), FrameDecoder::Libzstd(_)));
+        for frame in [&ours, &slime] {
+            let mut t = old.clone();
+            apply(Encoding::Xor, frame, &mut t).unwrap();
+            assert!(t == new);
         }
     }
 

@@ -410,6 +410,13 @@ impl Drop for FrameEncoder {
     }
 }
 
+/// Whether `frame` starts with the header [`frame_header`] writes (magic, descriptor and
+/// window byte; any content size): a frame of ours, which [`crate::codec`] hands to our own
+/// decoder.
+pub fn has_our_header(frame: &[u8]) -> bool {
+    frame.len() >= 14 && frame[..6] == frame_header(0)[..6]
+}
+
 /// The last block of an empty frame: raw, size 0, marked last.
 const EMPTY_LAST_BLOCK: [u8; 3] = [1, 0, 0];
 
