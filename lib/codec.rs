@@ -207,7 +207,7 @@ pub fn frame_content_size(frame: &[u8]) -> Result<u64, PayloadError> {
 /// general-purpose frames. Both decode every valid frame identically and refuse bad ones, so
 /// the choice only affects speed.
 enum FrameDecoder<'a> {
-    Ours(crate::zstd_decode::FrameReader<'a>),
+    Ours(Box<crate::zstd_decode::FrameReader<'a>>),
     Libzstd(zstd::stream::read::Decoder<'static, &'a [u8]>),
 }
 
@@ -222,7 +222,7 @@ impl Read for FrameDecoder<'_> {
 
 fn decoder(frame: &[u8]) -> Result<FrameDecoder<'_>, PayloadError> {
     if crate::sparse_frame::has_our_header(frame) {
-        return crate::zstd_decode::FrameReader::new(frame, MAX_WINDOW_LOG).map(FrameDecoder::Ours).map_err(|e| PayloadError::Frame(e.to_string()));
+        return crate::zstd_decode::FrameReader::new(frame, MAX_WINDOW_LOG).map(|r| FrameDecoder::Ours(Box::new(r))).map_err(|e| PayloadError::Frame(e.to_string()));
     }
     let mut d = zstd::stream::read::Decoder::with_buffer(frame)?.single_frame();
     d.window_log_max(MAX_WINDOW_LOG)?;
