@@ -631,10 +631,10 @@ pub(crate) fn overwrite_block_sequences(seg: &[u8], from: u64, b0: usize, b1: us
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rng(seed: &mut u64) -> u64 {
+    pub(crate) fn rng(seed: &mut u64) -> u64 {
         *seed ^= *seed << 13;
         *seed ^= *seed >> 7;
         *seed ^= *seed << 17;
@@ -642,7 +642,7 @@ mod tests {
     }
 
     /// Tensors whose XOR has a given share of nonzero bytes, scattered, with some long runs.
-    fn sparse(len: usize, per_mille: u64, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    pub(crate) fn sparse(len: usize, per_mille: u64, seed: u64) -> (Vec<u8>, Vec<u8>) {
         let mut s = seed | 1;
         let old: Vec<u8> = (0..len).map(|_| rng(&mut s) as u8).collect();
         let mut new = old.clone();

@@ -1422,12 +1422,7 @@ mod tests {
         Ok(code)
     }
 
-    fn rng(s: &mut u64) -> u64 {
-        *s ^= *s << 13;
-        *s ^= *s >> 7;
-        *s ^= *s << 17;
-        *s
-    }
+    use crate::sparse_frame::tests::rng;
 
     /// One block's input.
     #[derive(Clone, Default)]

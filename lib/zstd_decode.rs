@@ -1266,12 +1266,7 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    fn rng(s: &mut u64) -> u64 {
-        *s ^= *s << 13;
-        *s ^= *s >> 7;
-        *s ^= *s << 17;
-        *s
-    }
+    use crate::sparse_frame::tests::rng;
 
     #[derive(Clone, Copy, Debug)]
     enum Data {
@@ -1368,17 +1363,7 @@ mod tests {
         assert!(got.len() == want.len() && got == want, "{what}: {} bytes decoded, {} expected", got.len(), want.len());
     }
 
-    fn sparse(len: usize, per_mille: u64, seed: u64) -> (Vec<u8>, Vec<u8>) {
-        let mut s = seed | 1;
-        let old: Vec<u8> = (0..len).map(|_| rng(&mut s) as u8).collect();
-        let mut new = old.clone();
-        for b in new.iter_mut() {
-            if rng(&mut s) % 1000 < per_mille {
-                *b ^= (rng(&mut s) as u8) | 1;
-            }
-        }
-        (old, new)
-    }
+    use crate::sparse_frame::tests::sparse;
 
     fn sparse_frame(len: usize, per_mille: u64, seed: u64) -> (Vec<u8>, Vec<u8>) {
         let (old, new) = sparse(len, per_mille, seed);
