@@ -294,18 +294,18 @@ impl<'a> FileRangeTarget<'a> {
     }
 }
 
-/// A [`CHUNK`]-sized buffer from a per-thread pool, returned to it on drop: one apply patches
-/// hundreds of tensors, and a fresh zeroed buffer per tensor and payload showed up as memset
-/// in profiles.
-pub struct ChunkBuf(Vec<u8>);
+/// A [`CHUNK`]-sized buffer from a per-thread pool ([`crate::pool`]), returned to it on drop:
+/// one apply patches hundreds of tensors, and a fresh zeroed buffer per tensor and payload
+/// showed up as memset in profiles.
+pub struct ChunkBuf(crate::pool::Pooled<Vec<u8>>);
 
 thread_local! {
-    static SPARE_CHUNKS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_CHUNKS: crate::pool::Pool<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl ChunkBuf {
     fn take() -> ChunkBuf {
-        ChunkBuf(SPARE_CHUNKS.with(|s| s.borrow_mut().pop()).unwrap_or_default())
+        ChunkBuf(crate::pool::Pooled::take(&SPARE_CHUNKS, |v| v.capacity() > 0 && v.capacity() <= 2 * CHUNK))
     }
     /// The first `len` bytes (contents unspecified: callers overwrite them).
     fn get(&mut self, len: usize) -> &mut [u8] {
@@ -313,20 +313,6 @@ impl ChunkBuf {
             self.0.resize(len, 0);
         }
         &mut self.0[..len]
-    }
-}
-
-impl Drop for ChunkBuf {
-    fn drop(&mut self) {
-        let v = std::mem::take(&mut self.0);
-        if v.capacity() > 0 && v.capacity() <= 2 * CHUNK {
-            SPARE_CHUNKS.with(|s| {
-                let mut s = s.borrow_mut();
-                if s.len() < 8 {
-                    s.push(v);
-                }
-            });
-        }
     }
 }
 

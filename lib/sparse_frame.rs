@@ -372,42 +372,18 @@ fn with_buffers<T>(f: impl FnOnce(&mut Buffers) -> io::Result<T>) -> io::Result<
 
 thread_local! {
     /// Block encoders not in use by a frame on this thread (their tables cost allocations).
-    static ENCODERS: std::cell::RefCell<Vec<Box<BlockEncoder>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static ENCODERS: crate::pool::Pool<Box<BlockEncoder>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The block encoder of one frame: it carries the frame's state from block to block (repeat
-/// offsets, the entropy tables a block may reuse), so every frame being written has its own;
-/// taken from this thread's pool, reset, and given back when the frame is done.
-struct FrameEncoder(Option<Box<BlockEncoder>>);
+/// offsets, the entropy tables a block may reuse), so every frame being written has its own,
+/// taken from this thread's pool and reset.
+type FrameEncoder = crate::pool::Pooled<Box<BlockEncoder>>;
 
-impl FrameEncoder {
-    fn take() -> Self {
-        let mut enc = ENCODERS.with(|p| p.borrow_mut().pop()).unwrap_or_default();
-        enc.reset();
-        FrameEncoder(Some(enc))
-    }
-}
-
-impl std::ops::Deref for FrameEncoder {
-    type Target = BlockEncoder;
-    fn deref(&self) -> &BlockEncoder {
-        self.0.as_deref().expect("present until drop")
-    }
-}
-
-impl std::ops::DerefMut for FrameEncoder {
-    fn deref_mut(&mut self) -> &mut BlockEncoder {
-        self.0.as_deref_mut().expect("present until drop")
-    }
-}
-
-impl Drop for FrameEncoder {
-    fn drop(&mut self) {
-        if let Some(enc) = self.0.take() {
-            // try_with: a thread being torn down just frees it.
-            let _ = ENCODERS.try_with(|p| p.borrow_mut().push(enc));
-        }
-    }
+fn frame_encoder() -> FrameEncoder {
+    let mut enc = crate::pool::Pooled::take(&ENCODERS, |_| true);
+    enc.reset();
+    enc
 }
 
 /// Whether `frame` starts with the header [`frame_header`] writes (magic, descriptor and
@@ -434,7 +410,7 @@ pub fn encode_observed<S: XorSource>(src: &S, mut out: impl Write, mut seen: imp
         out.write_all(&EMPTY_LAST_BLOCK)?;
         return Ok(0);
     }
-    let mut enc = FrameEncoder::take();
+    let mut enc = frame_encoder();
     with_buffers(|bufs| {
         let mut nonzero = 0;
         let mut from = 0;
@@ -463,7 +439,7 @@ struct Segmenter<W: Write> {
 impl<W: Write> Segmenter<W> {
     fn new(mut out: W, len: u64) -> io::Result<Self> {
         out.write_all(&frame_header(len))?;
-        Ok(Segmenter { out, enc: FrameEncoder::take(), len, done: 0, pending: Vec::new() })
+        Ok(Segmenter { out, enc: frame_encoder(), len, done: 0, pending: Vec::new() })
     }
 
     fn segment_len(&self) -> usize {
