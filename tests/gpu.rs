@@ -82,7 +82,9 @@ fn cpu_reference_and_frame_assembly_identity() {
             for piece in x.chunks(3 * 4096 + 16) {
                 f.push(piece).unwrap();
             }
-            (f.finish().unwrap(), n)
+            let (frame, nonzero) = f.finish().unwrap();
+            assert_eq!(nonzero, n, "the stream's nonzero count");
+            (frame, n)
         }
         Encoding::Overwrite => {
             let (p, v) = frame::reference::compact(old, new);

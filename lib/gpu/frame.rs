@@ -7,26 +7,10 @@
 //! against `codec::encode` with pieces computed on the CPU, so drift is caught without a GPU.
 
 use crate::codec;
-use std::io::{self, Write};
 
 /// An `xor` frame fed with the XOR of consecutive pieces of the tensor, in order: the CPU's
-/// sparse frame ([`crate::sparse_frame`]) built from XOR bytes instead of the two tensors.
-pub struct XorFrame<W: Write>(crate::sparse_frame::XorStream<W>);
-
-impl<W: Write> XorFrame<W> {
-    pub fn new(out: W, tensor_len: u64) -> io::Result<Self> {
-        Ok(XorFrame(crate::sparse_frame::XorStream::new(out, tensor_len)?))
-    }
-
-    /// The XOR of the next `piece.len()` bytes of the tensor.
-    pub fn push(&mut self, piece: &[u8]) -> io::Result<()> {
-        self.0.push(piece)
-    }
-
-    pub fn finish(self) -> io::Result<W> {
-        Ok(self.0.finish()?.0)
-    }
-}
+/// own streaming writer.
+pub use crate::sparse_frame::XorStream as XorFrame;
 
 pub use codec::write_overwrite_frame as write_overwrite;
 
@@ -77,7 +61,9 @@ mod tests {
                     for p in x.chunks(piece) {
                         f.push(p).unwrap();
                     }
-                    assert!(f.finish().unwrap() == want, "len {len} every {every} piece {piece}");
+                    let (got, nonzero) = f.finish().unwrap();
+                    assert!(got == want, "len {len} every {every} piece {piece}");
+                    assert_eq!(nonzero, changed);
                 }
             }
         }
