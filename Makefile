@@ -42,9 +42,12 @@ crash:
 	DISAGG_CRASH_TRIALS=$${DISAGG_CRASH_TRIALS:-500} $(CARGO) test --locked --features failpoints --test crash -- --nocapture
 
 # Weight plane (vs numpy/slime, xdelta3, zstd --patch-from, cp), data plane (refs/s, latency,
-# ingest vs cp + sync), GPU diff (prints "no GPU: skipped" without one). Ratios, not assertions.
+# ingest vs cp + sync), codec components vs libzstd, GPU diff (prints "no GPU: skipped" without
+# one). Ratios, not assertions.
 bench: build venv
 	bash bench/run.sh $(BENCH_ARGS)
+	# Our entropy stage and decoder against libzstd on the same input (MB/s, bytes).
+	$(CARGO) test --release --locked --lib -- --ignored --nocapture speed_vs_libzstd
 	DISAGG_BIN_DIR=target/release $(PY) bench/bench_dataplane.py
 	bash bench/bench_gpu.sh
 
