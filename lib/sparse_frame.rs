@@ -31,7 +31,7 @@ pub const SEGMENT: usize = 32 * BLOCK;
 /// sequence lengths in a few bits.
 pub const MIN_RUN: usize = 4;
 /// The frame's window: one block (log2).
-const WINDOW_LOG: u32 = 17;
+pub(crate) const WINDOW_LOG: u32 = 17;
 const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// How far ahead of the scan (bytes) the AVX2 path prefetches.

@@ -23,7 +23,7 @@ use std::io;
 /// Largest content of one block (the format's Block_Maximum_Size).
 pub const MAX_BLOCK: usize = 128 << 10;
 /// The window of our frames (`sparse_frame::frame_header`): matches reach back at most this far.
-const WINDOW: u64 = 1 << 17;
+const WINDOW: u64 = 1 << crate::sparse_frame::WINDOW_LOG;
 /// Longest Huffman code for literals.
 const HUF_MAX_BITS: u32 = 11;
 /// Fewer literals than this are stored raw (a tree costs more than it saves).
