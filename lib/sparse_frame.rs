@@ -267,6 +267,12 @@ unsafe fn list_nonzero_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, pos: &m
     list_nonzero(src, b0, b1, pos, |i| unsafe { src.mask64_avx2(i) })
 }
 
+/// The CPU has what the `*_avx2` scans are compiled for (AVX2, POPCNT, BMI1).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_scan() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") && std::arch::is_x86_feature_detected!("bmi1")
+}
+
 /// The first pass of the scan on its own, for the `overwrite` encoder: the offsets of the
 /// nonzero XOR bytes, one block at a time, from scratch reused across blocks.
 pub struct NonzeroScan {
@@ -284,7 +290,7 @@ impl NonzeroScan {
     pub fn block<S: XorSource>(&mut self, src: &S, b0: usize, b1: usize) -> &[u32] {
         assert!(b0 <= b1 && b1 <= src.len() && b1 - b0 <= BLOCK);
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") && std::arch::is_x86_feature_detected!("bmi1") {
+        if has_avx2_scan() {
             // SAFETY: the features were just detected; the range is inside the source (asserted).
             let n = unsafe { list_nonzero_avx2(src, b0, b1, &mut self.pos) };
             return &self.pos[..n];
@@ -331,7 +337,7 @@ pub(crate) fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, s
         pos.resize(BLOCK + 64, 0);
     }
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt") && std::arch::is_x86_feature_detected!("bmi1") {
+    if has_avx2_scan() {
         // SAFETY: the features were just detected; the block is inside the source (asserted).
         return unsafe { scan_block_avx2(src, b0, b1, seqs, lits, pos) };
     }
