@@ -49,6 +49,8 @@ pub struct TensorEntry {
 /// A validated, memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
+    /// Kept open for [`Self::input`]: the diff reads tensors with pread (codec::PreadPair).
+    file: File,
     mmap: Mmap,
     /// Tensors in data order.
     tensors: Vec<TensorEntry>,
@@ -82,7 +84,7 @@ impl SafetensorsFile {
             .collect();
         tensors.sort_by_key(|t| t.offset);
         let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
-        Ok(SafetensorsFile { path, mmap, tensors, metadata })
+        Ok(SafetensorsFile { path, file, mmap, tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -106,6 +108,10 @@ impl SafetensorsFile {
     }
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
         self.tensors.iter().find(|t| t.name == name)
+    }
+    /// A tensor of this file as the encoders take it: mapped, and where it lies in the file.
+    pub fn input<'a>(&'a self, t: &'a TensorEntry) -> crate::codec::TensorFile<'a> {
+        crate::codec::TensorFile { mapped: self.bytes(t), file: &self.file, path: &self.path, offset: t.offset as u64 }
     }
 }
 

@@ -1,7 +1,9 @@
 //! `delta-diff`: publish NEW as weight version N under SRC, either as a delta against OLD
 //! (only the changed tensors, one zstd frame each) or, with `full`, as a full checkpoint.
 //!
-//! Tensors are encoded in parallel (rayon) straight from the mmapped inputs. Each payload is
+//! Tensors are encoded in parallel (rayon), each read from OLD and NEW with pread a 256 KiB
+//! window at a time (`codec::PreadPair`: cheaper than faulting in and unmapping every page of
+//! the mapped inputs, which only the GPU path reads). Each payload is
 //! built in a [`Spill`]: in memory while the process-wide in-memory budget lasts, in an
 //! unnamed temp file after that, so memory stays bounded whatever the model size. Data files
 //! are written tmp → fsync → rename; the index goes last and is the version's commit marker.
@@ -296,18 +298,16 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
             let (name, loc) = &order[i];
             let (nf, nt) = new.entry(*loc);
             let (of, ot) = old.get(name).expect("compatibility checked");
-            let (nb, ob) = (nf.bytes(nt), of.bytes(ot));
-            let out = if nb == ob {
-                None
-            } else {
-                let mut w = SpillWriter::new(&budget, dir);
-                let mut hasher = opts.checksum.hasher();
-                let changed = engine.encode(opts.encoding, ob, nb, &mut w, &mut hasher).map_err(|e| match e {
-                    PayloadError::Io(io) => Error::io(dir, io),
-                    other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
-                })?;
-                Some(Encoded { name: name.clone(), checksum: hasher.finish_hex(), changed, payload: w.into_payload() })
-            };
+            let mut w = SpillWriter::new(&budget, dir);
+            let mut hasher = opts.checksum.hasher();
+            // Encoded whole, then dropped if nothing changed: the scan is what finds out, and
+            // a frame of an unchanged tensor costs little more than that scan.
+            let changed = engine.encode(opts.encoding, of.input(ot), nf.input(nt), &mut w, &mut hasher).map_err(|e| match e {
+                PayloadError::Io(io) => Error::io(dir, io),
+                PayloadError::Source { path, source } => Error::io(path, source),
+                other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
+            })?;
+            let out = (changed > 0).then(|| Encoded { name: name.clone(), checksum: hasher.finish_hex(), changed, payload: w.into_payload() });
             bar.inc(nt.len as u64);
             Ok((i, out))
         })

@@ -409,24 +409,69 @@ pub fn encode<S: XorSource>(src: &S, out: impl Write) -> io::Result<u64> {
 
 /// [`encode`], calling `seen(range)` for each range of the tensor, in order, right after it
 /// was scanned, so a caller can checksum the same bytes while they are in cache.
-pub fn encode_observed<S: XorSource>(src: &S, mut out: impl Write, mut seen: impl FnMut(std::ops::Range<usize>)) -> io::Result<u64> {
-    let len = src.len();
-    out.write_all(&frame_header(len as u64))?;
-    if len == 0 {
-        out.write_all(&EMPTY_LAST_BLOCK)?;
-        return Ok(0);
+pub fn encode_observed<S: XorSource>(src: &S, out: impl Write, seen: impl FnMut(std::ops::Range<usize>)) -> io::Result<u64> {
+    let mut frame = FrameStream::new(out, src.len() as u64)?;
+    frame.push(src, seen)?;
+    Ok(frame.finish()?.1)
+}
+
+/// The frame [`encode`] writes, fed one source at a time: consecutive windows of the tensor,
+/// each a whole number of blocks but the last (`delta-diff` reads OLD and NEW into small
+/// buffers with pread: cheaper than mapping them, whose page tables cost more to fill and
+/// tear down than the copy). The blocks, and so the bytes, are those of one [`encode`].
+pub struct FrameStream<W: Write> {
+    out: W,
+    enc: FrameEncoder,
+    len: u64,
+    done: u64,
+    nonzero: u64,
+}
+
+impl<W: Write> FrameStream<W> {
+    /// Start the frame of a `len`-byte tensor (writes its header).
+    pub fn new(mut out: W, len: u64) -> io::Result<Self> {
+        usize::try_from(len).map_err(|_| io::Error::other("tensor too large for this platform"))?;
+        out.write_all(&frame_header(len))?;
+        Ok(FrameStream { out, enc: frame_encoder(), len, done: 0, nonzero: 0 })
     }
-    let mut enc = frame_encoder();
-    with_buffers(|bufs| {
-        let mut nonzero = 0;
-        let mut from = 0;
-        while from < len {
-            let to = (from + SEGMENT).min(len);
-            nonzero += encode_segment(src, from, to, to == len, &mut enc, bufs, &mut out, &mut seen)?;
-            from = to;
+
+    /// The next `src.len()` bytes of the tensor; `seen(range)` as for [`encode_observed`],
+    /// with ranges of `src`.
+    pub fn push<S: XorSource>(&mut self, src: &S, mut seen: impl FnMut(std::ops::Range<usize>)) -> io::Result<()> {
+        let n = src.len();
+        let end = self.done + n as u64;
+        if end > self.len {
+            return Err(io::Error::other("more payload bytes than the frame's content size"));
         }
-        Ok(nonzero)
-    })
+        if end < self.len && n % BLOCK != 0 {
+            return Err(io::Error::other(format!("a piece that does not end the frame must be whole {BLOCK}-byte blocks, not {n} bytes")));
+        }
+        let (enc, out) = (&mut self.enc, &mut self.out);
+        self.nonzero += with_buffers(|bufs| {
+            let mut nonzero = 0;
+            let mut from = 0;
+            while from < n {
+                let to = (from + SEGMENT).min(n);
+                nonzero += encode_segment(src, from, to, end == self.len && to == n, enc, bufs, out, &mut seen)?;
+                from = to;
+            }
+            Ok(nonzero)
+        })?;
+        self.done = end;
+        Ok(())
+    }
+
+    /// Finish the frame once all `len` bytes were pushed; returns the writer and the number
+    /// of nonzero XOR bytes.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        if self.done != self.len {
+            return Err(io::Error::other(format!("frame got {} of {} payload bytes", self.done, self.len)));
+        }
+        if self.len == 0 {
+            self.out.write_all(&EMPTY_LAST_BLOCK)?;
+        }
+        Ok((self.out, self.nonzero))
+    }
 }
 
 /// The part both streaming writers share: a frame of `len` payload bytes arriving in pieces

@@ -201,26 +201,39 @@ impl Engine {
     }
 
     /// Encode one tensor's change exactly as [`codec::encode`] does, on the GPU when the policy
-    /// says so. Under `auto` a tensor only goes to the GPU if a pipeline is free right now, so
-    /// the GPU takes a share of the tensors alongside the CPU threads instead of queueing them.
-    /// The new bytes also go to `hasher` (the tensor's checksum).
-    pub fn encode<W: Write>(&self, encoding: Encoding, old: &[u8], new: &[u8], mut out: W, hasher: &mut crate::checksum::Hasher) -> Result<u64, PayloadError> {
+    /// says so (from the maps), else on this thread (reading the files, [`codec::PreadPair`]).
+    /// Under `auto` a tensor only goes to the GPU if a pipeline is free right now, so the GPU
+    /// takes a share of the tensors alongside the CPU threads instead of queueing them. The new
+    /// bytes also go to `hasher` (the tensor's checksum). Returns the changed byte count; 0 means
+    /// the tensors are equal, and what `out` and `hasher` got is to be dropped.
+    pub fn encode<W: Write>(&self, encoding: Encoding, old: codec::TensorFile, new: codec::TensorFile, mut out: W, hasher: &mut crate::checksum::Hasher) -> Result<u64, PayloadError> {
         if let Some(gpu) = &self.gpu {
-            let attempt = match self.device {
-                Device::Cuda if new.len() >= CUDA_MIN_BYTES => Some(gpu.encode(encoding, old, new, &mut out)),
-                Device::Auto if gpu_faster(&gpu.rates(), encoding, new.len()) => gpu.try_encode(encoding, old, new, &mut out).transpose(),
-                _ => None,
+            let (ob, nb) = (old.mapped, new.mapped);
+            let wanted = match self.device {
+                Device::Cuda => nb.len() >= CUDA_MIN_BYTES,
+                Device::Auto => gpu_faster(&gpu.rates(), encoding, nb.len()),
+                Device::Cpu => false,
             };
-            if let Some(r) = attempt {
-                self.gpu_tensors.fetch_add(1, Ordering::Relaxed);
-                hasher.update(new);
-                return r.map_err(|e| match e {
-                    GpuError::Payload(p) => p,
-                    other => PayloadError::Io(io::Error::other(format!("GPU diff failed ({other}); rerun with --device cpu"))),
-                });
+            if wanted {
+                // An unchanged tensor costs one compare here rather than a trip to the device.
+                if ob == nb {
+                    return Ok(0);
+                }
+                let attempt = match self.device {
+                    Device::Cuda => Some(gpu.encode(encoding, ob, nb, &mut out)),
+                    _ => gpu.try_encode(encoding, ob, nb, &mut out).transpose(),
+                };
+                if let Some(r) = attempt {
+                    self.gpu_tensors.fetch_add(1, Ordering::Relaxed);
+                    hasher.update(nb);
+                    return r.map_err(|e| match e {
+                        GpuError::Payload(p) => p,
+                        other => PayloadError::Io(io::Error::other(format!("GPU diff failed ({other}); rerun with --device cpu"))),
+                    });
+                }
             }
         }
-        codec::encode_hashed(encoding, old, new, out, hasher)
+        codec::encode_from(encoding, &mut codec::PreadPair::new(old, new), out, Some(hasher))
     }
 }
 
@@ -270,7 +283,15 @@ mod tests {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             let e = Engine::select(Device::Cpu).unwrap();
             let mut h = crate::checksum::ChecksumAlg::Xxh3_128.hasher();
-            assert_eq!(e.encode(enc, &old, &new, &mut a, &mut h).unwrap(), 2);
+            let dir = std::env::temp_dir().join(format!("disagg-engine-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (po, pn) = (dir.join("old"), dir.join("new"));
+            std::fs::write(&po, &old).unwrap();
+            std::fs::write(&pn, &new).unwrap();
+            let (fo, fnew) = (std::fs::File::open(&po).unwrap(), std::fs::File::open(&pn).unwrap());
+            let (to, tn) = (codec::TensorFile { mapped: &old, file: &fo, path: &po, offset: 0 }, codec::TensorFile { mapped: &new, file: &fnew, path: &pn, offset: 0 });
+            assert_eq!(e.encode(enc, to, tn, &mut a, &mut h).unwrap(), 2);
+            std::fs::remove_dir_all(&dir).unwrap();
             codec::encode(enc, &old, &new, &mut b).unwrap();
             assert_eq!(a, b);
             assert_eq!(h.finish_hex(), crate::checksum::ChecksumAlg::Xxh3_128.hex(&new));
