@@ -977,11 +977,29 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
     }
 }
 
+/// A write of at most this many bytes to a pipe is atomic (POSIX `PIPE_BUF`, 4096 on Linux).
+const PIPE_BUF: usize = 4096;
+
+/// Write the buffered lines to `out` in writes of whole lines, each at most [`PIPE_BUF`]
+/// bytes where the lines fit: a reader of a pipe then never sees half a line, even when
+/// `ref-tail` is killed while blocked on a full pipe in the middle of a flush (one large write
+/// could end mid-line). A line longer than `PIPE_BUF` goes out alone.
 fn flush_out(out: &mut dyn Write, buf: &mut Vec<u8>) -> Result<()> {
-    if !buf.is_empty() {
-        out.write_all(buf).at("<stdout>")?;
-        buf.clear();
+    let mut rest = &buf[..];
+    while !rest.is_empty() {
+        let cut = if rest.len() <= PIPE_BUF {
+            rest.len()
+        } else {
+            match rest[..PIPE_BUF].iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None => rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1),
+            }
+        };
+        out.write_all(&rest[..cut]).at("<stdout>")?;
+        out.flush().at("<stdout>")?;
+        rest = &rest[cut..];
     }
+    buf.clear();
     out.flush().at("<stdout>")
 }
 
@@ -1190,6 +1208,38 @@ pub fn run_tail(opts: &TailOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flush_out_writes_whole_lines_of_at_most_pipe_buf() {
+        /// Records each write it gets.
+        struct Writes(Vec<Vec<u8>>);
+        impl Write for Writes {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.push(b.to_vec());
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut text = Vec::new();
+        for i in 0..500 {
+            text.extend_from_slice(format!("{{\"line\": {i}, \"pad\": \"{}\"}}\n", "x".repeat(i % 97)).as_bytes());
+        }
+        let long = format!("{}\n", "y".repeat(3 * PIPE_BUF));
+        text.extend_from_slice(long.as_bytes());
+        text.extend_from_slice(b"tail\n");
+        let mut w = Writes(Vec::new());
+        let mut buf = text.clone();
+        flush_out(&mut w, &mut buf).unwrap();
+        assert!(buf.is_empty());
+        assert_eq!(w.0.concat(), text);
+        for piece in &w.0 {
+            assert!(piece.ends_with(b"\n"), "a write ends mid-line");
+            assert!(piece.len() <= PIPE_BUF || piece[..piece.len() - 1].iter().all(|&b| b != b'\n'), "an over-long write holds more than one line");
+        }
+        assert!(w.0.iter().any(|p| p.len() == long.len()), "the long line went out alone");
+    }
 
     fn parse(s: &str) -> SampleRef {
         SampleRef::parse(s.as_bytes()).unwrap()
