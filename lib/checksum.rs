@@ -38,7 +38,7 @@ impl ChecksumAlg {
 
     pub fn hasher(self) -> Hasher {
         match self {
-            ChecksumAlg::Xxh3_128 => Hasher::Xxh3(Box::new(xxhash_rust::xxh3::Xxh3::new())),
+            ChecksumAlg::Xxh3_128 => Hasher::Xxh3(Box::new(twox_hash::XxHash3_128::new())),
             ChecksumAlg::Blake3 => Hasher::Blake3(Box::new(blake3::Hasher::new())),
             ChecksumAlg::Adler32 => Hasher::Adler32(adler2::Adler32::new()),
         }
@@ -47,7 +47,7 @@ impl ChecksumAlg {
     /// Checksum of one buffer, in its text form.
     pub fn hex(self, bytes: &[u8]) -> String {
         match self {
-            ChecksumAlg::Xxh3_128 => format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes)),
+            ChecksumAlg::Xxh3_128 => format!("{:032x}", twox_hash::XxHash3_128::oneshot(bytes)),
             ChecksumAlg::Blake3 if bytes.len() >= 1 << 20 => {
                 // blake3 parallelises over rayon for large inputs.
                 let mut h = blake3::Hasher::new();
@@ -86,7 +86,7 @@ impl FromStr for ChecksumAlg {
 
 /// A streaming checksum, for tensors checked chunk by chunk.
 pub enum Hasher {
-    Xxh3(Box<xxhash_rust::xxh3::Xxh3>),
+    Xxh3(Box<twox_hash::XxHash3_128>),
     Blake3(Box<blake3::Hasher>),
     Adler32(adler2::Adler32),
 }
@@ -103,7 +103,7 @@ impl Hasher {
 
     pub fn update(&mut self, bytes: &[u8]) {
         match self {
-            Hasher::Xxh3(h) => h.update(bytes),
+            Hasher::Xxh3(h) => h.write(bytes),
             Hasher::Blake3(h) => {
                 h.update(bytes);
             }
@@ -112,7 +112,7 @@ impl Hasher {
     }
     pub fn finish_hex(self) -> String {
         match self {
-            Hasher::Xxh3(h) => format!("{:032x}", h.digest128()),
+            Hasher::Xxh3(h) => format!("{:032x}", h.finish_128()),
             Hasher::Blake3(h) => h.finalize().to_hex().to_string(),
             Hasher::Adler32(h) => format!("{:08x}", h.checksum()),
         }

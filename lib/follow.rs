@@ -166,7 +166,7 @@ fn sleep_unless_stopped(d: Duration) {
 pub fn jitter_factor(frac: f64) -> f64 {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     let seed = format!("{nanos}:{}:{}", std::process::id(), RNG_COUNTER.fetch_add(1, Ordering::Relaxed));
-    let r = xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) as f64 / u64::MAX as f64;
+    let r = twox_hash::XxHash3_64::oneshot(seed.as_bytes()) as f64 / u64::MAX as f64;
     1.0 - frac + 2.0 * frac * r
 }
 
@@ -201,7 +201,7 @@ fn absolute(p: &Path) -> PathBuf {
 /// Default status name: `HOST-xxxxxxxx` (hash of LOCAL's absolute path, so several followers on
 /// one host get different files and a restarted follower finds its own).
 pub fn default_name(local: &Path) -> String {
-    let h = xxhash_rust::xxh3::xxh3_64(absolute(local).to_string_lossy().as_bytes());
+    let h = twox_hash::XxHash3_64::oneshot(absolute(local).to_string_lossy().as_bytes());
     format!("{}-{:08x}", hostname(), h as u32)
 }
 

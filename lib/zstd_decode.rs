@@ -771,7 +771,7 @@ pub struct FrameReader<'a> {
     ml: SeqTable,
     fse_scratch: Vec<FseEntry>,
     rep: [usize; 3],
-    hasher: Option<xxhash_rust::xxh64::Xxh64>,
+    hasher: Option<twox_hash::XxHash64>,
     done: bool,
     failed: Option<DecodeError>,
 }
@@ -853,7 +853,7 @@ impl<'a> FrameReader<'a> {
             ml: SeqTable::new(),
             fse_scratch: Vec::with_capacity(SEQ_TABLE),
             rep: [1, 4, 8],
-            hasher: checksum.then(|| xxhash_rust::xxh64::Xxh64::new(0)),
+            hasher: checksum.then(|| twox_hash::XxHash64::with_seed(0)),
             done: false,
             failed: None,
         })
@@ -935,7 +935,7 @@ impl<'a> FrameReader<'a> {
         };
         let produced = &self.buf[start..end];
         if let Some(hs) = self.hasher.as_mut() {
-            hs.update(produced);
+            std::hash::Hasher::write(hs, produced);
         }
         let total = self.total + produced.len() as u64;
         if last {
@@ -947,7 +947,7 @@ impl<'a> FrameReader<'a> {
             if self.checksum {
                 let c = self.src.get(self.pos..self.pos + 4).ok_or(DecodeError::Truncated("content checksum"))?;
                 let expected = u32::from_le_bytes(c.try_into().expect("4 bytes"));
-                let actual = self.hasher.as_ref().map_or(0, |h| h.digest() as u32);
+                let actual = self.hasher.as_ref().map_or(0, |h| std::hash::Hasher::finish(h) as u32);
                 if expected != actual {
                     return Err(DecodeError::Checksum { expected, actual });
                 }

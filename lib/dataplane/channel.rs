@@ -105,7 +105,7 @@ pub fn encode_line_into(out: &mut Vec<u8>, r: &SampleRef, producer: &str, seq: u
     out.extend_from_slice(b"\",\"seq\":");
     out.extend_from_slice(seq.to_string().as_bytes());
     out.extend_from_slice(b",\"xxh3\":\"");
-    let sum = xxhash_rust::xxh3::xxh3_64(&out[start..]);
+    let sum = twox_hash::XxHash3_64::oneshot(&out[start..]);
     out.extend_from_slice(format!("{sum:016x}").as_bytes());
     out.extend_from_slice(LINE_END);
     out.push(b'\n');
@@ -121,7 +121,7 @@ pub fn encode_line(r: &SampleRef, producer: &str, seq: u64) -> String {
     );
     let mut line = r.to_json();
     let digits_at = line.len() - LINE_END.len() - 16;
-    let sum = xxhash_rust::xxh3::xxh3_64(&line.as_bytes()[..digits_at]);
+    let sum = twox_hash::XxHash3_64::oneshot(&line.as_bytes()[..digits_at]);
     line.replace_range(digits_at..digits_at + 16, &format!("{sum:016x}"));
     line
 }
@@ -159,7 +159,7 @@ fn check_line_ref(line: &[u8]) -> std::result::Result<(&str, u64), LineError> {
     let stamp = parse_stamp_ref(line).ok_or(LineError::NoStamp)?;
     let digits_at = line.len() - LINE_END.len() - 16;
     let digits = &line[digits_at..digits_at + 16];
-    let actual = xxhash_rust::xxh3::xxh3_64(&line[..digits_at]);
+    let actual = twox_hash::XxHash3_64::oneshot(&line[..digits_at]);
     // parse_stamp checked the 16 digits are lowercase hex.
     let stated = digits.iter().fold(0u64, |a, &b| (a << 4) | (if b.is_ascii_digit() { b - b'0' } else { b - b'a' + 10 }) as u64);
     if stated != actual {
@@ -727,10 +727,10 @@ pub fn shard_of(producer: &str, seq: u64, world: u64) -> u64 {
     let cap = key.len();
     let mut w = &mut key[..];
     if write!(w, "{producer}:{seq}").is_err() {
-        return xxhash_rust::xxh3::xxh3_64(format!("{producer}:{seq}").as_bytes()) % world;
+        return twox_hash::XxHash3_64::oneshot(format!("{producer}:{seq}").as_bytes()) % world;
     }
     let len = cap - w.len();
-    xxhash_rust::xxh3::xxh3_64(&key[..len]) % world
+    twox_hash::XxHash3_64::oneshot(&key[..len]) % world
 }
 
 /// Options of `ref-tail`.
@@ -1282,7 +1282,7 @@ mod tests {
             for seq in [0u64, 1, 77, u64::MAX] {
                 let name = "p".repeat(MAX_NAME_BYTES);
                 for producer in ["p0", name.as_str()] {
-                    let want = xxhash_rust::xxh3::xxh3_64(format!("{producer}:{seq}").as_bytes()) % world;
+                    let want = twox_hash::XxHash3_64::oneshot(format!("{producer}:{seq}").as_bytes()) % world;
                     assert_eq!(shard_of(producer, seq, world), want);
                 }
             }

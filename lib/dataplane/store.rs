@@ -244,7 +244,7 @@ pub fn valid_id(s: &str) -> bool {
 
 /// The shard directory of a sample: two lowercase hex digits.
 pub fn shard_of(sample_id: &str) -> String {
-    format!("{:02x}", xxhash_rust::xxh3::xxh3_64(sample_id.as_bytes()) >> 56)
+    format!("{:02x}", twox_hash::XxHash3_64::oneshot(sample_id.as_bytes()) >> 56)
 }
 
 /// The object key of (sample, generation), relative to the store root.
