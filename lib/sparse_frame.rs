@@ -730,6 +730,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn frame_stream_of_block_windows_equals_one_shot() {
+        for len in [0usize, 5, BLOCK, BLOCK + 3, 2 * SEGMENT + 4097] {
+            let (old, new) = sparse(len, 20, len as u64 + 7);
+            let want = check_round_trip(&old, &new);
+            for window in [BLOCK, 2 * BLOCK, SEGMENT + BLOCK, 3 * SEGMENT] {
+                let mut st = FrameStream::new(Vec::new(), len as u64).unwrap();
+                let mut seen = Vec::new();
+                for (o, w) in old.chunks(window).zip(new.chunks(window)) {
+                    st.push(&Pair(o, w), |r| seen.extend_from_slice(&w[r])).unwrap();
+                }
+                let (got, nz) = st.finish().unwrap();
+                assert!(got == want, "len {len} window {window}");
+                assert!(seen == new, "len {len} window {window}: seen ranges cover NEW in order");
+                assert_eq!(nz, old.iter().zip(&new).filter(|(a, b)| a != b).count() as u64);
+            }
+        }
+        let (old, new) = sparse(3 * BLOCK, 20, 3);
+        let mut st = FrameStream::new(Vec::new(), old.len() as u64).unwrap();
+        assert!(st.push(&Pair(&old[..100], &new[..100]), |_| {}).is_err(), "a piece of part of a block, not at the end");
+        st.push(&Pair(&old[..BLOCK], &new[..BLOCK]), |_| {}).unwrap();
+        assert!(st.push(&Pair(&old, &new), |_| {}).is_err(), "more bytes than the frame holds");
+        assert!(st.finish().is_err(), "too few bytes");
+    }
+
+    #[test]
     fn runs_at_the_threshold_and_at_block_edges() {
         // Nonzero bytes exactly MIN_RUN-1, MIN_RUN and MIN_RUN+1 apart, at block starts and ends.
         let len = 3 * BLOCK + 19;
