@@ -349,6 +349,13 @@ fn decoder(frame: &[u8], encoding: Encoding) -> Result<FrameDecoder<'_>, Payload
 }
 
 /// Read exactly `buf.len()` bytes or report a short payload.
+/// `dst[i] ^= src[i]` (same lengths).
+fn xor_into(dst: &mut [u8], src: &[u8]) {
+    for (x, y) in dst.iter_mut().zip(src) {
+        *x ^= *y;
+    }
+}
+
 fn read_full(r: &mut impl Read, buf: &mut [u8], expected: u64) -> Result<(), PayloadError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => PayloadError::Length { expected, actual: 0 },
@@ -551,12 +558,25 @@ impl<'a> PayloadCursor<'a> {
     /// Apply every change that falls in `[base, base + chunk.len())`; ranges come in order.
     fn apply_range(&mut self, chunk: &mut [u8], base: usize) -> Result<(), PayloadError> {
         match self {
+            PayloadCursor::Xor { dec: FrameDecoder::Ours(dec), size, .. } => {
+                // Straight from our decoder's block buffer: no copy into `buf` first.
+                let mut at = 0;
+                while at < chunk.len() {
+                    let src = io::BufRead::fill_buf(&mut **dec)?;
+                    if src.is_empty() {
+                        return Err(PayloadError::Length { expected: *size, actual: 0 });
+                    }
+                    let n = src.len().min(chunk.len() - at);
+                    xor_into(&mut chunk[at..at + n], &src[..n]);
+                    io::BufRead::consume(&mut **dec, n);
+                    at += n;
+                }
+                Ok(())
+            }
             PayloadCursor::Xor { dec, buf, size } => {
                 let b = buf.get(chunk.len());
                 read_full(dec, b, *size)?;
-                for (x, y) in chunk.iter_mut().zip(b.iter()) {
-                    *x ^= *y;
-                }
+                xor_into(chunk, b);
                 Ok(())
             }
             PayloadCursor::Overwrite { positions, values, pbuf, vbuf, next, unread, next_min, len, size } => {

@@ -1240,24 +1240,36 @@ impl io::Read for FrameReader<'_> {
         if dst.is_empty() {
             return Ok(0);
         }
+        let src = io::BufRead::fill_buf(self)?;
+        let n = dst.len().min(src.len());
+        dst[..n].copy_from_slice(&src[..n]);
+        io::BufRead::consume(self, n);
+        Ok(n)
+    }
+}
+
+/// The decoded bytes of the current block, without a copy (an `xor` apply folds them straight
+/// into the tensor's chunk).
+impl io::BufRead for FrameReader<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         loop {
             if self.out_start < self.out_end {
-                let n = dst.len().min(self.out_end - self.out_start);
-                dst[..n].copy_from_slice(&self.buf[self.out_start..self.out_start + n]);
-                self.out_start += n;
-                return Ok(n);
+                return Ok(&self.buf[self.out_start..self.out_end]);
             }
             if let Some(e) = &self.failed {
                 return Err(e.clone().into());
             }
             if self.done {
-                return Ok(0);
+                return Ok(&[]);
             }
             if let Err(e) = self.decode_block() {
                 self.failed = Some(e.clone());
                 return Err(e.into());
             }
         }
+    }
+    fn consume(&mut self, n: usize) {
+        self.out_start = (self.out_start + n).min(self.out_end);
     }
 }
 
