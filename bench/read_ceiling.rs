@@ -39,17 +39,10 @@ fn one_pass(old: &Path, new: &Path, pread: bool) -> std::io::Result<(u64, u64)> 
     if pread {
         return one_pass_pread(old, new);
     }
-    let mut names: Vec<_> = std::fs::read_dir(new)?.flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().ends_with(".safetensors")).collect();
-    names.sort();
     let mut maps = Vec::new();
-    for n in &names {
-        let (fo, fnew) = (std::fs::File::open(old.join(n))?, std::fs::File::open(new.join(n))?);
+    for (fo, fnew, _) in open_pairs(old, new)? {
         // SAFETY: read-only maps of files nobody writes during the benchmark.
-        let (mo, mn) = unsafe { (memmap2::Mmap::map(&fo)?, memmap2::Mmap::map(&fnew)?) };
-        if mo.len() != mn.len() {
-            return Err(std::io::Error::other(format!("{n:?} differs in size between OLD and NEW")));
-        }
-        maps.push((mo, mn));
+        maps.push(unsafe { (memmap2::Mmap::map(&fo)?, memmap2::Mmap::map(&fnew)?) });
     }
     let bytes = maps.iter().map(|(_, m)| m.len() as u64).sum();
     const PIECE: usize = 4 << 20;
