@@ -5,8 +5,11 @@
 //! window at a time (`codec::PreadPair`: cheaper than faulting in and unmapping every page of
 //! the mapped inputs, which only the GPU path reads). Each payload is
 //! built in a [`Spill`]: in memory while the process-wide in-memory budget lasts, in an
-//! unnamed temp file after that, so memory stays bounded whatever the model size. Data files
-//! are written tmp → fsync → rename; the index goes last and is the version's commit marker.
+//! unnamed temp file after that, so memory stays bounded whatever the model size. As soon as
+//! every payload before it in the file is done, it goes into its data file ([`DeltaFiles`]),
+//! still under a temp name, and the kernel is asked to start writing it back, so the write
+//! and most of the final fsync overlap the encode. The files are fsynced and renamed at the
+//! end; the index goes last and is the version's commit marker.
 
 use crate::checkpoint::{is_plain_file_name, Checkpoint, INDEX_NAME, SINGLE_NAME};
 use crate::checksum::ChecksumAlg;
@@ -18,10 +21,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, Write};
+use std::collections::BTreeMap;
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Payload bytes kept in memory across all threads before payloads spill to temp files.
@@ -288,61 +294,41 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
     let bar = crate::progress::bytes_bar(total_bytes, "diff");
     let budget = AtomicUsize::new(IN_MEMORY_BUDGET);
     // Largest tensors first, one task each: the last tensors to finish are small ones, so no
-    // core idles behind a late embedding matrix. Results go back into data order below.
+    // core idles behind a late embedding matrix. The stable sort keeps NEW's data order among
+    // equals, so the schedule, and with it the data files' layout, is deterministic.
     let mut schedule: Vec<usize> = (0..order.len()).collect();
     schedule.sort_by_key(|&i| std::cmp::Reverse(new.entry(order[i].1).1.len));
-    let mut scheduled: Vec<(usize, Option<Encoded>)> = schedule
-        .into_par_iter()
-        .with_max_len(1)
-        .map(|i| {
-            let (name, loc) = &order[i];
-            let (nf, nt) = new.entry(*loc);
-            let (of, ot) = old.get(name).expect("compatibility checked");
-            let mut w = SpillWriter::new(&budget, dir);
-            let mut hasher = opts.checksum.hasher();
-            // Encoded whole, then dropped if nothing changed: the scan is what finds out, and
-            // a frame of an unchanged tensor costs little more than that scan.
-            let changed = engine.encode(opts.encoding, of.input(ot), nf.input(nt), &mut w, &mut hasher).map_err(|e| match e {
-                PayloadError::Io(io) => Error::io(dir, io),
-                PayloadError::Source { path, source } => Error::io(path, source),
-                other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
-            })?;
-            let out = (changed > 0).then(|| Encoded { name: name.clone(), checksum: hasher.finish_hex(), changed, payload: w.into_payload() });
-            bar.inc(nt.len as u64);
-            Ok((i, out))
-        })
-        .collect::<Result<_>>()?;
-    scheduled.sort_by_key(|(i, _)| *i);
-    let results = scheduled.into_iter().map(|(_, e)| e);
+    let names: Vec<&str> = schedule.iter().map(|&i| order[i].0.as_str()).collect();
+    let files = DeltaFiles::new(dir, opts.max_file_bytes, names, opts.checksum.hex_len(), header_number_bound(total_bytes, order.len()));
+    schedule.par_iter().enumerate().with_max_len(1).try_for_each(|(j, &i)| {
+        let (name, loc) = &order[i];
+        let (nf, nt) = new.entry(*loc);
+        let (of, ot) = old.get(name).expect("compatibility checked");
+        let mut w = SpillWriter::new(&budget, dir);
+        let mut hasher = opts.checksum.hasher();
+        // Encoded whole, then dropped if nothing changed: the scan is what finds out, and
+        // a frame of an unchanged tensor costs little more than that scan.
+        let changed = engine.encode(opts.encoding, of.input(ot), nf.input(nt), &mut w, &mut hasher).map_err(|e| match e {
+            PayloadError::Io(io) => Error::io(dir, io),
+            PayloadError::Source { path, source } => Error::io(path, source),
+            other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
+        })?;
+        let out = (changed > 0).then(|| Encoded { name: name.clone(), checksum: hasher.finish_hex(), changed, payload: w.into_payload() });
+        files.complete(j, out)?;
+        bar.inc(nt.len as u64);
+        Ok::<(), Error>(())
+    })?;
     bar.finish_and_clear();
     let seconds_encode = encode_start.elapsed().as_secs_f64();
 
     let write_start = Instant::now();
-    let mut changed: Vec<Encoded> = results.flatten().collect();
-    let changed_bytes: u64 = changed.iter().map(|e| e.changed).sum();
-    let tensors_changed = changed.len();
-    // Group into data files of at most max_file_bytes of payload (at least one tensor each).
-    let mut groups: Vec<Vec<Encoded>> = Vec::new();
-    let mut size = 0u64;
-    for e in changed.drain(..) {
-        if groups.is_empty() || (size + e.payload.len > opts.max_file_bytes && !groups.last().expect("non-empty").is_empty()) {
-            groups.push(Vec::new());
-            size = 0;
-        }
-        size += e.payload.len;
-        groups.last_mut().expect("just pushed").push(e);
-    }
-    let n_files = groups.len();
+    let written = files.finish()?;
     let mut weight_map = Map::new();
-    let mut wire_bytes = 0u64;
-    for (i, group) in groups.iter_mut().enumerate() {
-        let name = format!("model-{i:05}-of-{n_files:05}.safetensors");
-        wire_bytes += write_delta_file(&dir.join(&name), group)?;
-        for e in group.iter() {
-            weight_map.insert(e.name.clone(), Value::String(name.clone()));
+    for (file, tensors) in &written.files {
+        for t in tensors {
+            weight_map.insert(t.clone(), Value::String(file.clone()));
         }
     }
-    drop(groups);
     let index = json!({
         "metadata": {
             "version": version_str(opts.version),
@@ -353,7 +339,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         },
         "weight_map": weight_map,
     });
-    wire_bytes += write_index(dir, &index)?;
+    let wire_bytes = written.bytes + write_index(dir, &index)?;
     Ok(DiffReport {
         version: opts.version,
         kind: "delta",
@@ -362,11 +348,11 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         checksum: Some(opts.checksum.name().into()),
         path: dir.to_path_buf(),
         tensors_total: new.len(),
-        tensors_changed,
+        tensors_changed: written.tensors_changed,
         total_bytes,
-        changed_bytes,
-        density: if total_bytes == 0 { 0.0 } else { changed_bytes as f64 / total_bytes as f64 },
-        files: n_files,
+        changed_bytes: written.changed_bytes,
+        density: if total_bytes == 0 { 0.0 } else { written.changed_bytes as f64 / total_bytes as f64 },
+        files: written.files.len(),
         wire_bytes,
         seconds: 0.0,
         seconds_encode,
@@ -377,26 +363,209 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
     })
 }
 
-fn write_delta_file(path: &Path, group: &mut [Encoded]) -> Result<u64> {
+/// Bytes of payload written between two early-writeback requests.
+const WRITEBACK_BATCH: u64 = 1 << 20;
+
+/// Header padding beyond 8-byte alignment that a data file may keep (docs/FORMATS.md §4.2):
+/// at most this many bytes, or 1/[`HEADER_SLACK_RATIO`] of its payload if that is more.
+/// Beyond that the file is rewritten with a compact header.
+pub const HEADER_SLACK_BYTES: u64 = 4 << 10;
+pub const HEADER_SLACK_RATIO: u64 = 256;
+
+/// The largest number (payload length or offset) a delta header could hold, for the room
+/// reserved for it: no payload takes more than 5 bytes per tensor byte (`overwrite` of a
+/// tensor that changed everywhere) plus framing. Only the digit count matters, and a header
+/// that outgrows its room anyway is rewritten, not cut.
+fn header_number_bound(total_bytes: u64, tensors: usize) -> u64 {
+    total_bytes.saturating_mul(6).saturating_add(4096u64.saturating_mul(tensors as u64 + 1))
+}
+
+/// The delta's data files, written while the encode still runs, so that writing and most of
+/// the disk's writeback overlap the scan instead of following it.
+///
+/// Payloads go in schedule order (largest tensor first, ties in NEW's data order), each as soon
+/// as every payload before it is done: a file's layout does not depend on thread timing. Each
+/// file starts with room reserved for its header, sized for every tensor still to come with
+/// the longest numbers possible; the header, written into that room at the end, is padded with
+/// spaces to fill it. A file whose padding would exceed [`HEADER_SLACK_BYTES`] (or
+/// 1/[`HEADER_SLACK_RATIO`] of its payload), or whose header outgrew the room, is rewritten
+/// compactly instead. Files stay under temp names until [`DeltaFiles::finish`], which alone
+/// knows how many there are (`model-I-of-N`).
+struct DeltaFiles<'a> {
+    dir: &'a Path,
+    max_file_bytes: u64,
+    /// Tensor names in schedule order.
+    names: Vec<&'a str>,
+    checksum_hex: usize,
+    max_number: u64,
+    /// Finished tensors not written yet, by schedule position (`None`: unchanged).
+    pending: Mutex<BTreeMap<usize, Option<Encoded<'a>>>>,
+    writer: Mutex<FilesWriter>,
+}
+
+#[derive(Default)]
+struct FilesWriter {
+    /// Schedule position of the next payload to write.
+    next: usize,
+    files: Vec<DataFile>,
+    changed_bytes: u64,
+    tensors_changed: usize,
+}
+
+struct DataFile {
+    file: AtomicFile,
+    /// Bytes at the start of the file kept for the header.
+    room: u64,
+    /// (name, checksum, payload length) in file order.
+    entries: Vec<(String, String, u64)>,
+    /// Payload bytes written after the room.
+    size: u64,
+    /// Payload bytes written since the last early-writeback request.
+    unsynced: u64,
+}
+
+/// What [`DeltaFiles::finish`] committed.
+struct WrittenFiles {
+    /// Each data file's name and its tensors.
+    files: Vec<(String, Vec<String>)>,
+    /// Data file bytes, headers included.
+    bytes: u64,
+    changed_bytes: u64,
+    tensors_changed: usize,
+}
+
+impl<'a> DeltaFiles<'a> {
+    fn new(dir: &'a Path, max_file_bytes: u64, names: Vec<&'a str>, checksum_hex: usize, max_number: u64) -> Self {
+        DeltaFiles { dir, max_file_bytes, names, checksum_hex, max_number, pending: Mutex::default(), writer: Mutex::default() }
+    }
+
+    /// Tensor `position` (in schedule order) is done. Writes what has become writable unless
+    /// another thread is writing already; that one, or a later call, or `finish` picks it up.
+    fn complete(&self, position: usize, tensor: Option<Encoded<'a>>) -> Result<()> {
+        self.pending.lock().expect("pending payloads").insert(position, tensor);
+        match self.writer.try_lock() {
+            Ok(mut w) => self.drain(&mut w),
+            Err(std::sync::TryLockError::WouldBlock) => Ok(()),
+            Err(std::sync::TryLockError::Poisoned(_)) => Err(Error::Internal("a delta writer thread panicked".into())),
+        }
+    }
+
+    /// Write every pending payload whose predecessors are all written.
+    fn drain(&self, w: &mut FilesWriter) -> Result<()> {
+        loop {
+            let tensor = {
+                let mut pending = self.pending.lock().expect("pending payloads");
+                match pending.first_key_value() {
+                    Some((&k, _)) if k == w.next => pending.pop_first().expect("just seen").1,
+                    _ => return Ok(()),
+                }
+            };
+            w.next += 1;
+            if let Some(e) = tensor {
+                self.append(w, w.next - 1, e)?;
+            }
+        }
+    }
+
+    fn append(&self, w: &mut FilesWriter, position: usize, mut e: Encoded<'a>) -> Result<()> {
+        let len = e.payload.len;
+        let roll = w.files.last().is_none_or(|f| !f.entries.is_empty() && f.size + len > self.max_file_bytes);
+        if roll {
+            let room = self.header_room(&self.names[position..]);
+            // Named for real in finish, once the number of files is known.
+            let file = AtomicFile::create(self.dir.join(format!("model-{:05}.safetensors", w.files.len())))?;
+            let mut f = file.file();
+            f.seek(io::SeekFrom::Start(room)).at(file.temp_path())?;
+            w.files.push(DataFile { file, room, entries: Vec::new(), size: 0, unsynced: 0 });
+        }
+        let f = w.files.last_mut().expect("a file is open");
+        e.payload.copy_to(&mut f.file.file()).at(f.file.temp_path())?;
+        f.entries.push((e.name, e.checksum, len));
+        f.size += len;
+        f.unsynced += len;
+        if f.unsynced >= WRITEBACK_BATCH {
+            fsio::start_writeback(f.file.file(), f.room + f.size - f.unsynced, f.unsynced);
+            f.unsynced = 0;
+        }
+        w.changed_bytes += e.changed;
+        w.tensors_changed += 1;
+        Ok(())
+    }
+
+    /// Bytes a header naming all of `names` could need, numbers at their longest.
+    fn header_room(&self, names: &[&str]) -> u64 {
+        let checksum = "0".repeat(self.checksum_hex);
+        let n = self.max_number;
+        let entries = names.iter().map(|&name| (name.to_string(), json!({"dtype": "U8", "shape": [n], "data_offsets": [n, n]})));
+        let sums = names.iter().map(|&name| (name.to_string(), Value::String(checksum.clone())));
+        crate::checkpoint::header_bytes(&delta_file_header(sums, entries)).len() as u64
+    }
+
+    /// Write the headers, rename every file to `model-I-of-N` and fsync the directory.
+    fn finish(self) -> Result<WrittenFiles> {
+        fn poisoned<T>(_: T) -> Error {
+            Error::Internal("a delta writer thread panicked".into())
+        }
+        let mut w = std::mem::take(&mut *self.writer.lock().map_err(poisoned)?);
+        self.drain(&mut w)?;
+        let left = self.pending.lock().map_err(poisoned)?.len();
+        if left != 0 || w.next != self.names.len() {
+            return Err(Error::Internal(format!("{left} payloads left unwritten, {} of {} tensors seen", w.next, self.names.len())));
+        }
+        let n = w.files.len();
+        let dirs = fsio::DirSync::default();
+        let mut out = WrittenFiles { files: Vec::new(), bytes: 0, changed_bytes: w.changed_bytes, tensors_changed: w.tensors_changed };
+        for (k, f) in w.files.into_iter().enumerate() {
+            let name = format!("model-{k:05}-of-{n:05}.safetensors");
+            let mut offset = 0u64;
+            let sums = f.entries.iter().map(|(t, c, _)| (t.clone(), Value::String(c.clone())));
+            let entries = f.entries.iter().map(|(t, _, len)| {
+                offset += len;
+                (t.clone(), json!({"dtype": "U8", "shape": [len], "data_offsets": [offset - len, offset]}))
+            });
+            let header = delta_file_header(sums, entries);
+            let compact = crate::checkpoint::header_bytes(&header).len() as u64;
+            let slack_ok = compact <= f.room && f.room - compact <= HEADER_SLACK_BYTES.max(f.size / HEADER_SLACK_RATIO);
+            let mut file = if slack_ok {
+                let head = crate::checkpoint::header_bytes_in(&header, f.room as usize).expect("fits: checked");
+                f.file.file().write_all_at(&head, 0).at(f.file.temp_path())?;
+                f.file
+            } else {
+                rewrite_compact(&f, &header, &self.dir.join(&name))?
+            };
+            file.set_target(self.dir.join(&name));
+            file.commit_deferred(&dirs)?;
+            out.bytes += f.size + if slack_ok { f.room } else { compact };
+            out.files.push((name, f.entries.into_iter().map(|(t, _, _)| t).collect()));
+        }
+        dirs.sync()?;
+        Ok(out)
+    }
+}
+
+/// A delta data file's header: `__metadata__` (tensor → checksum of its new bytes), then the
+/// payload entries.
+fn delta_file_header(sums: impl Iterator<Item = (String, Value)>, entries: impl Iterator<Item = (String, Value)>) -> Value {
     let mut header = Map::new();
-    let checksums: Map<String, Value> = group.iter().map(|e| (e.name.clone(), Value::String(e.checksum.clone()))).collect();
-    header.insert("__metadata__".into(), Value::Object(checksums));
-    let mut offset = 0u64;
-    for e in group.iter() {
-        header.insert(e.name.clone(), json!({"dtype": "U8", "shape": [e.payload.len], "data_offsets": [offset, offset + e.payload.len]}));
-        offset += e.payload.len;
+    header.insert("__metadata__".into(), Value::Object(sums.collect()));
+    header.extend(entries);
+    Value::Object(header)
+}
+
+/// Copy `f`'s payloads into a new temp file behind a compact `header` (the reserved room was
+/// too small or too large); `f`'s temp file goes when it is dropped.
+fn rewrite_compact(f: &DataFile, header: &Value, target: &Path) -> Result<AtomicFile> {
+    let out = AtomicFile::create(target)?;
+    let temp = out.temp_path().to_path_buf();
+    let mut dst = out.file();
+    dst.write_all(&crate::checkpoint::header_bytes(header)).at(&temp)?;
+    let mut src = f.file.file();
+    src.seek(io::SeekFrom::Start(f.room)).at(f.file.temp_path())?;
+    let copied = io::copy(&mut src.take(f.size), &mut dst).at(&temp)?;
+    if copied != f.size {
+        return Err(Error::io(f.file.temp_path(), io::Error::new(io::ErrorKind::UnexpectedEof, format!("{copied} of {} payload bytes read back", f.size))));
     }
-    let head = crate::checkpoint::header_bytes(&Value::Object(header));
-    let file = AtomicFile::create(path)?;
-    let temp = file.temp_path().to_path_buf();
-    let mut out = io::BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&head).at(&temp)?;
-    for e in group.iter_mut() {
-        e.payload.copy_to(&mut out).at(&temp)?;
-    }
-    let file = out.into_inner().map_err(|e| Error::io(&temp, e.into_error()))?;
-    file.commit()?;
-    Ok(head.len() as u64 + offset)
+    Ok(out)
 }
 
 fn write_index(dir: &Path, index: &Value) -> Result<u64> {
@@ -482,4 +651,122 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
         throughput_gbps: 0.0,
         device: "cpu",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::SafetensorsFile;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("disagg-diff-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn encoded<'a>(budget: &'a AtomicUsize, dir: &'a Path, name: &str, payload: &[u8]) -> Encoded<'a> {
+        let mut w = SpillWriter::new(budget, dir);
+        w.write_all(payload).unwrap();
+        Encoded { name: name.into(), checksum: format!("{:032x}", payload.len()), changed: payload.len() as u64, payload: w.into_payload() }
+    }
+
+    /// Tensors `t000…` with payloads of decreasing length (schedule order); `None` entries
+    /// are unchanged tensors.
+    fn payloads(n: usize, skip: impl Fn(usize) -> bool) -> Vec<(String, Option<Vec<u8>>)> {
+        (0..n).map(|i| (format!("model.layers.{i}.weight"), (!skip(i)).then(|| vec![i as u8 + 1; 3000 - 10 * i]))).collect()
+    }
+
+    /// Run DeltaFiles over `tensors`, completing them in `completion` order; returns each
+    /// file's bytes and the report.
+    fn write(dir: &Path, tensors: &[(String, Option<Vec<u8>>)], completion: &[usize], max_file: u64, max_number: u64) -> (Vec<(String, Vec<u8>)>, u64) {
+        let budget = AtomicUsize::new(IN_MEMORY_BUDGET);
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        let files = DeltaFiles::new(dir, max_file, names, 32, max_number);
+        for &j in completion {
+            let (name, p) = &tensors[j];
+            files.complete(j, p.as_ref().map(|p| encoded(&budget, dir, name, p))).unwrap();
+        }
+        let out = files.finish().unwrap();
+        let mut got = Vec::new();
+        for (f, names) in &out.files {
+            let path = dir.join(f);
+            // Our parser (every §2 check) takes it, and it holds exactly these tensors, in
+            // schedule order, with their payloads.
+            let st = SafetensorsFile::open(&path).unwrap();
+            let in_file: Vec<&str> = st.tensors().iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(in_file, names.iter().map(String::as_str).collect::<Vec<_>>());
+            for t in st.tensors() {
+                let (_, p) = tensors.iter().find(|(n, _)| *n == t.name).unwrap();
+                assert_eq!(st.bytes(t), p.as_deref().unwrap(), "{}", t.name);
+                assert_eq!(st.metadata()[&t.name], format!("{:032x}", t.len));
+            }
+            got.push((f.clone(), std::fs::read(&path).unwrap()));
+        }
+        let names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().all(|n| !fsio::is_temp_name(n)), "no temp file left: {names:?}");
+        assert_eq!(got.iter().map(|(_, b)| b.len() as u64).sum::<u64>(), out.bytes);
+        (got, out.bytes)
+    }
+
+    /// Spaces after the header JSON beyond 8-byte alignment.
+    fn header_slack(file: &[u8]) -> usize {
+        let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        let json = &file[8..8 + n];
+        let text = json.iter().rposition(|&b| b != b' ').unwrap() + 1;
+        n - text.next_multiple_of(8)
+    }
+
+    #[test]
+    fn layout_is_schedule_order_whatever_the_completion_order() {
+        let tensors = payloads(40, |i| i % 7 == 3);
+        let in_order: Vec<usize> = (0..40).collect();
+        let mut shuffled = in_order.clone();
+        shuffled.reverse();
+        shuffled.swap(3, 20);
+        let (a, _) = write(&scratch("order-a"), &tensors, &in_order, DEFAULT_MAX_FILE_BYTES, 1 << 40);
+        let (b, _) = write(&scratch("order-b"), &tensors, &shuffled, DEFAULT_MAX_FILE_BYTES, 1 << 40);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a, b, "same bytes whichever thread finished first");
+        // Six unchanged names and long-number room: padding kept, within the documented slack.
+        let slack = header_slack(&a[0].1);
+        assert!(slack > 0 && slack as u64 <= HEADER_SLACK_BYTES, "slack {slack}");
+    }
+
+    #[test]
+    fn too_much_padding_is_rewritten_compactly() {
+        // One changed tensor among 300 unchanged: its room would be mostly spaces.
+        let tensors = payloads(300, |i| i != 150);
+        let (files, _) = write(&scratch("compact"), &tensors, &(0..300).collect::<Vec<_>>(), DEFAULT_MAX_FILE_BYTES, 1 << 40);
+        assert_eq!(files.len(), 1);
+        assert_eq!(header_slack(&files[0].1), 0, "compact header");
+    }
+
+    #[test]
+    fn a_header_that_outgrows_its_room_is_rewritten() {
+        // Room sized for 1-digit numbers: the real offsets do not fit.
+        let tensors = payloads(12, |_| false);
+        let (files, _) = write(&scratch("outgrown"), &tensors, &(0..12).rev().collect::<Vec<_>>(), DEFAULT_MAX_FILE_BYTES, 1);
+        assert_eq!(files.len(), 1);
+        assert_eq!(header_slack(&files[0].1), 0);
+    }
+
+    #[test]
+    fn files_roll_over_at_the_cap_and_are_numbered_at_the_end() {
+        let tensors = payloads(10, |i| i == 4);
+        // Cap below two payloads: one tensor per file; nine files.
+        let (files, bytes) = write(&scratch("roll"), &tensors, &[9, 0, 8, 1, 7, 2, 6, 3, 5, 4], 4000, 1 << 40);
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        let want: Vec<String> = (0..9).map(|i| format!("model-{i:05}-of-00009.safetensors")).collect();
+        assert_eq!(names, want);
+        assert!(bytes > 9 * 2900);
+    }
+
+    #[test]
+    fn no_changed_tensor_writes_no_file() {
+        let tensors = payloads(5, |_| true);
+        let (files, bytes) = write(&scratch("none"), &tensors, &[4, 3, 2, 1, 0], DEFAULT_MAX_FILE_BYTES, 1 << 40);
+        assert!(files.is_empty());
+        assert_eq!(bytes, 0);
+    }
 }

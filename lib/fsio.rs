@@ -89,6 +89,14 @@ impl AtomicFile {
         self.file.as_ref().expect("AtomicFile used after commit")
     }
 
+    /// Name the file will be committed under, for a writer that learns it only at the end
+    /// (delta data files are numbered `-of-N` once N is known). Same directory only: the
+    /// rename must not cross file systems.
+    pub fn set_target(&mut self, target: PathBuf) {
+        assert_eq!(parent_of(&target), parent_of(&self.target), "AtomicFile target must stay in its directory");
+        self.target = target;
+    }
+
     /// Like [`AtomicFile::create`], opened with `O_DIRECT` where the file system takes it (so a
     /// large sequential write bypasses the page cache); the flag says whether it did.
     pub fn create_direct(target: impl AsRef<Path>) -> Result<(Self, bool)> {
@@ -146,6 +154,22 @@ impl Drop for AtomicFile {
             let _ = fs::remove_file(&self.temp);
         }
     }
+}
+
+/// Ask the kernel to start writing `len` bytes at `offset` of `file` back to disk now, without
+/// waiting, so the `fsync` of [`AtomicFile::commit`] finds most of a file written while it was
+/// still being produced. Advisory: where the call does not exist or the file system refuses it,
+/// nothing happens and the fsync does all the work.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor we own; it reads no memory of ours.
+        // Failure (EINVAL/ESPIPE on odd file systems) only means no early writeback.
+        let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// Write `bytes` to `path` atomically and durably.

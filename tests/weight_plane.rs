@@ -82,6 +82,17 @@ fn check_delta(src: &Path, v: u64, base: u64, old: &Model, new: &Model, enc: &st
         assert_eq!(names, mine, "{f} holds the tensors the index puts there");
         let meta = st.metadata();
         assert_eq!(meta.len(), mine.len(), "{f}: one checksum per tensor in __metadata__");
+        // §4.2 layout: payloads in order of decreasing tensor size; the header JSON padded with
+        // spaces, beyond 8-byte alignment by at most max(4096, payload / 256) bytes.
+        let mut by_offset = st.names();
+        by_offset.sort_by_key(|n| st.range(n).start);
+        let sizes: Vec<usize> = by_offset.iter().map(|n| new.iter().find(|t| &t.name == n).unwrap().data.len()).collect();
+        assert!(sizes.windows(2).all(|w| w[0] >= w[1]), "{f}: payloads by decreasing tensor size: {sizes:?}");
+        let json_len = st.bytes[8..st.data_start].iter().rposition(|&b| b != b' ').unwrap() + 1;
+        let payload = (st.bytes.len() - st.data_start) as u64;
+        let slack = (st.data_start - 8 - json_len.next_multiple_of(8)) as u64;
+        assert_eq!(st.data_start % 8, 0, "{f}: data 8-byte aligned");
+        assert!(slack <= 4096.max(payload / 256), "{f}: {slack} bytes of header padding");
         for name in &mine {
             let o = &old.iter().find(|t| &t.name == name).unwrap().data;
             let w = &new.iter().find(|t| &t.name == name).unwrap().data;
