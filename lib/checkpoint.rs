@@ -37,7 +37,7 @@ pub fn header_bytes_in(header: &Value, total: usize) -> Option<Vec<u8>> {
 }
 
 fn pad_header(mut json: Vec<u8>, total: usize) -> Option<Vec<u8>> {
-    if total % 8 != 0 || 8 + json.len() > total {
+    if !total.is_multiple_of(8) || 8 + json.len() > total {
         return None;
     }
     json.resize(total - 8, b' ');
