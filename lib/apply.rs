@@ -293,9 +293,7 @@ impl LocalCheckpoint {
             }
             // Start writeback of this tensor's pages now, so the disk works while the other
             // tensors decode; the fsync below still waits for all of it.
-            // SAFETY: a plain syscall on a descriptor we keep open; failure only loses the
-            // overlap, never durability.
-            unsafe { libc::sync_file_range(std::os::fd::AsRawFd::as_raw_fd(file), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
+            crate::fsio::start_writeback(file, offset as u64, len as u64);
             Ok(())
         })?;
         // Durable before the caller records the version: fsync every patched file.
