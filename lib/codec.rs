@@ -492,11 +492,10 @@ pub const OVERWRITE_POSITIONS_IN_MEMORY: u64 = 16 << 20;
 
 /// A payload being applied front to back, one range of the tensor at a time.
 enum PayloadCursor<'a> {
-    Xor {
-        dec: FrameDecoder<'a>,
-        buf: ChunkBuf,
-        size: u64,
-    },
+    /// Our decoder's blocks are XORed in where they lie.
+    XorOurs { dec: Box<crate::zstd_decode::FrameReader<'a>>, size: u64 },
+    /// libzstd's decoder reads into `buf` first.
+    XorLibzstd { dec: FrameDecoder<'a>, buf: ChunkBuf, size: u64 },
     Overwrite {
         /// The positions: held in memory when they fit [`OVERWRITE_POSITIONS_IN_MEMORY`], so
         /// the frame is decoded once; else a second decoder over the same frame.
@@ -522,7 +521,10 @@ impl<'a> PayloadCursor<'a> {
                 if size != len as u64 {
                     return Err(PayloadError::Length { expected: len as u64, actual: size });
                 }
-                Ok(PayloadCursor::Xor { dec: decoder(frame, Encoding::Xor)?, buf: ChunkBuf::take(), size })
+                Ok(match decoder(frame, Encoding::Xor)? {
+                    FrameDecoder::Ours(dec) => PayloadCursor::XorOurs { dec, size },
+                    dec => PayloadCursor::XorLibzstd { dec, buf: ChunkBuf::take(), size },
+                })
             }
             Encoding::Overwrite => {
                 if len > MAX_OVERWRITE_TENSOR {
@@ -558,7 +560,7 @@ impl<'a> PayloadCursor<'a> {
     /// Apply every change that falls in `[base, base + chunk.len())`; ranges come in order.
     fn apply_range(&mut self, chunk: &mut [u8], base: usize) -> Result<(), PayloadError> {
         match self {
-            PayloadCursor::Xor { dec: FrameDecoder::Ours(dec), size, .. } => {
+            PayloadCursor::XorOurs { dec, size } => {
                 // Straight from our decoder's block buffer: no copy into `buf` first.
                 let mut at = 0;
                 while at < chunk.len() {
@@ -573,7 +575,7 @@ impl<'a> PayloadCursor<'a> {
                 }
                 Ok(())
             }
-            PayloadCursor::Xor { dec, buf, size } => {
+            PayloadCursor::XorLibzstd { dec, buf, size } => {
                 let b = buf.get(chunk.len());
                 read_full(dec, b, *size)?;
                 xor_into(chunk, b);
@@ -615,13 +617,8 @@ impl<'a> PayloadCursor<'a> {
     /// After the last range: the payload must have been used up exactly.
     fn finish(self) -> Result<(), PayloadError> {
         match self {
-            PayloadCursor::Xor { mut dec, size, .. } => {
-                let mut extra = [0u8; 1];
-                match dec.read(&mut extra)? {
-                    0 => Ok(()),
-                    _ => Err(PayloadError::Length { expected: size, actual: size + 1 }),
-                }
-            }
+            PayloadCursor::XorOurs { dec, size } => expect_end(*dec, size),
+            PayloadCursor::XorLibzstd { dec, size, .. } => expect_end(dec, size),
             PayloadCursor::Overwrite { next, vbuf, unread, pbuf, len, .. } => {
                 if unread == 0 && next == vbuf.len() {
                     Ok(())
@@ -631,6 +628,15 @@ impl<'a> PayloadCursor<'a> {
                 }
             }
         }
+    }
+}
+
+/// A frame's decoder must be at its end once its tensor is whole.
+fn expect_end(mut dec: impl Read, size: u64) -> Result<(), PayloadError> {
+    let mut extra = [0u8; 1];
+    match dec.read(&mut extra)? {
+        0 => Ok(()),
+        _ => Err(PayloadError::Length { expected: size, actual: size + 1 }),
     }
 }
 
