@@ -489,6 +489,8 @@ impl<'a> DeltaFiles<'a> {
         }
         w.changed_bytes += e.changed;
         w.tensors_changed += 1;
+        // Killed here, a publisher leaves temp data files in an incomplete version.
+        crate::failpoint!("diff.after_payload");
         Ok(())
     }
 

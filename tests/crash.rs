@@ -235,3 +235,34 @@ fn publisher_killed_before_index_is_refused_then_replaced() {
     converge(&local, &src, &steps[0], 2, &steps);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn publisher_killed_or_failing_mid_stream_leaves_nothing_under_a_final_name() {
+    let root = scratch("publisher_stream");
+    let mut rng = Rng(0xbeef);
+    let steps = make_steps(&root, 2, &mut rng);
+    let src = root.join("src");
+    ok(&run(DIFF, &[p(&steps[0]), p(&steps[1]), "--publish", p(&src), "--version", "1"], &[]));
+    ok(&run(ADVANCE, &[p(&src), "1"], &[]));
+    let v2 = src.join("weight_v000002");
+    let final_names = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect()
+    };
+    // Killed after the first payload went into its (temp) data file: no data file or index
+    // under a final name, the version is refused, and a rerun must be told to replace it.
+    let out = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2"], &[("DISAGG_FAILPOINT", "diff.after_payload")]);
+    assert!(out.status.code().is_none(), "expected an abort");
+    assert_eq!(final_names(&v2), Vec::<String>::new(), "only temps and the incomplete marker");
+    assert_eq!(run(ADVANCE, &[p(&src), "2"], &[]).status.code(), Some(5));
+    // An I/O error at the same point: a clean failure that removes its temp data files.
+    let out = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2", "--replace-incomplete"], &[("DISAGG_FAILPOINT", "diff.after_payload:error")]);
+    assert!(out.status.code().is_some_and(|c| c != 0), "{}", String::from_utf8_lossy(&out.stderr));
+    let left: Vec<String> = std::fs::read_dir(&v2).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.iter().all(|n| !n.contains(".safetensors")), "temp data files removed on error: {left:?}");
+    ok(&run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2", "--replace-incomplete"], &[]));
+    ok(&run(ADVANCE, &[p(&src), "2", "--expect", "weight_v000001"], &[]));
+    let local = root.join("local");
+    ok(&run(APPLY, &["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src)], &[]));
+    converge(&local, &src, &steps[0], 2, &steps);
+    let _ = std::fs::remove_dir_all(&root);
+}
