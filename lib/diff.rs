@@ -446,7 +446,7 @@ impl<'a> DeltaFiles<'a> {
         match self.writer.try_lock() {
             Ok(mut w) => self.drain(&mut w),
             Err(std::sync::TryLockError::WouldBlock) => Ok(()),
-            Err(std::sync::TryLockError::Poisoned(_)) => Err(Error::Internal("a delta writer thread panicked".into())),
+            Err(std::sync::TryLockError::Poisoned(p)) => Err(poisoned(p)),
         }
     }
 
@@ -505,9 +505,6 @@ impl<'a> DeltaFiles<'a> {
 
     /// Write the headers, rename every file to `model-I-of-N` and fsync the directory.
     fn finish(self) -> Result<WrittenFiles> {
-        fn poisoned<T>(_: T) -> Error {
-            Error::Internal("a delta writer thread panicked".into())
-        }
         let mut w = std::mem::take(&mut *self.writer.lock().map_err(poisoned)?);
         self.drain(&mut w)?;
         let left = self.pending.lock().map_err(poisoned)?.len();
@@ -543,6 +540,11 @@ impl<'a> DeltaFiles<'a> {
         dirs.sync()?;
         Ok(out)
     }
+}
+
+/// The error for a lock a panicking writer thread left poisoned.
+fn poisoned<T>(_: T) -> Error {
+    Error::Internal("a delta writer thread panicked".into())
 }
 
 /// A delta data file's header: `__metadata__` (tensor → checksum of its new bytes), then the
