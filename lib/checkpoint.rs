@@ -24,27 +24,24 @@ pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// The bytes that start every safetensors file we write: the `u64` LE header length, then the
 /// header JSON padded with spaces so the data starts 8-byte aligned (docs/FORMATS.md §2).
 pub fn header_bytes(header: &Value) -> Vec<u8> {
-    let json = serde_json::to_vec(header).expect("JSON of plain values");
-    let total = 8 + json.len().next_multiple_of(8);
-    pad_header(json, total).expect("room by construction")
-}
-
-/// [`header_bytes`] padded with more spaces to exactly `total` bytes (length prefix included),
-/// for a writer that reserved room for the header before knowing it; `None` if it does not
-/// fit or `total` is not a multiple of 8.
-pub fn header_bytes_in(header: &Value, total: usize) -> Option<Vec<u8>> {
-    pad_header(serde_json::to_vec(header).expect("JSON of plain values"), total)
-}
-
-fn pad_header(mut json: Vec<u8>, total: usize) -> Option<Vec<u8>> {
-    if !total.is_multiple_of(8) || 8 + json.len() > total {
-        return None;
-    }
-    json.resize(total - 8, b' ');
-    let mut out = Vec::with_capacity(total);
+    let mut json = serde_json::to_vec(header).expect("JSON of plain values");
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
-    Some(out)
+    out
+}
+
+/// [`header_bytes`]' output padded with more spaces to exactly `total` bytes (length prefix
+/// included), for a writer that reserved room for the header before knowing it; `None` if it
+/// does not fit or `total` is not a multiple of 8.
+pub fn pad_header_bytes(mut head: Vec<u8>, total: usize) -> Option<Vec<u8>> {
+    if !total.is_multiple_of(8) || head.len() > total {
+        return None;
+    }
+    head.resize(total, b' ');
+    head[..8].copy_from_slice(&(total as u64 - 8).to_le_bytes());
+    Some(head)
 }
 
 /// One tensor of a safetensors file: where its bytes are, and what they are.

@@ -522,15 +522,15 @@ impl<'a> DeltaFiles<'a> {
                 offset += len;
                 (t.clone(), json!({"dtype": "U8", "shape": [len], "data_offsets": [offset - len, offset]}))
             });
-            let header = delta_file_header(sums, entries);
-            let compact = crate::checkpoint::header_bytes(&header).len() as u64;
+            let head = crate::checkpoint::header_bytes(&delta_file_header(sums, entries));
+            let compact = head.len() as u64;
             let slack_ok = compact <= f.room && f.room - compact <= HEADER_SLACK_BYTES.max(f.size / HEADER_SLACK_RATIO);
             let mut file = if slack_ok {
-                let head = crate::checkpoint::header_bytes_in(&header, f.room as usize).expect("fits: checked");
+                let head = crate::checkpoint::pad_header_bytes(head, f.room as usize).expect("fits: checked");
                 f.file.file().write_all_at(&head, 0).at(f.file.temp_path())?;
                 f.file
             } else {
-                rewrite_compact(&f, &header, &self.dir.join(&name))?
+                rewrite_compact(&f, &head, &self.dir.join(&name))?
             };
             file.set_target(self.dir.join(&name));
             file.commit_deferred(&dirs)?;
@@ -556,13 +556,13 @@ fn delta_file_header(sums: impl Iterator<Item = (String, Value)>, entries: impl 
     Value::Object(header)
 }
 
-/// Copy `f`'s payloads into a new temp file behind a compact `header` (the reserved room was
-/// too small or too large); `f`'s temp file goes when it is dropped.
-fn rewrite_compact(f: &DataFile, header: &Value, target: &Path) -> Result<AtomicFile> {
+/// Copy `f`'s payloads into a new temp file behind the compact header bytes `head` (the
+/// reserved room was too small or too large); `f`'s temp file goes when it is dropped.
+fn rewrite_compact(f: &DataFile, head: &[u8], target: &Path) -> Result<AtomicFile> {
     let out = AtomicFile::create(target)?;
     let temp = out.temp_path().to_path_buf();
     let mut dst = out.file();
-    dst.write_all(&crate::checkpoint::header_bytes(header)).at(&temp)?;
+    dst.write_all(head).at(&temp)?;
     let mut src = f.file.file();
     src.seek(io::SeekFrom::Start(f.room)).at(f.file.temp_path())?;
     let copied = io::copy(&mut src.take(f.size), &mut dst).at(&temp)?;
