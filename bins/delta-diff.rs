@@ -44,7 +44,8 @@ struct Args {
     /// DISAGG_VERSION_DIR, DISAGG_SOURCE).
     #[arg(long, value_name = "CMD")]
     post_write_hook: Option<String>,
-    /// Remove an incomplete SRC/weight_v{N} left by a crashed publisher and write it again.
+    /// Remove an incomplete SRC/weight_v{N} left by a killed publisher and write it again (a
+    /// publish that fails with an error removes its own)
     #[arg(long)]
     replace_incomplete: bool,
     /// Cap on payload bytes per delta data file.

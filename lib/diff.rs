@@ -104,10 +104,12 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     // GPU or CPU per tensor (lib/gpu); chosen before anything is written, `--device cuda` with no GPU is a usage error.
     let engine = if opts.full { crate::gpu::Engine::cpu() } else { crate::gpu::Engine::select(opts.device)? };
     let dir = create_version_dir(&opts.publish, opts.version, opts.replace_incomplete)?;
+    let unpublished = Unpublished(&dir);
     let mut report = match &old {
         Some(old) => write_delta(old, &new, &dir, opts, base_version.expect("delta has a base"), &engine)?,
         None => write_full(&new, &dir, opts)?,
     };
+    std::mem::forget(unpublished);
     let hook_start = Instant::now();
     if let Some(cmd) = &opts.post_write_hook {
         crate::hooks::run_hook(cmd, opts.version, &dir, &opts.publish)?;
@@ -147,6 +149,22 @@ fn check_compatible(old: &Checkpoint, new: &Checkpoint, old_path: &Path, new_pat
         problems.join("; "),
         if n > 5 { "; ..." } else { "" }
     )))
+}
+
+/// The version directory this run created, until its index is written: a run that fails with
+/// an error (or panics) removes it, so nothing half-written is left and a plain rerun of the
+/// same command publishes. Only a killed run leaves an incomplete directory (refused until
+/// `--replace-incomplete`).
+struct Unpublished<'a>(&'a Path);
+
+impl Drop for Unpublished<'_> {
+    fn drop(&mut self) {
+        // With the index in place the version may already be visible: never remove it then.
+        // A failed removal leaves the incomplete directory, which readers refuse as before.
+        if !self.0.join(INDEX_NAME).exists() {
+            let _ = fsio::remove_tree_durable(self.0);
+        }
+    }
 }
 
 fn create_version_dir(src: &Path, version: u64, replace_incomplete: bool) -> Result<PathBuf> {

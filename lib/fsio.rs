@@ -236,6 +236,23 @@ pub fn remove_durable(path: &Path) -> Result<()> {
     }
 }
 
+/// Hidden name prefix of a directory tree being removed ([`remove_tree_durable`]): no reader
+/// resolves it, and `delta-gc` sweeps what a killed remover left.
+pub const DELETING_PREFIX: &str = ".deleting-";
+
+/// Remove the directory tree `dir` so that it disappears at once: rename it to a hidden
+/// `.deleting-` name in the same parent, fsync the parent, then remove the tree and fsync the
+/// parent again. Killed in between, only a hidden tree is left.
+pub fn remove_tree_durable(dir: &Path) -> Result<()> {
+    let parent = parent_of(dir);
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let hidden = parent.join(format!("{DELETING_PREFIX}{name}-{}", std::process::id()));
+    fs::rename(dir, &hidden).at(dir)?;
+    fsync_dir(parent)?;
+    fs::remove_dir_all(&hidden).at(&hidden)?;
+    fsync_dir(parent)
+}
+
 /// git's lockfile protocol for one small sidecar file (`latest`, cursors, counters).
 pub struct RefLock {
     target: PathBuf,

@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Prefix of a version directory being removed.
-pub const DELETING_PREFIX: &str = ".deleting-";
+pub use crate::fsio::DELETING_PREFIX;
 /// The GC's own lock file in the versions root.
 pub const GC_LOCK: &str = ".gc.lock";
 
@@ -193,14 +193,9 @@ fn chain_of(entries: &BTreeMap<u64, Entry>, v: u64) -> std::result::Result<Vec<u
     Ok(out)
 }
 
-/// Remove one version directory: rename to a hidden name first, fsync, then remove the tree.
+/// Remove one version directory (hidden first, see [`fsio::remove_tree_durable`]).
 fn remove_version(root: &Path, v: u64) -> Result<()> {
-    let from = root.join(version_dir_name(v));
-    let to = root.join(format!("{DELETING_PREFIX}{}-{}", version_dir_name(v), std::process::id()));
-    std::fs::rename(&from, &to).at(&from)?;
-    fsio::fsync_dir(root)?;
-    std::fs::remove_dir_all(&to).at(&to)?;
-    fsio::fsync_dir(root)
+    fsio::remove_tree_durable(&root.join(version_dir_name(v)))
 }
 
 /// Decide and (unless `dry_run`) remove; see the module docs for the rules.

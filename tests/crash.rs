@@ -254,12 +254,20 @@ fn publisher_killed_or_failing_mid_stream_leaves_nothing_under_a_final_name() {
     assert!(out.status.code().is_none(), "expected an abort");
     assert_eq!(final_names(&v2), Vec::<String>::new(), "only temps and the incomplete marker");
     assert_eq!(run(ADVANCE, &[p(&src), "2"], &[]).status.code(), Some(5));
-    // An I/O error at the same point: a clean failure that removes its temp data files.
+    // An I/O error at the same point: a clean failure that removes the version directory it
+    // created (temp data files and marker with it), so a plain rerun publishes.
     let out = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2", "--replace-incomplete"], &[("DISAGG_FAILPOINT", "diff.after_payload:error")]);
     assert!(out.status.code().is_some_and(|c| c != 0), "{}", String::from_utf8_lossy(&out.stderr));
-    let left: Vec<String> = std::fs::read_dir(&v2).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(left.iter().all(|n| !n.contains(".safetensors")), "temp data files removed on error: {left:?}");
-    ok(&run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2", "--replace-incomplete"], &[]));
+    assert!(!v2.exists(), "a failed publish removes its version directory: {:?}", std::fs::read_dir(&v2).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()));
+    let hidden: Vec<String> = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".deleting-") || n.starts_with(".tmp-")).collect();
+    assert_eq!(hidden, Vec::<String>::new(), "no tree being removed or temp file left in the publish root");
+    assert_eq!(run(ADVANCE, &[p(&src), "2"], &[]).status.code(), Some(6), "nothing to point at");
+    // The same failure just before the index (every data file already renamed to its final
+    // name): still removed, since nothing was published.
+    let out = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2"], &[("DISAGG_FAILPOINT", "diff.before_index:error")]);
+    assert!(out.status.code().is_some_and(|c| c != 0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!v2.exists(), "a publish failing before its index removes its version directory");
+    ok(&run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2"], &[]));
     ok(&run(ADVANCE, &[p(&src), "2", "--expect", "weight_v000001"], &[]));
     let local = root.join("local");
     ok(&run(APPLY, &["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src)], &[]));
