@@ -13,7 +13,8 @@ use disagg::error::Error;
 Exit codes: 0 ok (also when already at the target), 2 usage, 3 malformed version or payload,
 4 local checkpoint lacks a patched tensor, 5 conflict (incomplete version, broken chain),
 6 not found, 7 checksum mismatch (state not advanced; the next run repairs), 8 pre-read hook
-failed, 9 lock wait timed out, 10 I/O.")]
+failed, 9 lock wait timed out, 10 I/O, 130/143 stopped by SIGINT/SIGTERM before LOCAL changed
+or between seed and patch (a patch in progress is finished first; a second signal kills).")]
 struct Args {
     #[command(flatten)]
     host: disagg::cli::HostArgs,
@@ -36,6 +37,7 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
+    disagg::stop::install();
     disagg::error::run_main("delta-apply", || {
         let target = match a.target.as_str() {
             "latest" if a.run_id.is_some() => return Err(Error::Usage("--run-id goes with a numeric --target; `latest` names its own run".into())),

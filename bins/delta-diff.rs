@@ -15,7 +15,8 @@ use std::path::PathBuf;
   delta-diff ckpt/step_10 ckpt/step_11 --publish /shared/weights --version 11 --device cuda
 
 Exit codes: 0 ok, 2 usage, 3 malformed input, 4 checkpoints differ in tensors/shapes/dtypes,
-5 version already exists (or incomplete), 6 not found, 8 post-write hook failed, 10 I/O.")]
+5 version already exists (or incomplete), 6 not found, 8 post-write hook failed, 10 I/O,
+130/143 stopped by SIGINT/SIGTERM (the unpublished version removed; a second signal kills).")]
 struct Args {
     /// The checkpoint the base version holds (directory or .safetensors file).
     old: PathBuf,
@@ -62,6 +63,7 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
+    disagg::stop::install();
     disagg::error::run_main("delta-diff", || {
         let opts = DiffOptions {
             old: a.old,

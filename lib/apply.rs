@@ -196,6 +196,9 @@ impl LocalCheckpoint {
             return Err(Error::not_found(seed, "seed checkpoint directory holds no files"));
         }
         names.par_iter().try_for_each(|n| {
+            // Stopping between files leaves the seed intent, so the next run reseeds: what a
+            // kill here costs too, but without waiting for the rest of the copy.
+            crate::stop::check()?;
             crate::failpoint!("apply.seed_copy");
             fsio::copy_atomic(&seed.join(n), &self.dir.join(n)).map(|_| ())
         })?;
@@ -374,6 +377,10 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     for v in &chain {
         validated.push(v.validate_files()?);
     }
+    // A stop signal (crate::stop) is honoured where LOCAL is consistent: here, before any
+    // mutation; between files of a seed; and between seed and patch. A patch pass in progress
+    // is finished and recorded first: it is short, and stopping inside it would force a reseed.
+    crate::stop::check()?;
     let mut version_now = applied;
     let mut steps = chain.iter().zip(validated.iter()).peekable();
     if let Some(s) = seed {
@@ -404,6 +411,7 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
         expect_base = Some(v.number);
     }
     if let Some(last) = deltas.last().map(|(v, _, _)| v.number) {
+        crate::stop::check()?;
         local.write_intent("apply", version_now, last, &run_id)?;
         report.tensors_patched += local.apply_chain(&deltas)?;
         local.write_state(last, &run_id)?;

@@ -319,6 +319,8 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
     let names: Vec<&str> = schedule.iter().map(|&i| order[i].0.as_str()).collect();
     let files = DeltaFiles::new(dir, opts.max_file_bytes, names, opts.checksum.hex_len(), header_number_bound(total_bytes, order.len()));
     schedule.par_iter().enumerate().with_max_len(1).try_for_each(|(j, &i)| {
+        // A stop signal ends the publish between tensors; `Unpublished` removes the version.
+        crate::stop::check()?;
         let (name, loc) = &order[i];
         let (nf, nt) = new.entry(*loc);
         let (of, ot) = old.get(name).expect("compatibility checked");
@@ -486,6 +488,7 @@ impl<'a> DeltaFiles<'a> {
     }
 
     fn append(&self, w: &mut FilesWriter, position: usize, mut e: Encoded<'a>) -> Result<()> {
+        crate::stop::check()?;
         let len = e.payload.len;
         let roll = w.files.last().is_none_or(|f| !f.entries.is_empty() && f.size + len > self.max_file_bytes);
         if roll {
@@ -594,6 +597,8 @@ fn write_index(dir: &Path, index: &Value) -> Result<u64> {
     let mut text = serde_json::to_vec_pretty(index).expect("JSON of plain values");
     text.push(b'\n');
     crate::failpoint!("diff.before_index");
+    // The last point a stop signal can take back the publish; past it the version is complete.
+    crate::stop::check()?;
     fsio::write_atomic(dir.join(INDEX_NAME), &text)?;
     fsio::remove_durable(&dir.join(INCOMPLETE_MARKER))?;
     Ok(text.len() as u64)

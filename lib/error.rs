@@ -32,6 +32,9 @@ pub mod exit {
     pub const LOCKED: i32 = 9;
     /// An operating-system I/O error (disk full, permission denied, ...), or the store quota.
     pub const IO: i32 = 10;
+    /// Stopped at a clean point by SIGINT / SIGTERM (128 + the signal, the shell's convention).
+    pub const SIGINT: i32 = 128 + 2;
+    pub const SIGTERM: i32 = 128 + 15;
 
     /// (code, name) for every documented code, for docs conformance tests.
     pub const TABLE: &[(i32, &str)] = &[
@@ -46,6 +49,8 @@ pub mod exit {
         (HOOK, "hook"),
         (LOCKED, "locked"),
         (IO, "io"),
+        (SIGINT, "sigint"),
+        (SIGTERM, "sigterm"),
     ];
 }
 
@@ -72,6 +77,8 @@ pub enum Error {
     Usage(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("stopped by {} at a clean point (nothing half-written is left)", crate::stop::signal_name(*signal))]
+    Interrupted { signal: i32 },
 }
 
 impl Error {
@@ -87,6 +94,7 @@ impl Error {
             Error::Locked { .. } => exit::LOCKED,
             Error::Usage(_) => exit::USAGE,
             Error::Internal(_) => exit::INTERNAL,
+            Error::Interrupted { signal } => 128 + signal,
         }
     }
 

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Status files live here by default: `SRC/.followers/NAME.json` (what `delta-gc` globs).
@@ -134,26 +134,10 @@ pub struct FollowEvent {
 }
 
 static RNG_COUNTER: AtomicU64 = AtomicU64::new(0);
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// SIGTERM/SIGINT end the loop between cycles (the status then says `stopped`); a signal that
-/// arrives mid-pull waits for the pull, which is crash-safe anyway.
-fn install_stop_handler() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_stop_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_stop_signal as *const () as libc::sighandler_t);
-    }
-}
-
 /// Sleep up to `d`, waking early when a stop signal arrived.
 fn sleep_unless_stopped(d: Duration) {
     let end = Instant::now() + d;
-    while !STOP.load(Ordering::SeqCst) {
+    while crate::stop::requested().is_none() {
         let now = Instant::now();
         if now >= end {
             break;
@@ -487,9 +471,11 @@ impl Follower {
             return self.run_once().map(|_| ());
         }
         self.write_status()?;
-        install_stop_handler();
+        // SIGTERM/SIGINT end the loop between cycles (the status then says `stopped`); a
+        // signal that arrives mid-pull lets the pull reach a clean point first (crate::stop).
+        crate::stop::install();
         loop {
-            if STOP.load(Ordering::SeqCst) {
+            if crate::stop::requested().is_some() {
                 // A stopped follower reads nothing; when it restarts, its pull walks from
                 // `latest` down to its applied version or the full version `latest`'s chain
                 // starts from, both of which delta-gc keeps.
@@ -515,6 +501,8 @@ impl Follower {
                     }
                     jittered(self.opts.poll, 0.2)
                 }
+                // A pull stopped at a clean point by the signal: the loop reports `stopped`.
+                Err(Error::Interrupted { .. }) => continue,
                 Err(e) => {
                     eprintln!("delta-follow: error (retrying in ~{:.1}s): {e}", self.backoff.as_secs_f64());
                     self.record_error(&e);

@@ -347,26 +347,24 @@ pub struct HostLock {
 }
 
 impl HostLock {
-    /// Block until the lock is ours, or fail after `timeout` (None: wait forever).
+    /// Wait until the lock is ours, or fail after `timeout` (None: wait forever). Polled, not a
+    /// blocking flock, so that a stop signal ([`crate::stop`]) ends the wait: a restarted
+    /// flock would keep a SIGTERM'd waiter alive until the holder finished.
     pub fn acquire(path: impl AsRef<Path>, timeout: Option<Duration>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path).at(&path)?;
-        match timeout {
-            None => file.lock().at(&path)?,
-            Some(t) => {
-                let start = Instant::now();
-                loop {
-                    match file.try_lock() {
-                        Ok(()) => break,
-                        Err(fs::TryLockError::WouldBlock) if start.elapsed() < t => {
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        Err(fs::TryLockError::WouldBlock) => {
-                            return Err(Error::Locked { path, reason: format!("still held after {t:?}") })
-                        }
-                        Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
-                    }
+        let start = Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if timeout.is_none_or(|t| start.elapsed() < t) => {
+                    crate::stop::check()?;
+                    std::thread::sleep(Duration::from_millis(10));
                 }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Locked { path, reason: format!("still held after {:?}", timeout.unwrap_or_default()) })
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
             }
         }
         Ok(HostLock { _file: file, path })

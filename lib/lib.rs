@@ -10,6 +10,7 @@ pub mod pool;
 pub mod progress;
 pub mod cli;
 pub mod report;
+pub mod stop;
 
 // Weight plane.
 pub mod apply;

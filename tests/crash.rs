@@ -274,3 +274,113 @@ fn publisher_killed_or_failing_mid_stream_leaves_nothing_under_a_final_name() {
     converge(&local, &src, &steps[0], 2, &steps);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Wait up to 20 s for `cond`.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+fn spawn<S: AsRef<std::ffi::OsStr>>(bin: &str, args: &[S], env: &[(&str, &str)]) -> std::process::Child {
+    let mut c = Command::new(bin);
+    c.args(args).env_remove("DISAGG_FAILPOINT").stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+#[test]
+fn stop_signals_end_writers_at_clean_points() {
+    use std::os::unix::process::ExitStatusExt;
+    let root = scratch("stop_signals");
+    let mut rng = Rng(0x5109);
+    let steps = make_steps(&root, 4, &mut rng);
+    let src = root.join("src");
+    ok(&run(DIFF, &[p(&steps[0]), p(&steps[1]), "--publish", p(&src), "--version", "1"], &[]));
+
+    // delta-diff, SIGTERM while payloads are being written: exit 143, the unpublished version
+    // is removed, and the same command then publishes.
+    let v2 = src.join("weight_v000002");
+    let args = [p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2"];
+    let child = spawn(DIFF, &args, &[("DISAGG_FAILPOINT", "diff.after_payload:sleep-1500")]);
+    wait_for("a temp data file", || std::fs::read_dir(&v2).is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().contains("model-"))));
+    signal(&child, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SIGTERM"));
+    assert!(!v2.exists(), "a stopped publish removes its version directory");
+    ok(&run(DIFF, &args, &[]));
+    for v in 3..=4usize {
+        let (vs, a, b) = (v.to_string(), p(&steps[v - 1]), p(&steps[v]));
+        ok(&run(DIFF, &[a, b, "--publish", p(&src), "--version", &vs], &[]));
+    }
+    ok(&run(ADVANCE, &[p(&src), "4"], &[]));
+
+    let local = root.join("local");
+    let apply_args = |t: &str| -> Vec<String> { ["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", t].map(String::from).to_vec() };
+    let spawn_apply = |t: &str, env: &[(&str, &str)]| spawn(APPLY, &apply_args(t), env);
+    converge(&local, &src, &steps[0], 1, &steps);
+
+    // delta-apply, SIGTERM during the patch pass: the pass is finished and recorded (exit 0),
+    // so the next run has nothing to repair.
+    let intent = local.join(".weight_sync/intent.json");
+    let child = spawn_apply("2", &[("DISAGG_FAILPOINT", "apply.after_tensor:sleep-150")]);
+    wait_for("the apply intent", || intent.exists());
+    signal(&child, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    ok(&out);
+    assert_eq!(state_version(&local), Some(2));
+    assert!(!intent.exists());
+    check_invariant(&local, &steps, "after a SIGTERM during the patch");
+    let again = spawn_apply("2", &[]).wait_with_output().unwrap();
+    ok(&again);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already"), "the next run has nothing to do: {}", String::from_utf8_lossy(&again.stdout));
+
+    // Waiting for the host lock: SIGTERM ends the wait at once, LOCAL untouched.
+    let lock = std::fs::File::options().read(true).write(true).open(local.join(".weight_sync/lock")).unwrap();
+    lock.lock().unwrap();
+    let child = spawn_apply("3", &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    signal(&child, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(t.elapsed() < Duration::from_secs(5), "the lock wait ended promptly");
+    lock.unlock().unwrap();
+    drop(lock);
+    assert_eq!(state_version(&local), Some(2));
+    assert!(!intent.exists());
+
+    // SIGINT before LOCAL changes (during the pre-read hook): exit 130, nothing changed.
+    let mut a = apply_args("3");
+    a.extend(["--pre-read-hook".to_string(), "sleep 0.5".to_string()]);
+    let child = spawn(APPLY, &a, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(state_version(&local), Some(2));
+    assert!(!intent.exists());
+    check_invariant(&local, &steps, "after a SIGINT before the apply");
+
+    // A second signal kills where it is (the crash case): the next run repairs.
+    let child = spawn_apply("4", &[("DISAGG_FAILPOINT", "apply.after_tensor:sleep-1000")]);
+    wait_for("the apply intent", || intent.exists());
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&child, libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGTERM), "killed by the second signal: {:?}", out.status);
+    assert!(intent.exists(), "killed mid-patch: the intent is still there");
+    converge(&local, &src, &steps[0], 4, &steps);
+    let _ = std::fs::remove_dir_all(&root);
+}

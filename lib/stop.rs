@@ -1,0 +1,73 @@
+//! SIGTERM and SIGINT as a request to stop at the next safe point.
+//!
+//! The default action of both kills a process wherever it is. Our writers survive that, but at
+//! a price: a `delta-diff` killed mid-publish leaves an incomplete version that blocks a plain
+//! rerun, and a `delta-apply` killed mid-patch forces the next run to reseed the whole
+//! checkpoint. Orchestrators (Kubernetes, Slurm, rcli wrappers, `timeout`) stop with SIGTERM
+//! and a grace period, so the tools that write install [`install`]'s handler: the signal only
+//! sets a flag, which each tool checks where stopping leaves nothing to repair
+//! ([`check`]): `delta-diff` between tensors and before its index (it then removes its
+//! unpublished version), `delta-apply` before it mutates LOCAL and between seed and patch (a
+//! patch pass in progress is finished: it is short, and a stop inside it would cost a reseed),
+//! `delta-follow` between cycles.
+//!
+//! A second signal kills at once (the handler restores the default action and re-raises), so
+//! a user pressing Ctrl-C twice is never kept waiting; that is the crash case, which every
+//! writer already survives.
+
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The first stop signal received (0: none).
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
+        // SAFETY: signal and raise are async-signal-safe.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+}
+
+/// Route SIGTERM and SIGINT to the stop flag (binaries call this first thing). `SA_RESTART`
+/// keeps interrupted system calls going, so only the flag changes what the tool does.
+pub fn install() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is a valid starting point; the handler only touches an
+        // atomic and calls async-signal-safe functions.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The stop signal received so far, if any.
+pub fn requested() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// `Err(Error::Interrupted)` once a stop signal has arrived: call where stopping is clean.
+pub fn check() -> Result<()> {
+    match requested() {
+        None => Ok(()),
+        Some(signal) => Err(Error::Interrupted { signal }),
+    }
+}
+
+/// The signal's name for messages.
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        _ => "a signal",
+    }
+}
