@@ -77,7 +77,7 @@ pub enum Error {
     Usage(String),
     #[error("internal error: {0}")]
     Internal(String),
-    #[error("stopped by {} at a clean point (nothing half-written is left)", crate::stop::signal_name(*signal))]
+    #[error("stopped by {} at a safe point (docs/FORMATS.md §8)", crate::stop::signal_name(*signal))]
     Interrupted { signal: i32 },
 }
 

@@ -70,6 +70,14 @@ fn make_steps(root: &Path, steps: usize, rng: &mut Rng) -> Vec<PathBuf> {
     dirs
 }
 
+/// A scratch root with a base checkpoint and `steps` successors, and `SRC = root/src`.
+fn setup(name: &str, seed: u64, steps: usize) -> (PathBuf, Vec<PathBuf>, PathBuf) {
+    let root = scratch(name);
+    let steps = make_steps(&root, steps, &mut Rng(seed));
+    let src = root.join("src");
+    (root, steps, src)
+}
+
 fn run(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(bin);
     c.args(args).env_remove("DISAGG_FAILPOINT");
@@ -134,10 +142,7 @@ fn converge(local: &Path, src: &Path, base: &Path, target: usize, steps: &[PathB
 
 #[test]
 fn apply_killed_at_every_failpoint_converges() {
-    let root = scratch("failpoints");
-    let mut rng = Rng(0x5eed);
-    let steps = make_steps(&root, 4, &mut rng);
-    let src = root.join("src");
+    let (root, steps, src) = setup("failpoints", 0x5eed, 4);
     publish(&src, &steps);
     let local = root.join("local");
     let names = ["apply.seed_copy", "fsio.before_fsync", "fsio.before_rename", "fsio.before_dir_fsync", "apply.after_tensor", "apply.before_state", "apply.before_clear_intent"];
@@ -163,35 +168,26 @@ fn apply_killed_at_every_failpoint_converges() {
 #[test]
 fn apply_killed_at_random_moments_converges() {
     let trials: usize = std::env::var("DISAGG_CRASH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
-    let root = scratch("random");
-    let mut rng = Rng(0xc0ffee);
-    let steps = make_steps(&root, 4, &mut rng);
-    let src = root.join("src");
+    let (root, steps, src) = setup("random", 0xc0ffee, 4);
+    // The kill schedule's own stream (the checkpoints came from the seed's).
+    let mut rng = Rng(0xc0ffee ^ 0x9e37_79b9);
     publish(&src, &steps);
     let local = root.join("local");
     // Sleeps inside the apply widen the windows so kills land mid-mutation.
     let slow = "apply.after_tensor:sleep-2,fsio.before_rename:sleep-1,apply.seed_copy:sleep-3";
-    let spawn = |t: &str| {
-        Command::new(APPLY)
-            .args(["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", t])
-            .env("DISAGG_FAILPOINT", slow)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let spawn_apply = |t: &str| spawn(APPLY, &["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", t], &[("DISAGG_FAILPOINT", slow)]);
     // Kill times are drawn over half the time a whole run takes here (seed + the chain, from a
     // fresh LOCAL; most trials do less), so the test keeps landing mid-flight however fast the
     // build or the machine.
     let started = std::time::Instant::now();
-    assert!(spawn("4").wait().unwrap().success());
+    assert!(spawn_apply("4").wait().unwrap().success());
     let window_us = (started.elapsed().as_micros() as u64 / 2).max(2_000);
     let _ = std::fs::remove_dir_all(&local);
     let mut killed = 0;
     for trial in 0..trials {
         let target = 1 + rng.below(4) as usize;
         let t = target.to_string();
-        let mut child = spawn(&t);
+        let mut child = spawn_apply(&t);
         std::thread::sleep(Duration::from_micros(rng.below(window_us)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
@@ -211,10 +207,7 @@ fn apply_killed_at_random_moments_converges() {
 
 #[test]
 fn publisher_killed_before_index_is_refused_then_replaced() {
-    let root = scratch("publisher");
-    let mut rng = Rng(0xfeed);
-    let steps = make_steps(&root, 2, &mut rng);
-    let src = root.join("src");
+    let (root, steps, src) = setup("publisher", 0xfeed, 2);
     ok(&run(DIFF, &[p(&steps[0]), p(&steps[1]), "--publish", p(&src), "--version", "1"], &[]));
     ok(&run(ADVANCE, &[p(&src), "1"], &[]));
     let out = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2"], &[("DISAGG_FAILPOINT", "diff.before_index")]);
@@ -238,10 +231,7 @@ fn publisher_killed_before_index_is_refused_then_replaced() {
 
 #[test]
 fn publisher_killed_or_failing_mid_stream_leaves_nothing_under_a_final_name() {
-    let root = scratch("publisher_stream");
-    let mut rng = Rng(0xbeef);
-    let steps = make_steps(&root, 2, &mut rng);
-    let src = root.join("src");
+    let (root, steps, src) = setup("publisher_stream", 0xbeef, 2);
     ok(&run(DIFF, &[p(&steps[0]), p(&steps[1]), "--publish", p(&src), "--version", "1"], &[]));
     ok(&run(ADVANCE, &[p(&src), "1"], &[]));
     let v2 = src.join("weight_v000002");
@@ -301,10 +291,7 @@ fn spawn<S: AsRef<std::ffi::OsStr>>(bin: &str, args: &[S], env: &[(&str, &str)])
 #[test]
 fn stop_signals_end_writers_at_clean_points() {
     use std::os::unix::process::ExitStatusExt;
-    let root = scratch("stop_signals");
-    let mut rng = Rng(0x5109);
-    let steps = make_steps(&root, 4, &mut rng);
-    let src = root.join("src");
+    let (root, steps, src) = setup("stop_signals", 0x5109, 4);
     ok(&run(DIFF, &[p(&steps[0]), p(&steps[1]), "--publish", p(&src), "--version", "1"], &[]));
 
     // delta-diff, SIGTERM while payloads are being written: exit 143, the unpublished version
