@@ -46,18 +46,11 @@ pub trait XorSource {
     fn bytes16(&self, i: usize) -> [u8; 16];
     /// Bit k set iff XOR byte `i + k` is nonzero, for the 64 bytes from `i` (`i + 64 <= len`).
     fn mask64(&self, i: usize) -> u64;
-    /// The same with AVX2.
+    /// Where the 64 bytes at `i` lie, for the SIMD masks: the first operand and, when the XOR
+    /// is computed here, the second. The caller reads only `i..i + 64` through them.
     ///
-    /// # Safety
-    /// The CPU must support AVX2 and `i + 64 <= len`.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn mask64_avx2(&self, i: usize) -> u64;
-    /// The same with AVX-512 (one compare yields the 64-bit mask).
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F and AVX-512BW, and `i + 64 <= len`.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn mask64_avx512(&self, i: usize) -> u64;
+    /// Panics (debug builds) unless `i + 64 <= len`.
+    fn operands64(&self, i: usize) -> (*const u8, Option<*const u8>);
 }
 
 /// Nonzero-byte bits of one little-endian word.
@@ -85,7 +78,7 @@ fn u128_at(s: &[u8], i: usize) -> u128 {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn nonzero_mask64_avx2(a: *const u8, b: Option<*const u8>) -> u64 {
+unsafe fn nonzero_mask64_avx2((a, b): (*const u8, Option<*const u8>)) -> u64 {
     use std::arch::x86_64::*;
     // Prefetch ahead: the per-change work between loads leaves the memory system idle
     // otherwise. A prefetch never faults, and wrapping_add computes the address without
@@ -112,7 +105,7 @@ unsafe fn nonzero_mask64_avx2(a: *const u8, b: Option<*const u8>) -> u64 {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn nonzero_mask64_avx512(a: *const u8, b: Option<*const u8>) -> u64 {
+unsafe fn nonzero_mask64_avx512((a, b): (*const u8, Option<*const u8>)) -> u64 {
     use std::arch::x86_64::*;
     _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(PREFETCH).cast());
     // SAFETY (both loads): the caller guarantees 64 readable bytes at `a` and at `b`; loadu
@@ -148,21 +141,10 @@ impl XorSource for Pair<'_> {
     fn mask64(&self, i: usize) -> u64 {
         (0..8).fold(0, |m, k| m | word_mask(word_at(self.0, i + 8 * k) ^ word_at(self.1, i + 8 * k)) << (8 * k))
     }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn mask64_avx2(&self, i: usize) -> u64 {
+    #[inline(always)]
+    fn operands64(&self, i: usize) -> (*const u8, Option<*const u8>) {
         debug_assert!(i + 64 <= self.0.len() && self.0.len() == self.1.len());
-        // SAFETY: the caller guarantees i + 64 <= len for both slices.
-        unsafe { nonzero_mask64_avx2(self.0.as_ptr().add(i), Some(self.1.as_ptr().add(i))) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn mask64_avx512(&self, i: usize) -> u64 {
-        debug_assert!(i + 64 <= self.0.len() && self.0.len() == self.1.len());
-        // SAFETY: the caller guarantees i + 64 <= len for both slices.
-        unsafe { nonzero_mask64_avx512(self.0.as_ptr().add(i), Some(self.1.as_ptr().add(i))) }
+        (self.0.as_ptr().wrapping_add(i), Some(self.1.as_ptr().wrapping_add(i)))
     }
 }
 
@@ -186,21 +168,10 @@ impl XorSource for Xored<'_> {
     fn mask64(&self, i: usize) -> u64 {
         (0..8).fold(0, |m, k| m | word_mask(word_at(self.0, i + 8 * k)) << (8 * k))
     }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn mask64_avx2(&self, i: usize) -> u64 {
+    #[inline(always)]
+    fn operands64(&self, i: usize) -> (*const u8, Option<*const u8>) {
         debug_assert!(i + 64 <= self.0.len());
-        // SAFETY: the caller guarantees i + 64 <= len.
-        unsafe { nonzero_mask64_avx2(self.0.as_ptr().add(i), None) }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn mask64_avx512(&self, i: usize) -> u64 {
-        debug_assert!(i + 64 <= self.0.len());
-        // SAFETY: the caller guarantees i + 64 <= len.
-        unsafe { nonzero_mask64_avx512(self.0.as_ptr().add(i), None) }
+        (self.0.as_ptr().wrapping_add(i), None)
     }
 }
 
@@ -308,14 +279,14 @@ fn list_nonzero<S: XorSource>(src: &S, b0: usize, b1: usize, pos: &mut [u32], ma
 unsafe fn list_nonzero_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, pos: &mut [u32]) -> usize {
     // SAFETY: AVX2 is present (this function's contract); list_nonzero asks only for masks of
     // 64 bytes inside the range, which lies inside the source.
-    list_nonzero(src, b0, b1, pos, |i| unsafe { src.mask64_avx2(i) })
+    list_nonzero(src, b0, b1, pos, |i| unsafe { nonzero_mask64_avx2(src.operands64(i)) })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,popcnt,bmi1")]
 unsafe fn list_nonzero_avx512<S: XorSource>(src: &S, b0: usize, b1: usize, pos: &mut [u32]) -> usize {
     // SAFETY: as list_nonzero_avx2, with AVX-512F/BW present.
-    list_nonzero(src, b0, b1, pos, |i| unsafe { src.mask64_avx512(i) })
+    list_nonzero(src, b0, b1, pos, |i| unsafe { nonzero_mask64_avx512(src.operands64(i)) })
 }
 
 /// Which compiled scan the CPU runs.
@@ -398,14 +369,14 @@ fn push_literals_long<S: XorSource>(src: &S, mut from: usize, to: usize, lits: &
 unsafe fn scan_block_avx2<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<Sequence>, lits: &mut Vec<u8>, pos: &mut [u32]) -> u64 {
     // SAFETY: AVX2 is present (this function's contract); scan_block asks only for masks of
     // 64 bytes inside the block, which lies inside the source.
-    scan_block(src, b0, b1, seqs, lits, pos, |i| unsafe { src.mask64_avx2(i) })
+    scan_block(src, b0, b1, seqs, lits, pos, |i| unsafe { nonzero_mask64_avx2(src.operands64(i)) })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx2,popcnt,bmi1")]
 unsafe fn scan_block_avx512<S: XorSource>(src: &S, b0: usize, b1: usize, seqs: &mut Vec<Sequence>, lits: &mut Vec<u8>, pos: &mut [u32]) -> u64 {
     // SAFETY: as scan_block_avx2, with AVX-512F/BW present.
-    scan_block(src, b0, b1, seqs, lits, pos, |i| unsafe { src.mask64_avx512(i) })
+    scan_block(src, b0, b1, seqs, lits, pos, |i| unsafe { nonzero_mask64_avx512(src.operands64(i)) })
 }
 
 /// [`scan_block`] with the fastest mask the CPU has.
@@ -887,16 +858,16 @@ pub(crate) mod tests {
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: AVX2 detected, i + 64 <= len.
                 unsafe {
-                    assert_eq!(Pair(&old, &new).mask64_avx2(i), want);
-                    assert_eq!(Xored(&xor).mask64_avx2(i), want);
+                    assert_eq!(nonzero_mask64_avx2(Pair(&old, &new).operands64(i)), want);
+                    assert_eq!(nonzero_mask64_avx2(Xored(&xor).operands64(i)), want);
                 }
             }
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
                 // SAFETY: AVX-512F/BW detected, i + 64 <= len.
                 unsafe {
-                    assert_eq!(Pair(&old, &new).mask64_avx512(i), want);
-                    assert_eq!(Xored(&xor).mask64_avx512(i), want);
+                    assert_eq!(nonzero_mask64_avx512(Pair(&old, &new).operands64(i)), want);
+                    assert_eq!(nonzero_mask64_avx512(Xored(&xor).operands64(i)), want);
                 }
             }
         }
