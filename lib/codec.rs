@@ -63,6 +63,8 @@ pub fn count_changed(old: &[u8], new: &[u8]) -> u64 {
 }
 
 /// One tensor of OLD and NEW as the encoders read it: a window of both at a time.
+// Only the length is ever asked for (a zero-length tensor is encoded like any other).
+#[allow(clippy::len_without_is_empty)]
 pub trait PairSource {
     /// The tensor's length (OLD's and NEW's).
     fn len(&self) -> usize;
@@ -131,7 +133,7 @@ impl PairSource for PreadPair<'_> {
 }
 
 // Windows are whole blocks of the xor frame (but the last), as `FrameStream::push` requires.
-const _: () = assert!(CHUNK % crate::sparse_frame::BLOCK == 0);
+const _: () = assert!(CHUNK.is_multiple_of(crate::sparse_frame::BLOCK));
 
 /// Call `f(at, old, new)` for consecutive windows covering the tensor, while it returns
 /// `Ok(true)`; returns whether every window was seen.
@@ -216,7 +218,10 @@ pub const ONE_PASS_MAX_CHANGES: usize = 4 << 20;
 /// Positions (u32 LE) and new values of every changed byte, if there are at most `cap`. The
 /// new bytes also go to `hasher`, a window at a time right after it is scanned; if the cap
 /// is hit, `hasher` has seen a prefix only and the caller starts it afresh.
-fn collect_diffs(src: &mut impl PairSource, cap: usize, mut hasher: Option<&mut crate::checksum::Hasher>) -> Result<Option<(Vec<u32>, Vec<u8>)>, PayloadError> {
+/// Changed byte positions and their new values.
+type Diffs = (Vec<u32>, Vec<u8>);
+
+fn collect_diffs(src: &mut impl PairSource, cap: usize, mut hasher: Option<&mut crate::checksum::Hasher>) -> Result<Option<Diffs>, PayloadError> {
     let mut positions = Vec::new();
     let mut values = Vec::new();
     let whole = for_each_diff(
@@ -381,6 +386,8 @@ pub fn apply_folded(payloads: &[(Encoding, &[u8])], target: &mut [u8]) -> Result
 }
 
 /// Where [`apply_folded_to`] patches a tensor, chunk by chunk in order.
+// Only the length is ever asked for (a zero-length tensor is patched like any other).
+#[allow(clippy::len_without_is_empty)]
 pub trait PatchTarget {
     fn len(&self) -> usize;
     /// Run `f` on bytes `[base, base + len)`, holding the old bytes on entry; what `f` leaves

@@ -85,7 +85,7 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     if opts.version == 0 {
         return Err(Error::Usage("version 0 is the engine's base checkpoint and cannot be published".into()));
     }
-    let full_by_period = opts.full_every.is_some_and(|k| k > 0 && opts.version % k == 0);
+    let full_by_period = opts.full_every.is_some_and(|k| k > 0 && opts.version.is_multiple_of(k));
     let opts = &DiffOptions { full: opts.full || full_by_period, ..opts.clone() };
     if opts.full && opts.base_version.is_some() && !full_by_period {
         return Err(Error::Usage("--base-version does not apply to --full (a full version has no base)".into()));

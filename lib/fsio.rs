@@ -175,7 +175,7 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
 /// Write `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(path.as_ref())?;
-    f.write_all(bytes).at(f.temp_path().to_path_buf())?;
+    f.write_all(bytes).at(f.temp_path())?;
     f.commit()
 }
 

@@ -541,15 +541,15 @@ fn huffman_lengths(hist: &[u32; 256], lens: &mut [u8; 256], max_bits: u32) -> u3
     let target = 1u32 << max_bits;
     let mut len = [0u32; 256];
     let mut kraft = 0u32;
-    for i in 0..n {
-        len[i] = u32::from(depth[i]).min(max_bits);
-        kraft += 1 << (max_bits - len[i]);
+    for (l, &d) in len[..n].iter_mut().zip(&depth[..n]) {
+        *l = u32::from(d).min(max_bits);
+        kraft += 1 << (max_bits - *l);
     }
     while kraft > target {
-        for i in 0..n {
-            if len[i] < max_bits {
-                kraft -= 1 << (max_bits - len[i] - 1);
-                len[i] += 1;
+        for l in &mut len[..n] {
+            if *l < max_bits {
+                kraft -= 1 << (max_bits - *l - 1);
+                *l += 1;
                 if kraft <= target {
                     break;
                 }
@@ -606,7 +606,7 @@ fn huffman_stream(data: &[u8], codes: &[u32; 256], buf: &mut [u8]) -> usize {
         w.add_clean(u64::from(e & 0xFFFF), e >> 16);
     };
     let mut i = data.len();
-    while i % 4 != 0 {
+    while !i.is_multiple_of(4) {
         i -= 1;
         put(&mut w, data[i]);
     }
@@ -841,8 +841,8 @@ impl Literals {
             if sizes[..3].iter().any(|&s| s > 0xFFFF) {
                 return raw(out);
             }
-            for k in 0..3 {
-                self.streams[2 * k..2 * k + 2].copy_from_slice(&(sizes[k] as u16).to_le_bytes());
+            for (k, &size) in sizes[..3].iter().enumerate() {
+                self.streams[2 * k..2 * k + 2].copy_from_slice(&(size as u16).to_le_bytes());
             }
             at
         };
@@ -1489,7 +1489,7 @@ mod tests {
         match style {
             Lits::Random => r as u8,
             Lits::Skewed => {
-                if r % 3 == 0 {
+                if r.is_multiple_of(3) {
                     0
                 } else {
                     ((r >> 8) as u8) >> ((r >> 16) % 8)
@@ -1589,7 +1589,7 @@ mod tests {
         for n in [0usize, 1, 2, 31, 32, 63, 64, 100, 1023, 1024, 4095, 4096, 16383, 16384, 70_000, MAX_BLOCK] {
             for style in [Lits::Random, Lits::Skewed, Lits::FewValues, Lits::Same] {
                 let b = Block { seqs: vec![], lits: (0..n).map(|_| lit_byte(&mut s, style)).collect() };
-                round_trip(&mut enc, &[b.clone()], &[]);
+                round_trip(&mut enc, std::slice::from_ref(&b), &[]);
                 round_trip(&mut enc, &[b.clone(), b], &[]);
             }
         }
@@ -1599,7 +1599,7 @@ mod tests {
         assert_eq!(raws, 0, "{} bytes", frame.len());
         // A single literal, then matches of it; empty literals after the first byte.
         let one = Block { seqs: vec![Sequence { lit_len: 1, match_len: 1000, offset: 1 }], lits: vec![9] };
-        round_trip(&mut enc, &[one.clone()], &[]);
+        round_trip(&mut enc, std::slice::from_ref(&one), &[]);
         let no_lits = Block { seqs: vec![Sequence { lit_len: 0, match_len: 5000, offset: 1 }; 3], lits: vec![] };
         round_trip(&mut enc, &[one.clone(), no_lits.clone(), no_lits.clone()], &[]);
         // lit_len == 0 with every repeat slot and rep1 - 1.
@@ -1664,7 +1664,7 @@ mod tests {
         let mut x = vec![0u8; len];
         for i in (0..len).step_by(2) {
             let r = rng(&mut s);
-            if r % 37 == 0 {
+            if r.is_multiple_of(37) {
                 let bits = 1 + (r >> 8) % 6;
                 x[i] = (((r >> 16) as u8) & ((1u8 << bits) - 1)) | 1;
             }

@@ -39,13 +39,16 @@ fn gpu_or_skip(test: &str) -> Option<GpuDiffer> {
 
 /// Old/new pairs, generated one at a time: lengths around the vector (16), tile (4096) and
 /// pipeline chunk sizes, and densities 0 %, 100 %, sparse, clustered at chunk edges, random.
+/// Whether byte `i` of a test pair changes.
+type ChangePattern<'a> = dyn Fn(usize, &mut Rng) -> bool + 'a;
+
 fn for_each_pair(max_len: usize, mut f: impl FnMut(&str, &[u8], &[u8])) {
     let c = gpu::GPU_CHUNK;
     let lens = [0usize, 1, 15, 16, 17, 4095, 4096, 4097, 1 << 20, c - 1, c + 1, 2 * c + 12_345];
     let mut rng = Rng::new(7);
     for &len in lens.iter().filter(|&&l| l <= max_len) {
         let old: Vec<u8> = (0..len.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).take(len).collect();
-        let patterns: [(&str, &dyn Fn(usize, &mut Rng) -> bool); 5] = [
+        let patterns: [(&str, &ChangePattern<'_>); 5] = [
             ("none", &|_, _| false),
             ("all", &|_, _| true),
             ("every97", &|i, _| i % 97 == 3),

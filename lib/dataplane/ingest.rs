@@ -170,7 +170,10 @@ fn mmap(path: &Path) -> Result<memmap2::Mmap> {
 }
 
 /// Tensor list of a safetensors buffer, validated by the `safetensors` crate.
-fn safetensors_specs(buf: &[u8]) -> std::result::Result<(Vec<(String, Dtype, Vec<usize>)>, safetensors::SafeTensors<'_>), String> {
+/// Name, dtype and shape of each tensor of a sample file.
+type TensorSpecs = Vec<(String, Dtype, Vec<usize>)>;
+
+fn safetensors_specs(buf: &[u8]) -> std::result::Result<(TensorSpecs, safetensors::SafeTensors<'_>), String> {
     let st = safetensors::SafeTensors::deserialize(buf).map_err(|e| format!("not a valid safetensors file: {e}"))?;
     let mut specs = Vec::new();
     let mut tensors = st.tensors();
@@ -183,7 +186,7 @@ fn safetensors_specs(buf: &[u8]) -> std::result::Result<(Vec<(String, Dtype, Vec
 }
 
 /// The existing object, if intact and made from this very source.
-fn intact_existing(store: &FeatureStore, id: &str, src: &Path, src_meta: &fs::Metadata) -> Option<(StoredObject, Vec<(String, Dtype, Vec<usize>)>)> {
+fn intact_existing(store: &FeatureStore, id: &str, src: &Path, src_meta: &fs::Metadata) -> Option<(StoredObject, TensorSpecs)> {
     let obj = store.current(id).ok()??;
     let obj_meta = fs::metadata(&obj.path).ok()?;
     let map = mmap(&obj.path).ok()?;

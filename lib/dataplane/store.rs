@@ -182,6 +182,9 @@ pub struct StoredObject {
     pub bytes: u64,
 }
 
+/// Unexpired leases of one sample, per generation.
+type LiveLeases = BTreeMap<u64, Vec<LeaseRecord>>;
+
 /// A lease file's contents.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LeaseRecord {
@@ -672,9 +675,9 @@ impl FeatureStore {
     }
 
     /// Live (unexpired) leases per generation, and the paths of expired ones.
-    fn leases(&self, sample_id: &str, now_ms: u64) -> Result<(BTreeMap<u64, Vec<LeaseRecord>>, Vec<(u64, PathBuf)>)> {
+    fn leases(&self, sample_id: &str, now_ms: u64) -> Result<(LiveLeases, Vec<(u64, PathBuf)>)> {
         let dir = self.sample_dir(sample_id);
-        let mut live: BTreeMap<u64, Vec<LeaseRecord>> = BTreeMap::new();
+        let mut live = LiveLeases::new();
         let mut expired = Vec::new();
         let rd = match fs::read_dir(&dir) {
             Ok(rd) => rd,

@@ -29,7 +29,7 @@ use std::time::Instant;
 
 /// CUDA C source of the kernels, compiled at run time by NVRTC.
 pub const KERNELS: &str = include_str!("kernels.cu");
-const _: () = assert!(GPU_CHUNK % codec::CHUNK == 0 && GPU_CHUNK % 16 == 0);
+const _: () = assert!(GPU_CHUNK.is_multiple_of(codec::CHUNK) && GPU_CHUNK.is_multiple_of(16));
 /// Chunks in flight per pipeline (one stream each).
 pub const SLOTS: usize = 3;
 /// Pipelines (threads using the GPU at once).

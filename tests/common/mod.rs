@@ -256,7 +256,7 @@ pub fn safetensors_bytes(tensors: &[&Tensor], metadata: Option<&BTreeMap<String,
         off += t.data.len();
     }
     let mut h = serde_json::to_vec(&Value::Object(header)).unwrap();
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
