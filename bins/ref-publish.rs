@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Examples:\n  rollout | ref-publish /shared/ch --producer host3 --max-in-flight 256\n  ref-publish /shared/ch --producer host3 --close\n  ref-publish /shared/ch --producer host3 --fail 'sglang crashed'\n  ref-publish /shared/ch --layout single-file < refs.jsonl   # SpecForge refs.jsonl"
+    after_help = "Exit: 0 done; 5 the stream is closed or failed; 3 a bad ref; 130/143 stopped by SIGINT/SIGTERM\n(complete lines read so far are published, the stream stays open).\n\nExamples:\n  rollout | ref-publish /shared/ch --producer host3 --max-in-flight 256\n  ref-publish /shared/ch --producer host3 --close\n  ref-publish /shared/ch --producer host3 --fail 'sglang crashed'\n  ref-publish /shared/ch --layout single-file < refs.jsonl   # SpecForge refs.jsonl"
 )]
 struct Args {
     /// Channel directory (created if missing).
@@ -45,6 +45,8 @@ enum LayoutArg {
 
 fn main() {
     let a = Args::parse();
+    // Without SA_RESTART: a stop ends a read blocked on stdin at once.
+    disagg::stop::install_interrupting_reads();
     let opts = PublishOptions {
         channel: a.channel,
         producer: a.producer,

@@ -7,7 +7,7 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Exit: 0 when every producer closed and all is drained (or, without --follow, when\nnothing more is there); 5 when a producer failed; 9 on idle timeout; 3 malformed pointer.\n\nExamples:\n  ref-tail /shared/ch --cursor trainer --follow --idle-timeout 600 > refs.jsonl\n  ref-tail /shared/ch --cursor t --follow --rank 3 --world 8\n  ref-tail /shared/ch --cursor t --follow --max-staleness 8 --pointer /shared/weights --stale-out stale.jsonl"
+    after_help = "Exit: 0 when every producer closed and all is drained (or, without --follow, when\nnothing more is there); 5 when a producer failed; 9 on idle timeout; 3 malformed pointer;\n130/143 stopped by SIGINT/SIGTERM between batches (the cursor covers all it printed).\n\nExamples:\n  ref-tail /shared/ch --cursor trainer --follow --idle-timeout 600 > refs.jsonl\n  ref-tail /shared/ch --cursor t --follow --rank 3 --world 8\n  ref-tail /shared/ch --cursor t --follow --max-staleness 8 --pointer /shared/weights --stale-out stale.jsonl"
 )]
 struct Args {
     /// Channel directory (per-producer segments, or SpecForge's refs.jsonl).
@@ -46,6 +46,7 @@ struct Args {
 
 fn main() {
     let a = Args::parse();
+    disagg::stop::install();
     let opts = TailOptions {
         channel: a.channel,
         cursor: a.cursor,

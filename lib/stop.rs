@@ -9,7 +9,8 @@
 //! ([`check`]): `delta-diff` between tensors and before its index (it then removes its
 //! unpublished version), `delta-apply` before it mutates LOCAL and between seed and patch (a
 //! patch pass in progress is finished: it is short, and a stop inside it would cost a reseed),
-//! `delta-follow` between cycles.
+//! `delta-follow` between cycles, `ref-tail` between batches (its cursor then covers exactly
+//! what it printed), `ref-publish` after appending the complete lines it has read.
 //!
 //! A second signal kills at once (the handler restores the default action and re-raises), so
 //! a user pressing Ctrl-C twice is never kept waiting; that is the crash case, which every
@@ -34,13 +35,45 @@ extern "C" fn on_signal(sig: libc::c_int) {
 /// Route SIGTERM and SIGINT to the stop flag (binaries call this first thing). `SA_RESTART`
 /// keeps interrupted system calls going, so only the flag changes what the tool does.
 pub fn install() {
+    install_with(libc::SA_RESTART);
+}
+
+/// [`install`] without `SA_RESTART`, for a tool that waits on its stdin: a blocking read of a
+/// pipe or terminal then ends with `EINTR` when the signal arrives, so the stop is seen at
+/// once instead of at the next input. (std's `write_all` and sleeps retry on `EINTR`, and
+/// regular-file I/O is not interrupted, so nothing else changes.)
+pub fn install_interrupting_reads() {
+    install_with(0);
+}
+
+/// Spawn a helper thread that never takes SIGTERM or SIGINT, so that they always reach the
+/// threads that act on them: a signal taken by a helper would not interrupt the main thread's
+/// blocking read. The mask is inherited at spawn (no window where the helper could take one);
+/// a signal arriving meanwhile stays pending and is delivered when the caller's mask returns.
+pub fn spawn_unsignalled<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    // SAFETY: the sets are initialised by sigemptyset/sigaddset before use; pthread_sigmask
+    // changes only the calling thread's mask, and the old one is restored.
+    unsafe {
+        let mut block: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, libc::SIGTERM);
+        libc::sigaddset(&mut block, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
+        let handle = std::thread::spawn(f);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        handle
+    }
+}
+
+fn install_with(flags: libc::c_int) {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: a zeroed sigaction is a valid starting point; the handler only touches an
         // atomic and calls async-signal-safe functions.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-            sa.sa_flags = libc::SA_RESTART;
+            sa.sa_flags = flags;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }

@@ -326,6 +326,99 @@ fn backpressure_blocks_until_consumed() {
     assert!(s["waited_ms"].as_u64().unwrap() > 300);
 }
 
+fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// The child's exit code, waiting at most `limit`.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill9(child);
+    panic!("still running after {limit:?}");
+}
+
+fn wait_for_dir(dir: &Path) {
+    let start = Instant::now();
+    while !dir.is_dir() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{} never appeared", dir.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Refs printed by a plain (non-following, cursorless) tail: what the channel holds now.
+fn published_now(ch: &Path) -> usize {
+    parse_out(&ok(&run(TAIL, &[p(ch)], ""))).len()
+}
+
+#[test]
+fn stop_signals_end_publish_and_tail_at_clean_points() {
+    let d = temp_dir("stop");
+    // A publisher blocked on an empty stdin stops at once on SIGINT (its read is interrupted).
+    let ch = d.join("idle");
+    let mut prod = Command::new(PUBLISH).args([p(&ch), "--producer", "p0"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let _keep_open = prod.stdin.take().unwrap();
+    wait_for_dir(&ch.join("producers/p0"));
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&prod, libc::SIGINT);
+    assert_eq!(exit_within(&mut prod, Duration::from_secs(5)), Some(130));
+
+    // SIGTERM with three complete lines and a partial one read: the three are published, the
+    // partial one is not, the stream stays open, and a later run continues it.
+    let ch = d.join("pub");
+    let mut prod = Command::new(PUBLISH).args([p(&ch), "--producer", "p0"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = prod.stdin.take().unwrap();
+    let text = refs_text("s", 5);
+    let lines: Vec<&str> = text.lines().collect();
+    stdin.write_all(format!("{}\n{}\n{}\n{}", lines[0], lines[1], lines[2], &lines[3][..20]).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for_dir(&ch.join("producers/p0"));
+    let start = Instant::now();
+    while published_now(&ch) < 3 {
+        assert!(start.elapsed() < Duration::from_secs(10), "three refs published");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(&prod, libc::SIGTERM);
+    assert_eq!(exit_within(&mut prod, Duration::from_secs(5)), Some(143));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut prod.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("SIGTERM"), "{err}");
+    drop(stdin);
+    assert_eq!(published_now(&ch), 3, "the partial line is not published");
+    assert!(!ch.join("producers/p0").join(channel::CLOSED_FILE).exists(), "a stopped producer does not close its stream");
+    // An upstream replaying its whole output with --resume publishes exactly the rest.
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0", "--resume", "--close"], &text));
+    let got = parse_out(&ok(&run(TAIL, &[p(&ch), "--follow"], "")));
+    assert_eq!(got.iter().map(|g| (g.1, g.2.clone())).collect::<Vec<_>>(), (0..5).map(|i| (i as u64, format!("s-{i}"))).collect::<Vec<_>>());
+
+    // A following tail stopped by SIGTERM has committed all it printed: its restart prints
+    // only the refs published after.
+    let ch = d.join("tail");
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0"], &refs_text("t", 4)));
+    let mut tail = Command::new(TAIL).args([p(&ch), "--cursor", "c", "--follow"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(tail.stdout.take().unwrap());
+    for i in 0..4 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(parse_out(&line)[0].1, i);
+    }
+    signal(&tail, libc::SIGTERM);
+    assert_eq!(exit_within(&mut tail, Duration::from_secs(5)), Some(143));
+    let cursor: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((cursor.producers["p0"].next_seq, cursor.delivered), (4, 4));
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0", "--close"], &refs_text("u", 2)));
+    let again = parse_out(&ok(&run(TAIL, &[p(&ch), "--cursor", "c", "--follow"], "")));
+    assert_eq!(again.iter().map(|g| (g.1, g.2.clone())).collect::<Vec<_>>(), vec![(4, "u-0".to_string()), (5, "u-1".to_string())]);
+}
+
 #[test]
 fn failed_stream_idle_timeout_and_bad_input() {
     let d = temp_dir("fail");

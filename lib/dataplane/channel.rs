@@ -345,7 +345,8 @@ impl RefProducer {
         let heartbeat = (layout == Layout::Segments).then(|| {
             let (path, published, stop) = (dir.join(HEARTBEAT_FILE), published.clone(), stop.clone());
             let host = hostname();
-            std::thread::spawn(move || {
+            // A stop signal must reach the thread reading stdin, never this one.
+            crate::stop::spawn_unsignalled(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let hb = Heartbeat {
                         pid: std::process::id(),
@@ -614,20 +615,30 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
     let mut line_no = 0u64;
     let mut pending = Vec::<u8>::new();
     let mut paused = false;
+    // A stop signal (crate::stop) ends the input here: the complete lines read so far are
+    // published, a partial last line is not, and the stream stays open (not closed).
     loop {
         let gather_start = Instant::now();
-        let mut eof;
+        let mut eof = false;
+        let mut stopped;
         loop {
-            let chunk = input.fill_buf().at("<stdin>")?;
-            eof = chunk.is_empty();
-            let n = chunk.len();
-            pending.extend_from_slice(chunk);
+            let n = match input.fill_buf() {
+                Ok(chunk) => {
+                    eof = chunk.is_empty();
+                    pending.extend_from_slice(chunk);
+                    chunk.len()
+                }
+                // A read interrupted by a stop signal (installed without SA_RESTART).
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(Error::io("<stdin>", e)),
+            };
             input.consume(n);
-            if eof || pending.len() >= PUBLISH_BATCH_BYTES || gather_start.elapsed() >= PUBLISH_BATCH_WAIT || !more_ready() {
+            stopped = crate::stop::requested();
+            if eof || stopped.is_some() || pending.len() >= PUBLISH_BATCH_BYTES || gather_start.elapsed() >= PUBLISH_BATCH_WAIT || !more_ready() {
                 break;
             }
         }
-        if eof && !pending.is_empty() && *pending.last().expect("nonempty") != b'\n' {
+        if eof && stopped.is_none() && !pending.is_empty() && *pending.last().expect("nonempty") != b'\n' {
             pending.push(b'\n');
         }
         let (lines, used) = complete_lines(&pending);
@@ -649,7 +660,7 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
         let base = p.published();
         let (encoded, ends) = encode_batch(&todo, &p.name, base)?;
         pending.drain(..used);
-        if pending.len() > MAX_LINE_BYTES {
+        if stopped.is_none() && pending.len() > MAX_LINE_BYTES {
             return Err(Error::bad_input("<stdin>", format!("line {} is longer than {MAX_LINE_BYTES} bytes", line_no + 1)));
         }
         let mut done = 0usize;
@@ -670,6 +681,9 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
                         if !paused {
                             break high - in_flight;
                         }
+                        // Stopped while held back: the rest of this batch is not published
+                        // (an upstream that replays its output with --resume gets it again).
+                        crate::stop::check()?;
                         std::thread::sleep(sleep);
                         sleep = (sleep * 2).min(Duration::from_millis(20));
                     };
@@ -683,6 +697,9 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
             p.append_encoded(&encoded[from..ends[done + take - 1]], take as u64)?;
             summary.published_now += take as u64;
             done += take;
+        }
+        if let Some(signal) = stopped {
+            return Err(Error::Interrupted { signal });
         }
         if eof {
             break;
@@ -827,6 +844,12 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
     let mut sleep = Duration::from_micros(250);
     let mut outbuf: Vec<u8> = Vec::with_capacity(1 << 20);
     loop {
+        // A stop signal (crate::stop) ends the tail here, where everything printed is covered
+        // by the committed cursor: a stopped tail never prints a ref again when it restarts.
+        if let Some(signal) = crate::stop::requested() {
+            flush_out(out, &mut outbuf)?;
+            return Err(Error::Interrupted { signal });
+        }
         // Discover producers.
         match layout {
             Layout::Segments => {
