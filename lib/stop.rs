@@ -10,7 +10,8 @@
 //! unpublished version), `delta-apply` before it mutates LOCAL and between seed and patch (a
 //! patch pass in progress is finished: it is short, and a stop inside it would cost a reseed),
 //! `delta-follow` between cycles, `ref-tail` between batches (its cursor then covers exactly
-//! what it printed), `ref-publish` after appending the complete lines it has read.
+//! what it printed), `ref-publish` after appending the complete lines it has read,
+//! `feature-ingest` between files.
 //!
 //! A second signal kills at once (the handler restores the default action and re-raises), so
 //! a user pressing Ctrl-C twice is never kept waiting; that is the crash case, which every

@@ -566,6 +566,50 @@ fn ingest_committed_torch_fixtures_every_tensor() {
     assert_eq!(parse_out(&ok(&run(TAIL, &[p(&ch), "--follow"], ""))).len(), valid);
 }
 
+/// Files under `dir` whose name ends in `suffix`.
+#[cfg(feature = "failpoints")]
+fn count_files(dir: &Path, suffix: &str) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { count_files(&p, suffix) } else { usize::from(p.to_string_lossy().ends_with(suffix)) }).sum()
+}
+
+// The failpoint that paces the ingest exists only with `--features failpoints` (make test).
+#[cfg(feature = "failpoints")]
+#[test]
+fn ingest_stopped_by_sigterm_keeps_what_it_stored_and_publishes_nothing() {
+    let d = temp_dir("ingest-stop");
+    let input = d.join("in");
+    let n = 40;
+    for k in 0..n {
+        let dir = input.join(format!("rows_{k}"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/features/rows_0-2000/data_0.ckpt"), dir.join("data_0.ckpt")).unwrap();
+    }
+    let (store, manifest) = (d.join("store"), d.join("refs.json"));
+    // Each file waits 100 ms before it starts, so the signal lands mid-ingest.
+    let mut c = Command::new(INGEST)
+        .args([p(&input), "--store", p(&store), "--manifest", p(&manifest)])
+        .env("DISAGG_FAILPOINT", "ingest.file:sleep-100")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while count_files(&store, ".safetensors") == 0 {
+        assert!(start.elapsed() < Duration::from_secs(20), "no object stored");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&c, libc::SIGTERM);
+    assert_eq!(exit_within(&mut c, Duration::from_secs(10)), Some(143));
+    let stored = count_files(&store, ".safetensors");
+    assert!((1..n).contains(&stored), "{stored} of {n} stored when stopped");
+    assert!(!manifest.exists() && !d.join("refs.json.done").exists(), "a stopped ingest writes no manifest");
+    // The rerun skips what the stopped one stored and completes the rest.
+    let s: Value = serde_json::from_str(&ok(&run(INGEST, &[p(&input), "--store", p(&store), "--manifest", p(&manifest), "--json"], ""))).unwrap();
+    assert_eq!((s["skipped_intact"].as_u64(), s["ingested"].as_u64()), (Some(stored as u64), Some((n - stored) as u64)));
+    let m: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(m.refs.len(), n);
+}
+
 #[test]
 fn ingest_link_and_move_cost_no_extra_disk() {
     use std::os::unix::fs::MetadataExt;

@@ -346,6 +346,13 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         .collect::<Vec<_>>()
         .into_par_iter()
         .map(|(dup, (src, rel))| {
+            if let Err(e) = crate::failpoint::hit("ingest.file") {
+                return Err(Failure::Fatal(Error::Internal(e.to_string())));
+            }
+            // A stop signal: the files not started yet are left for the rerun.
+            if let Some(signal) = crate::stop::requested() {
+                return Err(Failure::Fatal(Error::Interrupted { signal }));
+            }
             let r = match dup {
                 Some(other) if other != *rel => Err(Failure::Invalid(format!("sample id {} is also derived from {other}", sample_id_for(rel)))),
                 _ => ingest_one(&store, src, rel, opts, &dirs),
@@ -358,6 +365,12 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         .collect());
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    // Stopped between files (crate::stop): what is stored stays, its names made durable, and
+    // nothing is written or published; a rerun skips the stored files as intact.
+    if let Some(signal) = crate::stop::requested() {
+        pool.install(|| dirs.sync())?;
+        return Err(Error::Interrupted { signal });
     }
     let mut refs = Vec::new();
     let mut summary = IngestSummary {
