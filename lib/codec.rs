@@ -215,12 +215,12 @@ fn for_each_diff(src: &mut impl PairSource, mut f: impl FnMut(usize, u8) -> Resu
 /// streaming scans (count, positions, values) so memory stays bounded.
 pub const ONE_PASS_MAX_CHANGES: usize = 4 << 20;
 
-/// Positions (u32 LE) and new values of every changed byte, if there are at most `cap`. The
-/// new bytes also go to `hasher`, a window at a time right after it is scanned; if the cap
-/// is hit, `hasher` has seen a prefix only and the caller starts it afresh.
 /// Changed byte positions and their new values.
 type Diffs = (Vec<u32>, Vec<u8>);
 
+/// Positions (u32 LE) and new values of every changed byte, if there are at most `cap`. The
+/// new bytes also go to `hasher`, a window at a time right after it is scanned; if the cap
+/// is hit, `hasher` has seen a prefix only and the caller starts it afresh.
 fn collect_diffs(src: &mut impl PairSource, cap: usize, mut hasher: Option<&mut crate::checksum::Hasher>) -> Result<Option<Diffs>, PayloadError> {
     let mut positions = Vec::new();
     let mut values = Vec::new();

@@ -37,11 +37,11 @@ fn gpu_or_skip(test: &str) -> Option<GpuDiffer> {
     }
 }
 
-/// Old/new pairs, generated one at a time: lengths around the vector (16), tile (4096) and
-/// pipeline chunk sizes, and densities 0 %, 100 %, sparse, clustered at chunk edges, random.
 /// Whether byte `i` of a test pair changes.
 type ChangePattern<'a> = dyn Fn(usize, &mut Rng) -> bool + 'a;
 
+/// Old/new pairs, generated one at a time: lengths around the vector (16), tile (4096) and
+/// pipeline chunk sizes, and densities 0 %, 100 %, sparse, clustered at chunk edges, random.
 fn for_each_pair(max_len: usize, mut f: impl FnMut(&str, &[u8], &[u8])) {
     let c = gpu::GPU_CHUNK;
     let lens = [0usize, 1, 15, 16, 17, 4095, 4096, 4097, 1 << 20, c - 1, c + 1, 2 * c + 12_345];

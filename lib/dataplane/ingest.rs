@@ -169,10 +169,10 @@ fn mmap(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::MmapOptions::new().populate().map(&f) }.at(path)
 }
 
-/// Tensor list of a safetensors buffer, validated by the `safetensors` crate.
 /// Name, dtype and shape of each tensor of a sample file.
 type TensorSpecs = Vec<(String, Dtype, Vec<usize>)>;
 
+/// Tensor list of a safetensors buffer, validated by the `safetensors` crate.
 fn safetensors_specs(buf: &[u8]) -> std::result::Result<(TensorSpecs, safetensors::SafeTensors<'_>), String> {
     let st = safetensors::SafeTensors::deserialize(buf).map_err(|e| format!("not a valid safetensors file: {e}"))?;
     let mut specs = Vec::new();
