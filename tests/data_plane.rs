@@ -714,6 +714,29 @@ fn store_quota_waits_then_fails_clearly() {
     let o = run(INGEST, &[p(&input), "--store", p(&d2.join("store")), "--quota-bytes", "2000"], "");
     assert_eq!(o.status.code(), Some(10));
     assert!(String::from_utf8_lossy(&o.stderr).contains("quota"));
+    // SIGTERM ends a long quota wait at once (exit 143), leaving no temp file in the store.
+    let store3 = d2.join("store3");
+    let mut c = Command::new(INGEST)
+        .args([p(&input), "--store", p(&store3), "--quota-bytes", "2000", "--quota-wait", "60"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(c.try_wait().unwrap().is_none(), "waiting for quota");
+    signal(&c, libc::SIGTERM);
+    assert_eq!(exit_within(&mut c, Duration::from_secs(5)), Some(143));
+    assert_no_temp(&store3);
+}
+
+/// No in-progress file of the durable-write module anywhere under `dir`.
+fn assert_no_temp(dir: &Path) {
+    for e in fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        assert!(!disagg::fsio::is_temp_name(&path.file_name().unwrap().to_string_lossy()), "temp file left: {}", path.display());
+        if path.is_dir() {
+            assert_no_temp(&path);
+        }
+    }
 }
 
 /// Fenced examples in docs/FORMATS.md parse with the code's own types.

@@ -542,6 +542,9 @@ impl FeatureStore {
                 }
             }
             recount = true;
+            // A stop signal (crate::stop, installed by feature-ingest) ends the wait: nothing
+            // of this object is written yet.
+            crate::stop::check()?;
             std::thread::sleep(Duration::from_millis(50));
         }
     }
