@@ -399,6 +399,23 @@ fn stop_signals_end_publish_and_tail_at_clean_points() {
     let got = parse_out(&ok(&run(TAIL, &[p(&ch), "--follow"], "")));
     assert_eq!(got.iter().map(|g| (g.1, g.2.clone())).collect::<Vec<_>>(), (0..5).map(|i| (i as u64, format!("s-{i}"))).collect::<Vec<_>>());
 
+    // A publisher held back by --max-in-flight stops at once too, with what it had appended.
+    let ch = d.join("held");
+    let mut prod = Command::new(PUBLISH).args([p(&ch), "--producer", "p0", "--max-in-flight", "5"]).stdin(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut stdin = prod.stdin.take().unwrap();
+    stdin.write_all(refs_text("h", 20).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_for_dir(&ch.join("producers/p0"));
+    let start = Instant::now();
+    while published_now(&ch) < 5 {
+        assert!(start.elapsed() < Duration::from_secs(10), "five refs published");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(&prod, libc::SIGTERM);
+    assert_eq!(exit_within(&mut prod, Duration::from_secs(5)), Some(143));
+    drop(stdin);
+    assert_eq!(published_now(&ch), 5);
+
     // A following tail stopped by SIGTERM has committed all it printed: its restart prints
     // only the refs published after.
     let ch = d.join("tail");
