@@ -359,13 +359,30 @@ fn published_now(ch: &Path) -> usize {
     parse_out(&ok(&run(TAIL, &[p(ch)], ""))).len()
 }
 
+/// Wait (at most 10 s) until the channel exists and holds at least `n` refs.
+fn wait_published(ch: &Path, n: usize) {
+    let start = Instant::now();
+    while !ch.is_dir() || published_now(ch) < n {
+        assert!(start.elapsed() < Duration::from_secs(10), "{n} refs never published in {}", ch.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `ref-publish CH --producer p0 ARGS...` reading `input` from a pipe that stays open.
+fn spawn_publisher(ch: &Path, args: &[&str], input: &str) -> (std::process::Child, std::process::ChildStdin) {
+    let mut prod = Command::new(PUBLISH).args([p(ch), "--producer", "p0"]).args(args).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = prod.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    (prod, stdin)
+}
+
 #[test]
 fn stop_signals_end_publish_and_tail_at_clean_points() {
     let d = temp_dir("stop");
     // A publisher blocked on an empty stdin stops at once on SIGINT (its read is interrupted).
     let ch = d.join("idle");
-    let mut prod = Command::new(PUBLISH).args([p(&ch), "--producer", "p0"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let _keep_open = prod.stdin.take().unwrap();
+    let (mut prod, _keep_open) = spawn_publisher(&ch, &[], "");
     wait_for_dir(&ch.join("producers/p0"));
     std::thread::sleep(Duration::from_millis(100));
     signal(&prod, libc::SIGINT);
@@ -374,18 +391,10 @@ fn stop_signals_end_publish_and_tail_at_clean_points() {
     // SIGTERM with three complete lines and a partial one read: the three are published, the
     // partial one is not, the stream stays open, and a later run continues it.
     let ch = d.join("pub");
-    let mut prod = Command::new(PUBLISH).args([p(&ch), "--producer", "p0"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut stdin = prod.stdin.take().unwrap();
     let text = refs_text("s", 5);
     let lines: Vec<&str> = text.lines().collect();
-    stdin.write_all(format!("{}\n{}\n{}\n{}", lines[0], lines[1], lines[2], &lines[3][..20]).as_bytes()).unwrap();
-    stdin.flush().unwrap();
-    wait_for_dir(&ch.join("producers/p0"));
-    let start = Instant::now();
-    while published_now(&ch) < 3 {
-        assert!(start.elapsed() < Duration::from_secs(10), "three refs published");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut prod, stdin) = spawn_publisher(&ch, &[], &format!("{}\n{}\n{}\n{}", lines[0], lines[1], lines[2], &lines[3][..20]));
+    wait_published(&ch, 3);
     signal(&prod, libc::SIGTERM);
     assert_eq!(exit_within(&mut prod, Duration::from_secs(5)), Some(143));
     let mut err = String::new();
@@ -401,16 +410,8 @@ fn stop_signals_end_publish_and_tail_at_clean_points() {
 
     // A publisher held back by --max-in-flight stops at once too, with what it had appended.
     let ch = d.join("held");
-    let mut prod = Command::new(PUBLISH).args([p(&ch), "--producer", "p0", "--max-in-flight", "5"]).stdin(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    let mut stdin = prod.stdin.take().unwrap();
-    stdin.write_all(refs_text("h", 20).as_bytes()).unwrap();
-    stdin.flush().unwrap();
-    wait_for_dir(&ch.join("producers/p0"));
-    let start = Instant::now();
-    while published_now(&ch) < 5 {
-        assert!(start.elapsed() < Duration::from_secs(10), "five refs published");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (mut prod, stdin) = spawn_publisher(&ch, &["--max-in-flight", "5"], &refs_text("h", 20));
+    wait_published(&ch, 5);
     signal(&prod, libc::SIGTERM);
     assert_eq!(exit_within(&mut prod, Duration::from_secs(5)), Some(143));
     drop(stdin);
