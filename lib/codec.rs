@@ -187,22 +187,21 @@ fn encode_xor<W: Write>(src: &mut impl PairSource, out: W, mut hasher: Option<&m
     Ok(frame.finish()?.1)
 }
 
-/// Call `f(position, new value)` for every differing byte, in ascending order, while it
-/// returns `Ok(true)`: the scan behind the `overwrite` encoder (the first pass of
-/// sparse_frame's xor scan, one block at a time). `seen(new)` gets each window's new bytes
-/// after its scan. Returns whether the whole tensor was scanned.
-fn for_each_diff(src: &mut impl PairSource, mut f: impl FnMut(usize, u8) -> Result<bool, PayloadError>, mut seen: impl FnMut(&[u8])) -> Result<bool, PayloadError> {
+/// Call `f(base, offsets, new)` for every block of the tensor, in order, while it returns
+/// `Ok(true)`: `offsets` are the ascending offsets from `base` of the block's differing bytes
+/// and `new` is NEW's bytes from `base` (index it with an offset). This is the scan behind the
+/// `overwrite` encoder (the first pass of sparse_frame's xor scan), handing over a block at a
+/// time so the callers' loops stay tight. `seen(new)` gets each window's new bytes after its
+/// scan. Returns whether the whole tensor was scanned.
+fn for_each_diff_block(src: &mut impl PairSource, mut f: impl FnMut(usize, &[u32], &[u8]) -> Result<bool, PayloadError>, mut seen: impl FnMut(&[u8])) -> Result<bool, PayloadError> {
     use crate::sparse_frame::BLOCK;
     let mut scan = crate::sparse_frame::NonzeroScan::default();
     for_each_window(src, |at, o, w| {
         let pair = crate::sparse_frame::Pair(o, w);
         for b0 in (0..o.len()).step_by(BLOCK) {
             let b1 = (b0 + BLOCK).min(o.len());
-            for &q in scan.block(&pair, b0, b1) {
-                let p = b0 + q as usize;
-                if !f(at + p, w[p])? {
-                    return Ok(false);
-                }
+            if !f(at + b0, scan.block(&pair, b0, b1), &w[b0..b1])? {
+                return Ok(false);
             }
         }
         seen(w);
@@ -215,23 +214,43 @@ fn for_each_diff(src: &mut impl PairSource, mut f: impl FnMut(usize, u8) -> Resu
 /// streaming scans (count, positions, values) so memory stays bounded.
 pub const ONE_PASS_MAX_CHANGES: usize = 4 << 20;
 
-/// Changed byte positions and their new values.
-type Diffs = (Vec<u32>, Vec<u8>);
+/// The changes of one tensor gathered for its `overwrite` frame, already laid out as the
+/// payload: `head` is the u32 LE count followed by the u32 LE positions, `values` the new
+/// bytes. Both buffers come from this thread's pool, so the next tensor reuses their pages.
+struct Gathered {
+    head: crate::pool::Pooled<Vec<u8>>,
+    values: crate::pool::Pooled<Vec<u8>>,
+}
 
-/// Positions (u32 LE) and new values of every changed byte, if there are at most `cap`. The
-/// new bytes also go to `hasher`, a window at a time right after it is scanned; if the cap
-/// is hit, `hasher` has seen a prefix only and the caller starts it afresh.
-fn collect_diffs(src: &mut impl PairSource, cap: usize, mut hasher: Option<&mut crate::checksum::Hasher>) -> Result<Option<Diffs>, PayloadError> {
-    let mut positions = Vec::new();
-    let mut values = Vec::new();
-    let whole = for_each_diff(
+thread_local! {
+    static GATHER_BUFS: crate::pool::Pool<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Positions and new values of every changed byte, if there are at most `cap`. The new bytes
+/// also go to `hasher`, a window at a time right after it is scanned; if the cap is hit,
+/// `hasher` has seen a prefix only and the caller starts it afresh. The tensor is at most
+/// [`MAX_OVERWRITE_TENSOR`] bytes (checked by the caller), so every position fits a u32.
+fn collect_diffs(src: &mut impl PairSource, cap: usize, mut hasher: Option<&mut crate::checksum::Hasher>) -> Result<Option<Gathered>, PayloadError> {
+    // Buffers grown up to the cap are kept: at most 20 MiB a thread, reused tensor after tensor.
+    let take = || {
+        let mut b = crate::pool::Pooled::take(&GATHER_BUFS, |_| true);
+        b.clear();
+        b
+    };
+    let (mut head, mut values) = (take(), take());
+    head.extend_from_slice(&[0; 4]);
+    let whole = for_each_diff_block(
         src,
-        |p, v| {
-            if values.len() == cap {
+        |base, offsets, new| {
+            if values.len() + offsets.len() > cap {
                 return Ok(false);
             }
-            positions.push(p as u32);
-            values.push(v);
+            head.reserve(4 * offsets.len());
+            values.reserve(offsets.len());
+            for &q in offsets {
+                head.extend_from_slice(&(base as u32 + q).to_le_bytes());
+                values.push(new[q as usize]);
+            }
             Ok(true)
         },
         |w| {
@@ -240,16 +259,21 @@ fn collect_diffs(src: &mut impl PairSource, cap: usize, mut hasher: Option<&mut 
             }
         },
     )?;
-    Ok(whole.then_some((positions, values)))
+    let count = values.len() as u32;
+    head[..4].copy_from_slice(&count.to_le_bytes());
+    Ok(whole.then_some(Gathered { head, values }))
 }
 
-/// Stream what `emit` makes of every differing position into `out`, in CHUNK-sized writes.
-fn write_diffs(src: &mut impl PairSource, out: &mut impl Write, emit: impl Fn(usize, u8, &mut Vec<u8>)) -> Result<(), PayloadError> {
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + 4);
-    for_each_diff(
+/// Stream what `emit(position, new value, buf)` makes of every differing byte into `out`, in
+/// CHUNK-sized writes.
+fn write_diffs(src: &mut impl PairSource, out: &mut impl Write, emit: impl Fn(u32, u8, &mut Vec<u8>)) -> Result<(), PayloadError> {
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + 4 * crate::sparse_frame::BLOCK);
+    for_each_diff_block(
         src,
-        |p, v| {
-            emit(p, v, &mut buf);
+        |base, offsets, new| {
+            for &q in offsets {
+                emit(base as u32 + q, new[q as usize], &mut buf);
+            }
             if buf.len() >= CHUNK {
                 out.write_all(&buf)?;
                 buf.clear();
@@ -262,21 +286,22 @@ fn write_diffs(src: &mut impl PairSource, out: &mut impl Write, emit: impl Fn(us
 }
 
 /// Write an `overwrite` frame from gathered changes: `u32 LE count`, the positions (ascending),
-/// the values. The CPU one-pass encoder and the GPU path both end here.
+/// the values. The GPU path and the tests end here; the CPU encoder gathers the payload's
+/// bytes directly ([`collect_diffs`]).
 pub fn write_overwrite_frame<W: Write>(out: W, positions: &[u32], values: &[u8]) -> io::Result<W> {
     assert_eq!(positions.len(), values.len(), "one value per position");
-    let count = positions.len() as u64;
-    let mut enc = crate::sparse_frame::OverwriteFrame::new(out, count)?;
-    enc.write_all(&(count as u32).to_le_bytes())?;
-    let mut buf = Vec::with_capacity(CHUNK);
-    for ps in positions.chunks(CHUNK / 4) {
-        buf.clear();
-        buf.extend(ps.iter().flat_map(|p| p.to_le_bytes()));
-        enc.write_all(&buf)?;
-    }
-    for vs in values.chunks(CHUNK) {
-        enc.write_all(vs)?;
-    }
+    let mut head = Vec::with_capacity(4 + 4 * positions.len());
+    head.extend_from_slice(&(positions.len() as u32).to_le_bytes());
+    head.extend(positions.iter().flat_map(|p| p.to_le_bytes()));
+    write_gathered(out, &head, values)
+}
+
+/// The `overwrite` frame of `head` (count and positions, as in the payload) and `values`:
+/// two large writes, which the frame codes in place, segment by segment.
+fn write_gathered<W: Write>(out: W, head: &[u8], values: &[u8]) -> io::Result<W> {
+    let mut enc = crate::sparse_frame::OverwriteFrame::new(out, values.len() as u64)?;
+    enc.write_all(head)?;
+    enc.write_all(values)?;
     enc.finish()
 }
 
@@ -284,8 +309,8 @@ fn encode_overwrite_capped<W: Write>(src: &mut impl PairSource, out: W, one_pass
     if src.len() > MAX_OVERWRITE_TENSOR {
         return Err(PayloadError::TooLarge(src.len()));
     }
-    if let Some((positions, values)) = collect_diffs(src, one_pass_cap, hasher.as_deref_mut())? {
-        write_overwrite_frame(out, &positions, &values)?;
+    if let Some(Gathered { head, values }) = collect_diffs(src, one_pass_cap, hasher.as_deref_mut())? {
+        write_gathered(out, &head, &values)?;
         return Ok(values.len() as u64);
     }
     // Dense: count (and hash the whole tensor afresh: the one-pass attempt fed it a prefix),
@@ -304,7 +329,7 @@ fn encode_overwrite_capped<W: Write>(src: &mut impl PairSource, out: W, one_pass
     })?;
     let mut enc = crate::sparse_frame::OverwriteFrame::new(out, count)?;
     enc.write_all(&(count as u32).to_le_bytes())?;
-    write_diffs(src, &mut enc, |p, _, buf| buf.extend_from_slice(&(p as u32).to_le_bytes()))?;
+    write_diffs(src, &mut enc, |p, _, buf| buf.extend_from_slice(&p.to_le_bytes()))?;
     write_diffs(src, &mut enc, |_, v, buf| buf.push(v))?;
     enc.finish()?;
     Ok(count)
