@@ -33,12 +33,15 @@ struct Args {
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: disagg::cli::ThreadArgs,
 }
 
 fn main() {
     let a = Args::parse();
     disagg::stop::install();
     disagg::error::run_main("delta-apply", || {
+        a.threads.install()?;
         let target = match a.target.as_str() {
             "latest" if a.run_id.is_some() => return Err(Error::Usage("--run-id goes with a numeric --target; `latest` names its own run".into())),
             "latest" => Target::Latest,

@@ -13,6 +13,7 @@ use std::path::PathBuf;
   delta-diff ckpt/step_0 ckpt/step_9 --publish /shared/weights --version 9 --full
   delta-diff ckpt/step_9 ckpt/step_10 --publish /shared/weights --version 10 --full-every 10
   delta-diff ckpt/step_10 ckpt/step_11 --publish /shared/weights --version 11 --device cuda
+  delta-diff ckpt/step_11 ckpt/step_12 --publish /shared/weights --version 12 --threads 4
 
 Exit codes: 0 ok, 2 usage, 3 malformed input, 4 checkpoints differ in tensors/shapes/dtypes,
 5 version already exists (or incomplete), 6 not found, 8 post-write hook failed, 10 I/O,
@@ -59,12 +60,15 @@ struct Args {
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: disagg::cli::ThreadArgs,
 }
 
 fn main() {
     let a = Args::parse();
     disagg::stop::install();
     disagg::error::run_main("delta-diff", || {
+        a.threads.install()?;
         let opts = DiffOptions {
             old: a.old,
             new: a.new,

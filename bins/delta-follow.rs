@@ -58,11 +58,14 @@ struct Args {
     /// One JSON object per cycle that did something (or failed) on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    threads: disagg::cli::ThreadArgs,
 }
 
 fn main() {
     let a = Args::parse();
     disagg::error::run_main("delta-follow", || {
+        a.threads.install()?;
         follow(&FollowOptions {
             local: a.host.local,
             base: a.host.base,

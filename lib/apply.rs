@@ -73,6 +73,8 @@ pub struct ApplyReport {
     pub seconds: f64,
     pub seconds_seed: f64,
     pub seconds_apply: f64,
+    /// Worker threads the seed copy and the patch ran on (`--threads`).
+    pub threads: usize,
 }
 
 /// `LOCAL/.weight_sync/state.json`.
@@ -325,7 +327,7 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     };
     let root = target.root(&opts.source);
     let run_id = target.run_id.clone();
-    let mut report = ApplyReport { version: target.version, run_id: run_id.clone(), ..Default::default() };
+    let mut report = ApplyReport { version: target.version, run_id: run_id.clone(), threads: crate::cli::worker_threads(), ..Default::default() };
 
     let applied = match local.status(&run_id)? {
         LocalStatus::Clean(v) => Some(v),

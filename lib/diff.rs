@@ -77,6 +77,8 @@ pub struct DiffReport {
     pub throughput_gbps: f64,
     /// `cuda` if any tensor was diffed on the GPU, else `cpu`.
     pub device: &'static str,
+    /// Worker threads the tensors were encoded on (`--threads`).
+    pub threads: usize,
 }
 
 /// Publish version `opts.version`; see the module docs.
@@ -117,6 +119,7 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     report.seconds_hook = hook_start.elapsed().as_secs_f64();
     report.seconds = start.elapsed().as_secs_f64();
     report.throughput_gbps = report.total_bytes as f64 / report.seconds.max(1e-9) / 1e9;
+    report.threads = crate::cli::worker_threads();
     Ok(report)
 }
 
@@ -379,6 +382,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         seconds_write: write_start.elapsed().as_secs_f64(),
         seconds_hook: 0.0,
         throughput_gbps: 0.0,
+        threads: 0,
         device: engine.device_used(),
     })
 }
@@ -676,6 +680,7 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
         seconds_write: write_start.elapsed().as_secs_f64(),
         seconds_hook: 0.0,
         throughput_gbps: 0.0,
+        threads: 0,
         device: "cpu",
     })
 }

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-const FOLLOW: &str = env!("CARGO_BIN_EXE_delta-follow");
 const GC: &str = env!("CARGO_BIN_EXE_delta-gc");
 
 // ================================================================================================

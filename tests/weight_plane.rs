@@ -1058,3 +1058,93 @@ fn apply_folds_a_catch_up_into_one_pass() {
     assert_eq!(r["folded"], false);
     assert_local_is(&local, &c.ckpts[4], &c.models[4]);
 }
+
+#[test]
+fn threads_option_sizes_the_worker_pool_and_changes_no_byte() {
+    let t = TestDir::new("threads");
+    let c = make_chain(&t.path, 2, 2);
+    let (src1, src3) = (t.join("src1"), t.join("src3"));
+    for (src, n) in [(&src1, 1u64), (&src3, 3)] {
+        for v in 1..=2 {
+            let r = publish(&c.ckpts[v - 1], &c.ckpts[v], src, v as u64, &["--threads", &n.to_string()]);
+            assert_eq!(r["threads"], n, "delta-diff --threads {n}");
+        }
+    }
+    assert!(snapshot(&src1) == snapshot(&src3), "the published bytes do not depend on --threads");
+    for n in [1u64, 3] {
+        let local = t.join(format!("local{n}"));
+        let r = apply(&local, Some(&c.ckpts[0]), &src1, "2", &["--json", "--threads", &n.to_string()]).ok().json();
+        assert_eq!(r["threads"], n, "delta-apply --threads {n}");
+        assert_eq!(applied(&r), vec![1, 2]);
+        assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+    }
+    // Without the flag, RAYON_NUM_THREADS sizes the pool (then one worker per CPU).
+    let src = t.join("src-env");
+    let r = run_env(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1", "--json"], &[("RAYON_NUM_THREADS", "5")]).ok().json();
+    assert_eq!(r["threads"], 5);
+    // No workers, or no number: usage errors, nothing written.
+    for bad in ["0", "5000", "many"] {
+        run(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "2", "--threads", bad]).code(2).stderr_contains("--threads");
+        run(APPLY, ["--local", t.join("local-bad").s(), "--base", c.ckpts[0].s(), "--source", src1.s(), "--threads", bad]).code(2).stderr_contains("--threads");
+        run(FOLLOW, ["--local", t.join("local-bad").s(), "--base", c.ckpts[0].s(), "--source", src1.s(), "--once", "--threads", bad]).code(2).stderr_contains("--threads");
+    }
+    assert!(!vdir(&src, 2).exists() && !t.join("local-bad").exists());
+}
+
+/// The threads a `delta-diff --threads N` process runs, counted in /proc while it is paused
+/// just before its index: the main thread and N workers.
+#[cfg(all(feature = "failpoints", target_os = "linux"))]
+#[test]
+fn threads_option_is_the_number_of_worker_threads() {
+    let t = TestDir::new("threads_proc");
+    let c = make_chain(&t.path, 1, 1);
+    let most_threads_seen = |n: usize| -> usize {
+        let src = t.join(format!("src{n}"));
+        let mut child = std::process::Command::new(DIFF)
+            .args([c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1", "--threads", &n.to_string()])
+            .env("DISAGG_FAILPOINT", "diff.before_index:sleep-1500")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let tasks = format!("/proc/{}/task", child.id());
+        let mut most = 0;
+        while child.try_wait().unwrap().is_none() {
+            most = most.max(fs::read_dir(&tasks).map(|d| d.count()).unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(child.wait().unwrap().success());
+        assert!(vdir(&src, 1).join(INDEX).exists());
+        most
+    };
+    assert_eq!(most_threads_seen(1), 2, "main thread + 1 worker");
+    assert_eq!(most_threads_seen(6), 7, "main thread + 6 workers");
+}
+
+/// The keys of every `--json` result are the ones docs/FORMATS.md §9 lists (its
+/// `conformance-json-keys` block), no more and no fewer.
+#[test]
+fn json_results_have_the_documented_keys() {
+    let doc = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMATS.md")).unwrap();
+    let block: Vec<&str> = doc.lines().skip_while(|l| *l != "```conformance-json-keys").skip(1).take_while(|l| !l.starts_with("```")).collect();
+    let documented = |tool: &str| -> std::collections::BTreeSet<String> {
+        let line = block.iter().find_map(|l| l.strip_prefix(&format!("{tool}:"))).unwrap_or_else(|| panic!("FORMATS §9 lists no keys for {tool}"));
+        line.split_whitespace().map(String::from).collect()
+    };
+    let keys = |v: &Value| -> std::collections::BTreeSet<String> { v.as_object().expect("a JSON object").keys().cloned().collect() };
+
+    let t = TestDir::new("json_keys");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    let delta = publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    let full = publish(&c.ckpts[1], &c.ckpts[2], &src, 2, &["--full"]);
+    for r in [&delta, &full] {
+        assert_eq!(keys(r), documented("delta-diff"), "delta-diff --json ({})", r["kind"]);
+    }
+    let adv = run(ADVANCE, [src.s(), "2", "--json"]).ok().json();
+    assert_eq!(keys(&adv), documented("pointer-advance"));
+    let local = t.join("local");
+    for target in ["1", "latest", "latest"] {
+        let r = apply(&local, Some(&c.ckpts[0]), &src, target, &["--json"]).ok().json();
+        assert_eq!(keys(&r), documented("delta-apply"), "delta-apply --json --target {target}");
+    }
+}

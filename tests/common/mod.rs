@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub const DIFF: &str = env!("CARGO_BIN_EXE_delta-diff");
 pub const ADVANCE: &str = env!("CARGO_BIN_EXE_pointer-advance");
 pub const APPLY: &str = env!("CARGO_BIN_EXE_delta-apply");
+pub const FOLLOW: &str = env!("CARGO_BIN_EXE_delta-follow");
 
 pub const INDEX: &str = "model.safetensors.index.json";
 pub const SINGLE: &str = "model.safetensors";
