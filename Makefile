@@ -24,6 +24,8 @@ venv: $(VENV)/.ready
 # debug test build only, never into the release binaries.
 test-rust:
 	$(CARGO) test --locked --features failpoints
+	# Tests that scan gigabytes, skipped in the debug build above, run optimized here.
+	$(CARGO) test --release --locked --lib overwrite_refuses_a_count_that_overflows_u32
 	# The `cuda` feature builds with no CUDA toolkit; without a GPU its tests print "skipped: no GPU".
 	$(CARGO) build --locked --features cuda
 	$(CARGO) test --locked --features cuda --test gpu

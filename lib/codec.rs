@@ -35,7 +35,7 @@ pub enum PayloadError {
     Position { pos: u64, len: usize },
     #[error("overwrite count {count} is larger than the tensor ({len} bytes)")]
     Count { count: u64, len: usize },
-    #[error("tensor of {0} bytes is too large for the overwrite encoding (4 GiB cap); use xor")]
+    #[error("tensor of {0} bytes is too large for the overwrite encoding (u32 positions and count: under 4 GiB, or 4 GiB with a byte unchanged); use xor")]
     TooLarge(usize),
     #[error("zstd: {0}")]
     Io(#[from] io::Error),
@@ -327,8 +327,10 @@ fn encode_overwrite_capped<W: Write>(src: &mut impl PairSource, out: W, one_pass
         }
         Ok(true)
     })?;
+    // The count is a u32: only a tensor of exactly 4 GiB with every byte changed overflows it.
+    let count32 = u32::try_from(count).map_err(|_| PayloadError::TooLarge(src.len()))?;
     let mut enc = crate::sparse_frame::OverwriteFrame::new(out, count)?;
-    enc.write_all(&(count as u32).to_le_bytes())?;
+    enc.write_all(&count32.to_le_bytes())?;
     write_diffs(src, &mut enc, |p, _, buf| buf.extend_from_slice(&p.to_le_bytes()))?;
     write_diffs(src, &mut enc, |_, v, buf| buf.push(v))?;
     enc.finish()?;
@@ -845,6 +847,34 @@ mod tests {
         encode(Encoding::Overwrite, &old, &new, &mut frame).unwrap();
         let raw = zstd::stream::decode_all(&frame[..]).unwrap();
         assert_eq!(raw, [2, 0, 0, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0xaa, 0xbb]);
+    }
+
+    /// A tensor of `len` bytes whose every byte changed (OLD zeros, NEW 0xff), served from
+    /// two CHUNK buffers: a 4 GiB tensor without 8 GiB of memory.
+    struct AllChanged(usize, Vec<u8>, Vec<u8>);
+
+    impl PairSource for AllChanged {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn window(&mut self, _at: usize, n: usize) -> Result<(&[u8], &[u8]), PayloadError> {
+            Ok((&self.1[..n], &self.2[..n]))
+        }
+    }
+
+    /// Overwrite's u32 count cannot hold 2^32 changes: a 4 GiB tensor with every byte changed
+    /// is refused (before any payload byte is written), not written with a wrapped count.
+    /// Scans 4 GiB, so it runs only in optimized builds (`cargo test --release`).
+    #[test]
+    #[cfg_attr(debug_assertions, ignore = "scans 4 GiB; run with --release")]
+    fn overwrite_refuses_a_count_that_overflows_u32() {
+        let mut src = AllChanged(MAX_OVERWRITE_TENSOR, vec![0; CHUNK], vec![0xff; CHUNK]);
+        let mut out = Vec::new();
+        let e = encode_overwrite_capped(&mut src, &mut out, ONE_PASS_MAX_CHANGES, None).unwrap_err();
+        assert!(matches!(e, PayloadError::TooLarge(n) if n == MAX_OVERWRITE_TENSOR), "{e}");
+        assert!(out.is_empty(), "nothing written, got {} bytes", out.len());
+        let mut src = AllChanged(MAX_OVERWRITE_TENSOR + 1, vec![0; CHUNK], vec![0xff; CHUNK]);
+        assert!(matches!(encode_overwrite_capped(&mut src, &mut Vec::new(), ONE_PASS_MAX_CHANGES, None), Err(PayloadError::TooLarge(_))));
     }
 
     #[test]
