@@ -290,8 +290,9 @@ fn write_diffs(src: &mut impl PairSource, out: &mut impl Write, emit: impl Fn(u3
 /// bytes directly ([`collect_diffs`]).
 pub fn write_overwrite_frame<W: Write>(out: W, positions: &[u32], values: &[u8]) -> io::Result<W> {
     assert_eq!(positions.len(), values.len(), "one value per position");
+    let count = u32::try_from(positions.len()).map_err(|_| io::Error::other(format!("{} changes overflow the overwrite encoding's u32 count; use xor", positions.len())))?;
     let mut head = Vec::with_capacity(4 + 4 * positions.len());
-    head.extend_from_slice(&(positions.len() as u32).to_le_bytes());
+    head.extend_from_slice(&count.to_le_bytes());
     head.extend(positions.iter().flat_map(|p| p.to_le_bytes()));
     write_gathered(out, &head, values)
 }
