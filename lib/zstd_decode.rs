@@ -698,18 +698,7 @@ fn copy_match(buf: &mut [u8], op: usize, offset: usize, len: usize) {
             }
         }
     } else if offset == 1 {
-        // A run of the previous byte (our xor frames' zero runs, ~70 bytes on average): 256
-        // bytes in 32-byte stores unconditionally, which covers ~97 % of runs, so the one
-        // branch left is nearly always not taken. Filling 64 and looping on, the "longer?"
-        // branch went either way as often; sparse-xor decode went 4.3 -> 5.7 GB/s.
-        let b = buf[op - 1];
-        buf[op..op + 256].copy_from_slice(&[b; 256]);
-        if len > 256 {
-            let n = (len + 31) & !31;
-            for c in buf[op + 256..op + n].chunks_exact_mut(32) {
-                c.copy_from_slice(&[b; 32]);
-            }
-        }
+        fill_run(buf, op, buf[op - 1], len);
     } else {
         // Repeat the period-`offset` pattern in 16-byte stores, advancing by a multiple of it.
         let mut pat = [0u8; 16];
@@ -730,6 +719,22 @@ fn copy_match(buf: &mut [u8], op: usize, offset: usize, len: usize) {
                 buf[d..d + 16].copy_from_slice(&pat);
                 d += stride;
             }
+        }
+    }
+}
+
+/// An offset-1 match: `len` copies of `b` (the byte before `op`) at `op`. A run of the
+/// previous byte (our xor frames' zero runs, ~70 bytes on average): 256 bytes in 32-byte stores
+/// unconditionally, which covers ~97 % of runs, so the one branch left is nearly always not
+/// taken. Filling 64 and looping on, the "longer?" branch went either way as often;
+/// sparse-xor decode went 4.3 -> 5.7 GB/s. Same slack contract as [`copy_match`].
+#[inline(always)]
+fn fill_run(buf: &mut [u8], op: usize, b: u8, len: usize) {
+    buf[op..op + 256].copy_from_slice(&[b; 256]);
+    if len > 256 {
+        let n = (len + 31) & !31;
+        for c in buf[op + 256..op + n].chunks_exact_mut(32) {
+            c.copy_from_slice(&[b; 32]);
         }
     }
 }
@@ -1223,7 +1228,13 @@ fn execute_body(job: &mut SeqJob) -> Result<usize, DecodeError> {
         if offset == 0 || offset > op.min(window) {
             return Err(DecodeError::BadOffset(offset as u64));
         }
-        copy_match(buf, op, offset, ml);
+        if offset == 1 && ll > 0 {
+            // The byte to repeat is the last literal just copied: read it from the literals
+            // rather than back from the store that wrote it a few instructions ago.
+            fill_run(buf, op, lits[lp - 1], ml);
+        } else {
+            copy_match(buf, op, offset, ml);
+        }
         op += ml;
     }
     if !br.finished() {
