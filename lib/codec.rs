@@ -12,6 +12,7 @@
 //!   `count` new byte values. Positions are `u32`, so tensors over 4 GiB must use `xor`.
 
 use crate::version::Encoding;
+use crate::zstd_decode::xor_bytes;
 use std::io::{self, Read, Write};
 
 /// Streaming granularity: small enough that a chunk of the tensor, the decoded payload and
@@ -382,13 +383,6 @@ fn decoder(frame: &[u8], encoding: Encoding) -> Result<FrameDecoder<'_>, Payload
 }
 
 /// Read exactly `buf.len()` bytes or report a short payload.
-/// `dst[i] ^= src[i]` (same lengths).
-fn xor_into(dst: &mut [u8], src: &[u8]) {
-    for (x, y) in dst.iter_mut().zip(src) {
-        *x ^= *y;
-    }
-}
-
 fn read_full(r: &mut impl Read, buf: &mut [u8], expected: u64) -> Result<(), PayloadError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => PayloadError::Length { expected, actual: 0 },
@@ -527,8 +521,10 @@ pub const OVERWRITE_POSITIONS_IN_MEMORY: u64 = 16 << 20;
 
 /// A payload being applied front to back, one range of the tensor at a time.
 enum PayloadCursor<'a> {
-    /// Our decoder's blocks are XORed in where they lie.
-    XorOurs { dec: Box<crate::zstd_decode::FrameReader<'a>>, size: u64 },
+    /// Our decoder XORs our frames straight into the chunk (`fused`: the content bytes
+    /// applied so far that way); a frame it cannot take that way is decoded again,
+    /// materialized, and its blocks are XORed in where they lie (`fused` is `None`).
+    XorOurs { dec: Box<crate::zstd_decode::FrameReader<'a>>, size: u64, frame: &'a [u8], fused: Option<u64> },
     /// libzstd's decoder reads into `buf` first.
     XorLibzstd { dec: FrameDecoder<'a>, buf: ChunkBuf, size: u64 },
     Overwrite {
@@ -557,7 +553,7 @@ impl<'a> PayloadCursor<'a> {
                     return Err(PayloadError::Length { expected: len as u64, actual: size });
                 }
                 Ok(match decoder(frame, Encoding::Xor)? {
-                    FrameDecoder::Ours(dec) => PayloadCursor::XorOurs { dec, size },
+                    FrameDecoder::Ours(dec) => PayloadCursor::XorOurs { dec, size, frame, fused: Some(0) },
                     dec => PayloadCursor::XorLibzstd { dec, buf: ChunkBuf::take(), size },
                 })
             }
@@ -595,25 +591,35 @@ impl<'a> PayloadCursor<'a> {
     /// Apply every change that falls in `[base, base + chunk.len())`; ranges come in order.
     fn apply_range(&mut self, chunk: &mut [u8], base: usize) -> Result<(), PayloadError> {
         match self {
-            PayloadCursor::XorOurs { dec, size } => {
-                // Straight from our decoder's block buffer: no copy into `buf` first.
+            PayloadCursor::XorOurs { dec, size, frame, fused } => {
                 let mut at = 0;
-                while at < chunk.len() {
-                    let src = io::BufRead::fill_buf(&mut **dec)?;
-                    if src.is_empty() {
-                        return Err(PayloadError::Length { expected: *size, actual: 0 });
+                if let Some(done) = fused {
+                    match dec.xor_into(chunk) {
+                        Ok(()) => {
+                            *done += chunk.len() as u64;
+                            return Ok(());
+                        }
+                        Err(n) => {
+                            // Not a frame for the fused path (after `n` bytes of this chunk):
+                            // decode it again, materialized, from there on.
+                            let from = *done + n as u64;
+                            **dec = crate::zstd_decode::FrameReader::new(frame, MAX_WINDOW_LOG).map_err(|e| PayloadError::Frame(e.to_string()))?;
+                            *fused = None;
+                            serve(dec, from, *size, |_| {})?;
+                            at = n;
+                        }
                     }
-                    let n = src.len().min(chunk.len() - at);
-                    xor_into(&mut chunk[at..at + n], &src[..n]);
-                    io::BufRead::consume(&mut **dec, n);
-                    at += n;
                 }
-                Ok(())
+                // Straight from our decoder's block buffer: no copy into `buf` first.
+                serve(dec, (chunk.len() - at) as u64, *size, |src| {
+                    xor_bytes(&mut chunk[at..at + src.len()], src);
+                    at += src.len();
+                })
             }
             PayloadCursor::XorLibzstd { dec, buf, size } => {
                 let b = buf.get(chunk.len());
                 read_full(dec, b, *size)?;
-                xor_into(chunk, b);
+                xor_bytes(chunk, b);
                 Ok(())
             }
             PayloadCursor::Overwrite { positions, values, pbuf, vbuf, next, unread, next_min, len, size } => {
@@ -652,7 +658,7 @@ impl<'a> PayloadCursor<'a> {
     /// After the last range: the payload must have been used up exactly.
     fn finish(self) -> Result<(), PayloadError> {
         match self {
-            PayloadCursor::XorOurs { dec, size } => expect_end(*dec, size),
+            PayloadCursor::XorOurs { dec, size, .. } => expect_end(*dec, size),
             PayloadCursor::XorLibzstd { dec, size, .. } => expect_end(dec, size),
             PayloadCursor::Overwrite { next, vbuf, unread, pbuf, len, .. } => {
                 if unread == 0 && next == vbuf.len() {
@@ -664,6 +670,22 @@ impl<'a> PayloadCursor<'a> {
             }
         }
     }
+}
+
+/// Hand the next `n` bytes `dec` decodes to `f`, block by block, without a copy (a payload
+/// of `size` bytes: a shorter one is an error).
+fn serve(dec: &mut crate::zstd_decode::FrameReader, mut n: u64, size: u64, mut f: impl FnMut(&[u8])) -> Result<(), PayloadError> {
+    while n > 0 {
+        let src = io::BufRead::fill_buf(dec)?;
+        if src.is_empty() {
+            return Err(PayloadError::Length { expected: size, actual: 0 });
+        }
+        let k = (src.len() as u64).min(n) as usize;
+        f(&src[..k]);
+        io::BufRead::consume(dec, k);
+        n -= k as u64;
+    }
+    Ok(())
 }
 
 /// A frame's decoder must be at its end once its tensor is whole.
@@ -876,6 +898,165 @@ mod tests {
         assert!(out.is_empty(), "nothing written, got {} bytes", out.len());
         let mut src = AllChanged(MAX_OVERWRITE_TENSOR + 1, vec![0; CHUNK], vec![0xff; CHUNK]);
         assert!(matches!(encode_overwrite_capped(&mut src, &mut Vec::new(), ONE_PASS_MAX_CHANGES, None), Err(PayloadError::TooLarge(_))));
+    }
+
+    /// One block of a hand-made frame.
+    enum Piece {
+        /// Sequences over literals, coded by our block encoder (raw if it declines).
+        Seqs(Vec<u8>, Vec<crate::zstd_block::Sequence>),
+        Raw(Vec<u8>),
+        Rle(u8, usize),
+    }
+
+    /// What a decoder makes of `pieces`, and the frame with our header that holds them.
+    fn our_frame(pieces: &[Piece]) -> (Vec<u8>, Vec<u8>) {
+        let mut enc = crate::zstd_block::BlockEncoder::new();
+        let (mut content, mut body) = (Vec::new(), Vec::new());
+        for (i, p) in pieces.iter().enumerate() {
+            let (start, last) = (content.len(), i + 1 == pieces.len());
+            match p {
+                Piece::Seqs(lits, seqs) => {
+                    let mut l = 0;
+                    for q in seqs {
+                        content.extend_from_slice(&lits[l..l + q.lit_len as usize]);
+                        l += q.lit_len as usize;
+                        for _ in 0..q.match_len {
+                            content.push(content[content.len() - q.offset as usize]);
+                        }
+                    }
+                    content.extend_from_slice(&lits[l..]);
+                    if !enc.encode_block(seqs, lits, content.len() - start, last, &mut body).unwrap() {
+                        enc.raw_block(&content[start..], last, &mut body);
+                    }
+                }
+                Piece::Raw(bytes) => {
+                    content.extend_from_slice(bytes);
+                    enc.raw_block(bytes, last, &mut body);
+                }
+                &Piece::Rle(b, n) => {
+                    content.resize(start + n, b);
+                    body.extend_from_slice(&((n as u32) << 3 | 1 << 1 | u32::from(last)).to_le_bytes()[..3]);
+                    body.push(b);
+                }
+            }
+        }
+        let mut frame = crate::sparse_frame::frame_header(content.len() as u64).to_vec();
+        frame.extend_from_slice(&body);
+        (content, frame)
+    }
+
+    /// A block of `len` bytes as our xor frames make them: 1–3 literals, then an offset-1
+    /// match; `odd` makes every 50th match another offset, `nonzero` makes some runs repeat a
+    /// nonzero byte.
+    fn sparse_piece(s: &mut u64, len: usize, odd: bool, nonzero: bool) -> Piece {
+        use crate::sparse_frame::tests::rng;
+        let (mut lits, mut seqs, mut at) = (Vec::new(), Vec::new(), 0usize);
+        loop {
+            let r = rng(s);
+            let (ll, ml) = (1 + r as usize % 3, 3 + (r >> 8) as usize % 150);
+            if at + ll + ml > len {
+                break;
+            }
+            lits.extend((0..ll).map(|k| if k + 1 < ll || (nonzero && (r >> 20).is_multiple_of(5)) { (rng(s) as u8) | 1 } else { 0 }));
+            let offset = if odd && seqs.len() % 50 == 49 { 2 + (r >> 24) as u32 % 7 } else { 1 };
+            seqs.push(crate::zstd_block::Sequence { lit_len: ll as u32, match_len: ml as u32, offset });
+            at += ll + ml;
+        }
+        lits.extend((at..len).map(|_| rng(s) as u8));
+        Piece::Seqs(lits, seqs)
+    }
+
+    /// `old` patched by an `xor` frame the way the cursor did before it had a fused path (the
+    /// decoder [`decoder`] picks, materializing): `None` where that refuses the frame.
+    fn materialized_xor(frame: &[u8], old: &[u8]) -> Option<Vec<u8>> {
+        if frame_content_size(frame).ok()? != old.len() as u64 {
+            return None;
+        }
+        let mut dec = decoder(frame, Encoding::Xor).ok()?;
+        let mut content = vec![0u8; old.len()];
+        dec.read_exact(&mut content).ok()?;
+        expect_end(dec, old.len() as u64).ok()?;
+        Some(old.iter().zip(&content).map(|(a, b)| a ^ b).collect())
+    }
+
+    #[test]
+    fn fused_xor_apply_takes_our_frames_and_hands_the_rest_to_the_materializing_decoder() {
+        use crate::sparse_frame::BLOCK;
+        let mut s = 0x5EED_F00Du64;
+        let sparse = |s: &mut u64, n: usize, len: usize, odd_at: Option<usize>, nonzero: bool| -> Vec<Piece> {
+            (0..n).map(|i| sparse_piece(s, if i + 1 == n { len } else { BLOCK }, odd_at == Some(i), nonzero)).collect()
+        };
+        // (pieces, where (in bytes from the start) the fused path hands over, if it does)
+        let cases: Vec<(Vec<Piece>, Option<std::ops::Range<usize>>)> = vec![
+            (sparse(&mut s, 5, 1000, None, false), None),
+            (sparse(&mut s, 4, BLOCK, None, true), None),
+            (vec![Piece::Raw(vec![7; BLOCK]), Piece::Rle(0, BLOCK), Piece::Rle(9, BLOCK), sparse_piece(&mut s, 5000, false, true)], None),
+            // In block 3, at its 50th sequence.
+            (sparse(&mut s, 6, 77, Some(3), false), Some(3 * BLOCK + 1000..4 * BLOCK)),
+            (vec![Piece::Rle(0, BLOCK), sparse_piece(&mut s, 100_000, false, false), sparse_piece(&mut s, 100_000, false, false), sparse_piece(&mut s, 9, false, false)], Some(BLOCK + 100_000..BLOCK + 100_001)),
+        ];
+        for (i, (pieces, handover)) in cases.iter().enumerate() {
+            let (content, frame) = our_frame(pieces);
+            assert!(zstd::stream::decode_all(&frame[..]).unwrap() == content, "case {i}: libzstd disagrees with the reference");
+            let mut rng = i as u64 + 1;
+            let old: Vec<u8> = (0..content.len()).map(|_| crate::sparse_frame::tests::rng(&mut rng) as u8).collect();
+            let want: Vec<u8> = old.iter().zip(&content).map(|(a, b)| a ^ b).collect();
+            // The fused path itself: Ok chunk after chunk, or its hand-over point.
+            let mut dec = crate::zstd_decode::FrameReader::new(&frame, MAX_WINDOW_LOG).unwrap();
+            let mut t = old.clone();
+            let mut stopped = None;
+            for (k, c) in t.chunks_mut(CHUNK).enumerate() {
+                if let Err(n) = dec.xor_into(c) {
+                    stopped = Some(k * CHUNK + n);
+                    break;
+                }
+            }
+            assert_eq!(stopped.is_some(), handover.is_some(), "case {i}");
+            let upto = stopped.unwrap_or(content.len());
+            assert!(handover.as_ref().is_none_or(|h| h.contains(&upto)), "case {i}: handed over at {upto}, not in {handover:?}");
+            assert!(t[..upto] == want[..upto], "case {i}: fused bytes wrong");
+            // The cursor: the same bytes as the materializing decoder, whichever path.
+            let mut t = old.clone();
+            apply(Encoding::Xor, &frame, &mut t).unwrap();
+            assert!(t == want, "case {i}: apply differs");
+            assert!(materialized_xor(&frame, &old) == Some(want), "case {i}");
+        }
+    }
+
+    #[test]
+    fn fused_xor_apply_of_a_damaged_frame_agrees_with_the_materializing_decoder() {
+        use crate::sparse_frame::tests::rng;
+        let mut s = 0xBAD_F4A3u64;
+        let mut frames = Vec::new();
+        for (len, every) in [(CHUNK + 2 * crate::sparse_frame::BLOCK + 999, 37), (70_000, 5)] {
+            let (old, new) = pair(len, every);
+            let mut f = Vec::new();
+            encode(Encoding::Xor, &old, &new, &mut f).unwrap();
+            frames.push((old, f));
+        }
+        let (content, f) = our_frame(&[sparse_piece(&mut s, crate::sparse_frame::BLOCK, false, true), sparse_piece(&mut s, 40_000, true, true)]);
+        frames.push((vec![0x5A; content.len()], f));
+        let (mut same_ok, mut same_err) = (0, 0);
+        let iters: usize = std::env::var("FUSED_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+        for it in 0..iters {
+            let (old, frame) = &frames[it % frames.len()];
+            let mut f = frame.clone();
+            for _ in 0..1 + rng(&mut s) % 3 {
+                let r = rng(&mut s);
+                let at = if r.is_multiple_of(3) { (r >> 8) as usize % f.len().min(80) } else { (r >> 8) as usize % f.len() };
+                f[at] ^= 1 << ((r >> 50) % 8);
+            }
+            let mut t = old.clone();
+            let got = apply(Encoding::Xor, &f, &mut t).ok().map(|()| t);
+            let want = materialized_xor(&f, old);
+            assert!(got == want, "iteration {it}: fused apply {} where the materializing decoder {}", if got.is_some() { "succeeds" } else { "fails" }, if want.is_some() { "succeeds" } else { "fails" });
+            if want.is_some() {
+                same_ok += 1;
+            } else {
+                same_err += 1;
+            }
+        }
+        assert!(same_ok > iters / 30 && same_err > iters / 3, "{same_ok} {same_err}");
     }
 
     #[test]

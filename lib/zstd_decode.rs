@@ -18,6 +18,13 @@
 //! the first block, so pages are only touched as output reaches them. Beyond it: 128 KiB of
 //! literals and ~16 KiB of tables.
 //!
+//! An `xor` apply does not need the content itself, only its XOR into the tensor:
+//! [`FrameReader::xor_into`] decodes our frames straight into the tensor's chunk, XORing each
+//! literal in where it lands and skipping zero runs, so the ~98 % of the content that is zero is
+//! never written or read. It takes frames whose matches are all offset 1 and whose blocks end
+//! where the chunk does (ours); at the first sequence it cannot take it stops, having applied
+//! exactly the bytes before it, and the caller decodes the frame again, materialized, from there.
+//!
 //! Input is untrusted: every length, table and offset is checked; malformed input gives a
 //! [`DecodeError`], never a panic. The last block's bytes are only served after the content
 //! size and checksum have been verified; after an error every later `read` fails too.
@@ -779,6 +786,8 @@ pub struct FrameReader<'a> {
     ml: SeqTable,
     fse_scratch: Vec<FseEntry>,
     rep: [usize; 3],
+    /// The last content byte decoded ([`Self::xor_into`] only; 0 before any).
+    prev: u8,
     hasher: Option<twox_hash::XxHash64>,
     done: bool,
     failed: Option<DecodeError>,
@@ -861,6 +870,7 @@ impl<'a> FrameReader<'a> {
             ml: SeqTable::new(),
             fse_scratch: Vec::with_capacity(SEQ_TABLE),
             rep: [1, 4, 8],
+            prev: 0,
             hasher: checksum.then(|| twox_hash::XxHash64::with_seed(0)),
             done: false,
             failed: None,
@@ -1030,8 +1040,9 @@ impl<'a> FrameReader<'a> {
         }
     }
 
-    /// Decode and execute the sequences section; returns the end of the block's output.
-    fn sequences(&mut self, src: &[u8], nlits: usize, op: usize, limit: usize) -> Result<usize, DecodeError> {
+    /// Parse a sequences section's header and load its tables: the number of sequences and
+    /// where the bitstream starts (for none, the section must end there).
+    fn sequences_header(&mut self, src: &[u8]) -> Result<(usize, usize), DecodeError> {
         let trunc = DecodeError::Truncated("sequences section");
         let &b0 = src.first().ok_or(trunc.clone())?;
         let (nseq, mut p) = if b0 < 128 {
@@ -1043,16 +1054,11 @@ impl<'a> FrameReader<'a> {
             let b = src.get(1..3).ok_or(trunc.clone())?;
             (b[0] as usize + ((b[1] as usize) << 8) + 0x7F00, 3)
         };
-        let too_big = DecodeError::BlockTooLarge { size: 0, max: 0 };
         if nseq == 0 {
             if p != src.len() {
                 return Err(DecodeError::Sequences("bytes after an empty sequences section"));
             }
-            if op + nlits > limit {
-                return Err(too_big);
-            }
-            self.buf[op..op + nlits].copy_from_slice(&self.lits[..nlits]);
-            return Ok(op + nlits);
+            return Ok((0, p));
         }
         let &modes = src.get(p).ok_or(trunc)?;
         p += 1;
@@ -1062,20 +1068,23 @@ impl<'a> FrameReader<'a> {
         p += self.ll.load(Kind::LiteralLength, modes >> 6, &src[p..], &mut self.fse_scratch)?;
         p += self.of.load(Kind::Offset, (modes >> 4) & 3, &src[p..], &mut self.fse_scratch)?;
         p += self.ml.load(Kind::MatchLength, (modes >> 2) & 3, &src[p..], &mut self.fse_scratch)?;
-        let br = BitReader::new(&src[p..]).ok_or(DecodeError::Sequences("bad bitstream"))?;
-        let mut job = SeqJob {
-            br,
-            tables: [&*self.ll.e, &*self.of.e, &*self.ml.e],
-            logs: [self.ll.log, self.of.log, self.ml.log],
-            nseq,
-            rep: self.rep,
-            window: self.window,
-            buf: &mut self.buf[..limit + SLACK],
-            lits: &self.lits[..],
-            nlits,
-            op,
-            limit,
-        };
+        Ok((nseq, p))
+    }
+
+
+    /// Decode and execute the sequences section; returns the end of the block's output.
+    fn sequences(&mut self, src: &[u8], nlits: usize, op: usize, limit: usize) -> Result<usize, DecodeError> {
+        let (nseq, p) = self.sequences_header(src)?;
+        if nseq == 0 {
+            if op + nlits > limit {
+                return Err(DecodeError::BlockTooLarge { size: 0, max: 0 });
+            }
+            self.buf[op..op + nlits].copy_from_slice(&self.lits[..nlits]);
+            return Ok(op + nlits);
+        }
+        let (rep, window) = (self.rep, self.window);
+        let seqs = SeqDecoder::of_section(&src[p..], [&self.ll, &self.of, &self.ml])?;
+        let mut job = SeqJob { seqs, nseq, rep, window, buf: &mut self.buf[..limit + SLACK], lits: &self.lits[..], nlits, op, limit };
         #[cfg(target_arch = "x86_64")]
         let end = if !portable_only() && std::is_x86_feature_detected!("bmi2") && std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports BMI2 and AVX2 (checked just above).
@@ -1088,6 +1097,116 @@ impl<'a> FrameReader<'a> {
         let end = end?;
         self.rep = job.rep;
         Ok(end)
+    }
+
+    /// XOR the next `dst.len()` bytes of the content into `dst`, decoding straight into it: the
+    /// fast path of an `xor` apply, for frames like ours (every match offset 1, blocks that
+    /// end where `dst` does). Literals are XORed in where they land and a run of zeros costs
+    /// nothing, so the content is never written out whole (the materializing decoder fills
+    /// ~70 zero bytes per sequence and the apply then reads them back).
+    ///
+    /// `Ok`: all of `dst` holds its XOR. `Err(n)`: the frame needs what this path does not do
+    /// (a match of another offset, a block running past `dst`, a content checksum, or anything
+    /// the materializing decoder would refuse); `dst[..n]` holds exactly its XOR, and the
+    /// rest is untouched unless the frame is invalid at that point, which the materializing
+    /// decoder then reports. After `Err` the reader is spent: decode the frame again with
+    /// [`std::io::BufRead`] from content position `n` on.
+    ///
+    /// Call it on a reader whose content nothing has read yet, and only it, until `Err`.
+    pub fn xor_into(&mut self, dst: &mut [u8]) -> Result<(), usize> {
+        if self.checksum || !self.buf.is_empty() || self.failed.is_some() {
+            return Err(0);
+        }
+        let mut at = 0;
+        while at < dst.len() {
+            if self.done {
+                return Err(at);
+            }
+            at = self.xor_block(dst, at)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::xor_into`] for the next block, whose content lands at `dst[at..]`; returns its end.
+    fn xor_block(&mut self, dst: &mut [u8], at: usize) -> Result<usize, usize> {
+        let h = le_bytes(self.src.get(self.pos..self.pos + 3).ok_or(at)?) as usize;
+        let (last, btype, size) = (h & 1 != 0, (h >> 1) & 3, h >> 3);
+        let remaining = self.content_size.map_or(u64::MAX, |n| n - self.total);
+        let room = (self.block_max as u64).min(remaining) as usize;
+        if size > self.block_max || room > dst.len() - at {
+            return Err(at);
+        }
+        let body = self.pos + 3;
+        let end = match btype {
+            0 if size <= room => {
+                let data = self.src.get(body..body + size).ok_or(at)?;
+                xor_bytes(&mut dst[at..at + size], data);
+                self.prev = data.last().copied().unwrap_or(self.prev);
+                self.pos = body + size;
+                at + size
+            }
+            1 if size <= room => {
+                let &b = self.src.get(body).ok_or(at)?;
+                if b != 0 {
+                    dst[at..at + size].iter_mut().for_each(|x| *x ^= b);
+                }
+                if size > 0 {
+                    self.prev = b;
+                }
+                self.pos = body + 1;
+                at + size
+            }
+            2 => {
+                let data = self.src.get(body..body + size).ok_or(at)?;
+                let (used, nlits) = self.literals(data).map_err(|_| at)?;
+                let end = self.xor_sequences(&data[used..], nlits, dst, at, at + room)?;
+                self.pos = body + size;
+                end
+            }
+            _ => return Err(at),
+        };
+        let total = self.total + (end - at) as u64;
+        if last && self.content_size.is_some_and(|n| n != total) {
+            return Err(at);
+        }
+        self.total = total;
+        self.done = last;
+        Ok(end)
+    }
+
+    /// [`Self::sequences`] XORed into `dst[op..limit]`; returns the block's end.
+    fn xor_sequences(&mut self, src: &[u8], nlits: usize, dst: &mut [u8], op: usize, limit: usize) -> Result<usize, usize> {
+        let (nseq, p) = self.sequences_header(src).map_err(|_| op)?;
+        if nseq == 0 {
+            if op + nlits > limit {
+                return Err(op);
+            }
+            xor_bytes(&mut dst[op..op + nlits], &self.lits[..nlits]);
+            self.prev = self.lits[..nlits].last().copied().unwrap_or(self.prev);
+            return Ok(op + nlits);
+        }
+        let (rep, prev, history) = (self.rep, self.prev, self.total > 0);
+        let seqs = SeqDecoder::of_section(&src[p..], [&self.ll, &self.of, &self.ml]).map_err(|_| op)?;
+        let mut job = XorJob { seqs, nseq, rep, prev, history, dst: &mut dst[..limit], lits: &self.lits[..], nlits, op };
+        #[cfg(target_arch = "x86_64")]
+        let end = if !portable_only() && std::is_x86_feature_detected!("bmi2") {
+            // SAFETY: the CPU supports BMI2 (checked just above).
+            unsafe { execute_xor_bmi2(&mut job) }
+        } else {
+            execute_xor(&mut job)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let end = execute_xor(&mut job);
+        let end = end?;
+        (self.rep, self.prev) = (job.rep, job.prev);
+        Ok(end)
+    }
+}
+
+/// `dst[i] ^= src[i]` (same lengths).
+pub(crate) fn xor_bytes(dst: &mut [u8], src: &[u8]) {
+    for (x, y) in dst.iter_mut().zip(src) {
+        *x ^= *y;
     }
 }
 
@@ -1106,12 +1225,109 @@ fn portable_only() -> bool {
     false
 }
 
-/// One block's sequences to decode and execute.
-struct SeqJob<'s, 'b> {
+/// One block's sequences bitstream and FSE states, read one sequence at a time.
+struct SeqDecoder<'s, 'b> {
     br: BitReader<'s>,
     /// Literal length, offset, match length tables.
     tables: [&'b [SeqEntry; SEQ_TABLE]; 3],
     logs: [u32; 3],
+    /// Literal length, offset, match length states.
+    states: [usize; 3],
+}
+
+impl<'s, 'b> SeqDecoder<'s, 'b> {
+    #[inline(always)]
+    fn new(mut br: BitReader<'s>, tables: [&'b [SeqEntry; SEQ_TABLE]; 3], logs: [u32; 3]) -> Self {
+        let states = logs.map(|log| br.read(log) as usize);
+        SeqDecoder { br, tables, logs, states }
+    }
+
+    /// The decoder of a sequences section whose bitstream is `src`, with the tables loaded
+    /// (literal length, offset, match length).
+    fn of_section(src: &'s [u8], [ll, of, ml]: [&'b SeqTable; 3]) -> Result<Self, DecodeError> {
+        let br = BitReader::new(src).ok_or(DecodeError::Sequences("bad bitstream"))?;
+        Ok(SeqDecoder::new(br, [&*ll.e, &*of.e, &*ml.e], [ll.log, of.log, ml.log]))
+    }
+
+    /// The next sequence's (offset value, match length, literal length); `more`: another
+    /// sequence follows (the last one updates no state).
+    #[inline(always)]
+    fn next(&mut self, more: bool) -> (usize, usize, usize) {
+        let [ll_t, of_t, ml_t] = self.tables;
+        let [s_ll, s_of, s_ml] = &mut self.states;
+        let br = &mut self.br;
+        br.reload();
+        let le = ll_t[*s_ll & (SEQ_TABLE - 1)];
+        let oe = of_t[*s_of & (SEQ_TABLE - 1)];
+        let me = ml_t[*s_ml & (SEQ_TABLE - 1)];
+        let (a, b, c) = (oe.extra as u32, me.extra as u32, le.extra as u32);
+        let (n_ll, n_ml, n_of) = (le.nb as u32, me.nb as u32, oe.nb as u32);
+        let all = a + b + c + n_ll + n_ml + n_of;
+        let (ofv, ml, ll);
+        if all <= 57 && more {
+            // The common case: one read for the extra bits and the three state updates, in
+            // stream order (offset, match length, literal length extras; LL, ML, OF states).
+            let v = br.read(all);
+            let mask = |n: u32| (1u64 << n) - 1;
+            let mut sh = all - a;
+            ofv = oe.base as usize + ((v >> sh) & mask(a)) as usize;
+            sh -= b;
+            ml = me.base as usize + ((v >> sh) & mask(b)) as usize;
+            sh -= c;
+            ll = le.base as usize + ((v >> sh) & mask(c)) as usize;
+            sh -= n_ll;
+            *s_ll = le.next as usize + ((v >> sh) & mask(n_ll)) as usize;
+            sh -= n_ml;
+            *s_ml = me.next as usize + ((v >> sh) & mask(n_ml)) as usize;
+            *s_of = oe.next as usize + (v & mask(n_of)) as usize;
+        } else {
+            ofv = oe.base as usize + br.read(a) as usize;
+            let mut used = a;
+            if a + b + c > 57 {
+                br.reload();
+                used = 0;
+            }
+            ml = me.base as usize + br.read(b) as usize;
+            ll = le.base as usize + br.read(c) as usize;
+            used += b + c;
+            if more {
+                if used + self.logs.iter().sum::<u32>() > 57 {
+                    br.reload();
+                }
+                *s_ll = le.next as usize + br.read(n_ll) as usize;
+                *s_ml = me.next as usize + br.read(n_ml) as usize;
+                *s_of = oe.next as usize + br.read(n_of) as usize;
+            }
+        }
+        (ofv, ml, ll)
+    }
+}
+
+/// The match offset an offset value means (RFC 8878 §3.1.1.5), updating the repeat offsets.
+#[inline(always)]
+fn match_offset(rep: &mut [usize; 3], ofv: usize, ll: usize) -> usize {
+    if ofv > 3 {
+        *rep = [ofv - 3, rep[0], rep[1]];
+        ofv - 3
+    } else {
+        let idx = ofv - 1 + (ll == 0) as usize;
+        if idx == 0 {
+            rep[0]
+        } else {
+            let o = if idx == 3 { rep[0].wrapping_sub(1) } else { rep[idx] };
+            if idx > 1 {
+                rep[2] = rep[1];
+            }
+            rep[1] = rep[0];
+            rep[0] = o;
+            o
+        }
+    }
+}
+
+/// One block's sequences to decode and execute.
+struct SeqJob<'s, 'b> {
+    seqs: SeqDecoder<'s, 'b>,
     nseq: usize,
     rep: [usize; 3],
     window: usize,
@@ -1142,13 +1358,7 @@ unsafe fn execute_bmi2(job: &mut SeqJob) -> Result<usize, DecodeError> {
 #[inline(always)]
 fn execute_body(job: &mut SeqJob) -> Result<usize, DecodeError> {
     let too_big = DecodeError::BlockTooLarge { size: 0, max: 0 };
-    let [ll_t, of_t, ml_t] = job.tables;
-    let [ll_log, of_log, ml_log] = job.logs;
-    let mut br = BitReader { src: job.br.src, ptr: job.br.ptr, container: job.br.container, consumed: job.br.consumed };
-    let state_bits = ll_log + ml_log + of_log;
-    let mut s_ll = br.read(ll_log) as usize;
-    let mut s_of = br.read(of_log) as usize;
-    let mut s_ml = br.read(ml_log) as usize;
+    let mut seqs = SeqDecoder { br: BitReader { ..job.seqs.br }, ..job.seqs };
     let mut rep = job.rep;
     let mut lp = 0usize;
     let mut op = job.op;
@@ -1156,66 +1366,8 @@ fn execute_body(job: &mut SeqJob) -> Result<usize, DecodeError> {
     let buf = &mut *job.buf;
     let lits = job.lits;
     for i in 0..nseq {
-        br.reload();
-        let le = ll_t[s_ll & (SEQ_TABLE - 1)];
-        let oe = of_t[s_of & (SEQ_TABLE - 1)];
-        let me = ml_t[s_ml & (SEQ_TABLE - 1)];
-        let (a, b, c) = (oe.extra as u32, me.extra as u32, le.extra as u32);
-        let (n_ll, n_ml, n_of) = (le.nb as u32, me.nb as u32, oe.nb as u32);
-        let all = a + b + c + n_ll + n_ml + n_of;
-        let (ofv, ml, ll);
-        if all <= 57 && i + 1 < nseq {
-            // The common case: one read for the extra bits and the three state updates, in
-            // stream order (offset, match length, literal length extras; LL, ML, OF states).
-            let v = br.read(all);
-            let mask = |n: u32| (1u64 << n) - 1;
-            let mut sh = all - a;
-            ofv = oe.base as usize + ((v >> sh) & mask(a)) as usize;
-            sh -= b;
-            ml = me.base as usize + ((v >> sh) & mask(b)) as usize;
-            sh -= c;
-            ll = le.base as usize + ((v >> sh) & mask(c)) as usize;
-            sh -= n_ll;
-            s_ll = le.next as usize + ((v >> sh) & mask(n_ll)) as usize;
-            sh -= n_ml;
-            s_ml = me.next as usize + ((v >> sh) & mask(n_ml)) as usize;
-            s_of = oe.next as usize + (v & mask(n_of)) as usize;
-        } else {
-            ofv = oe.base as usize + br.read(a) as usize;
-            let mut used = a;
-            if a + b + c > 57 {
-                br.reload();
-                used = 0;
-            }
-            ml = me.base as usize + br.read(b) as usize;
-            ll = le.base as usize + br.read(c) as usize;
-            used += b + c;
-            if i + 1 < nseq {
-                if used + state_bits > 57 {
-                    br.reload();
-                }
-                s_ll = le.next as usize + br.read(n_ll) as usize;
-                s_ml = me.next as usize + br.read(n_ml) as usize;
-                s_of = oe.next as usize + br.read(n_of) as usize;
-            }
-        }
-        let offset = if ofv > 3 {
-            rep = [ofv - 3, rep[0], rep[1]];
-            ofv - 3
-        } else {
-            let idx = ofv - 1 + (ll == 0) as usize;
-            if idx == 0 {
-                rep[0]
-            } else {
-                let o = if idx == 3 { rep[0].wrapping_sub(1) } else { rep[idx] };
-                if idx > 1 {
-                    rep[2] = rep[1];
-                }
-                rep[1] = rep[0];
-                rep[0] = o;
-                o
-            }
-        };
+        let (ofv, ml, ll) = seqs.next(i + 1 < nseq);
+        let offset = match_offset(&mut rep, ofv, ll);
         if ll > nlits - lp {
             return Err(DecodeError::Sequences("literal length exceeds the literals"));
         }
@@ -1237,7 +1389,7 @@ fn execute_body(job: &mut SeqJob) -> Result<usize, DecodeError> {
         }
         op += ml;
     }
-    if !br.finished() {
+    if !seqs.br.finished() {
         return Err(DecodeError::Sequences("bitstream does not end where it should"));
     }
     let rest = nlits - lp;
@@ -1247,6 +1399,96 @@ fn execute_body(job: &mut SeqJob) -> Result<usize, DecodeError> {
     buf[op..op + rest].copy_from_slice(&lits[lp..nlits]);
     job.rep = rep;
     Ok(op + rest)
+}
+
+/// One block's sequences to XOR into the destination ([`FrameReader::xor_into`]).
+struct XorJob<'s, 'b> {
+    seqs: SeqDecoder<'s, 'b>,
+    nseq: usize,
+    rep: [usize; 3],
+    /// The content byte before `dst[op]` (meaningful if `history`).
+    prev: u8,
+    /// Content precedes this block.
+    history: bool,
+    /// The destination, up to the block's limit.
+    dst: &'b mut [u8],
+    lits: &'b [u8],
+    nlits: usize,
+    op: usize,
+}
+
+fn execute_xor(job: &mut XorJob) -> Result<usize, usize> {
+    execute_xor_body(job)
+}
+
+/// The same, compiled with BMI2.
+///
+/// # Safety
+/// The CPU must support BMI2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "bmi2")]
+unsafe fn execute_xor_bmi2(job: &mut XorJob) -> Result<usize, usize> {
+    execute_xor_body(job)
+}
+
+/// Decode the sequences and XOR their content into `dst[op..]`; returns the block's end, or
+/// `Err(op)` where a sequence needs the materializing decoder (see [`FrameReader::xor_into`]).
+/// Every check of [`execute_body`] is made here too, only answered with `Err`: a block this
+/// accepts, that one decodes to the same bytes.
+#[inline(always)]
+fn execute_xor_body(job: &mut XorJob) -> Result<usize, usize> {
+    let mut seqs = SeqDecoder { br: BitReader { ..job.seqs.br }, ..job.seqs };
+    let mut rep = job.rep;
+    let mut prev = job.prev;
+    let mut lp = 0usize;
+    let mut op = job.op;
+    let (nlits, nseq, start, history) = (job.nlits, job.nseq, job.op, job.history);
+    let dst = &mut *job.dst;
+    let limit = dst.len();
+    let lits = job.lits;
+    for i in 0..nseq {
+        let (ofv, ml, ll) = seqs.next(i + 1 < nseq);
+        // Offset 1 only, and a byte for it to repeat; anything else goes to the materializing
+        // decoder, which also finds every error there (this sequence is not applied yet).
+        if match_offset(&mut rep, ofv, ll) != 1 || ll > nlits - lp || ll + ml > limit - op || !(history || op + ll > start) {
+            return Err(op);
+        }
+        xor_literals(dst, op, lits, lp, ll);
+        op += ll;
+        lp += ll;
+        if ll > 0 {
+            prev = lits[lp - 1];
+        }
+        if prev != 0 {
+            dst[op..op + ml].iter_mut().for_each(|x| *x ^= prev);
+        }
+        op += ml;
+    }
+    let rest = nlits - lp;
+    if !seqs.br.finished() || rest > limit - op {
+        return Err(op);
+    }
+    xor_bytes(&mut dst[op..op + rest], &lits[lp..nlits]);
+    if rest > 0 {
+        prev = lits[nlits - 1];
+    }
+    job.rep = rep;
+    job.prev = prev;
+    Ok(op + rest)
+}
+
+/// `dst[op..op + len] ^= lits[lp..lp + len]`. Runs are mostly 1–2 bytes: one 16-byte XOR
+/// masked to the run where both sides have 16 bytes (the literals always have slack).
+#[inline(always)]
+fn xor_literals(dst: &mut [u8], op: usize, lits: &[u8], lp: usize, len: usize) {
+    if len <= 16 && op + 16 <= dst.len() && lp + 16 <= lits.len() {
+        let d: &mut [u8; 16] = (&mut dst[op..op + 16]).try_into().expect("16 bytes");
+        let l = u128::from_le_bytes(lits[lp..lp + 16].try_into().expect("16 bytes"));
+        let mask = if len == 16 { u128::MAX } else { (1u128 << (8 * len)) - 1 };
+        *d = (u128::from_le_bytes(*d) ^ (l & mask)).to_le_bytes();
+    } else {
+        xor_bytes(&mut dst[op..op + len], &lits[lp..lp + len]);
+    }
 }
 
 impl io::Read for FrameReader<'_> {
