@@ -1078,10 +1078,14 @@ fn threads_option_sizes_the_worker_pool_and_changes_no_byte() {
         assert_eq!(applied(&r), vec![1, 2]);
         assert_local_is(&local, &c.ckpts[2], &c.models[2]);
     }
-    // Without the flag, RAYON_NUM_THREADS sizes the pool (then one worker per CPU).
+    // Without the flag, RAYON_NUM_THREADS sizes the pool.
     let src = t.join("src-env");
     let r = run_env(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1", "--json"], &[("RAYON_NUM_THREADS", "5")]).ok().json();
     assert_eq!(r["threads"], 5);
+    // Neither (an empty RAYON_NUM_THREADS is ignored, as rayon ignores it): one per CPU, at most 32.
+    let src = t.join("src-default");
+    let r = run_env(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1", "--json"], &[("RAYON_NUM_THREADS", "")]).ok().json();
+    assert_eq!(r["threads"], std::thread::available_parallelism().unwrap().get().min(32));
     // No workers, or no number: usage errors, nothing written.
     for bad in ["0", "5000", "many"] {
         run(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "2", "--threads", bad]).code(2).stderr_contains("--threads");
