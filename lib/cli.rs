@@ -55,6 +55,16 @@ impl ThreadArgs {
     }
 }
 
+/// The size of the worker pool parallel stages run on (reported as `threads` in `--json`).
+pub fn worker_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// A `--FLAG S` seconds value as a Duration; NaN, negative or huge values are a usage error.
+pub fn seconds(flag: &str, s: f64) -> Result<Duration, Error> {
+    Duration::try_from_secs_f64(s).map_err(|_| Error::Usage(format!("--{flag} {s}: expected a number of seconds >= 0")))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -65,14 +75,4 @@ mod tests {
         assert_eq!(default_threads(MAX_DEFAULT_THREADS), MAX_DEFAULT_THREADS);
         assert_eq!(default_threads(128), MAX_DEFAULT_THREADS);
     }
-}
-
-/// The size of the worker pool parallel stages run on (reported as `threads` in `--json`).
-pub fn worker_threads() -> usize {
-    rayon::current_num_threads()
-}
-
-/// A `--FLAG S` seconds value as a Duration; NaN, negative or huge values are a usage error.
-pub fn seconds(flag: &str, s: f64) -> Result<Duration, Error> {
-    Duration::try_from_secs_f64(s).map_err(|_| Error::Usage(format!("--{flag} {s}: expected a number of seconds >= 0")))
 }

@@ -903,7 +903,7 @@ mod tests {
     /// One block of a hand-made frame.
     enum Piece {
         /// Sequences over literals, coded by our block encoder (raw if it declines).
-        Seqs(Vec<u8>, Vec<crate::zstd_block::Sequence>),
+        Seqs(crate::zstd_block::tests::Block),
         Raw(Vec<u8>),
         Rle(u8, usize),
     }
@@ -915,17 +915,9 @@ mod tests {
         for (i, p) in pieces.iter().enumerate() {
             let (start, last) = (content.len(), i + 1 == pieces.len());
             match p {
-                Piece::Seqs(lits, seqs) => {
-                    let mut l = 0;
-                    for q in seqs {
-                        content.extend_from_slice(&lits[l..l + q.lit_len as usize]);
-                        l += q.lit_len as usize;
-                        for _ in 0..q.match_len {
-                            content.push(content[content.len() - q.offset as usize]);
-                        }
-                    }
-                    content.extend_from_slice(&lits[l..]);
-                    if !enc.encode_block(seqs, lits, content.len() - start, last, &mut body).unwrap() {
+                Piece::Seqs(b) => {
+                    crate::zstd_block::tests::execute(&mut content, b);
+                    if !enc.encode_block(&b.seqs, &b.lits, content.len() - start, last, &mut body).unwrap() {
                         enc.raw_block(&content[start..], last, &mut body);
                     }
                 }
@@ -963,7 +955,7 @@ mod tests {
             at += ll + ml;
         }
         lits.extend((at..len).map(|_| rng(s) as u8));
-        Piece::Seqs(lits, seqs)
+        Piece::Seqs(crate::zstd_block::tests::Block { seqs, lits })
     }
 
     /// `old` patched by an `xor` frame the way the cursor did before it had a fused path (the

@@ -1338,7 +1338,7 @@ pub fn raw_block(content: &[u8], last: bool, out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sparse_frame::{self, frame_header, Xored, BLOCK, SEGMENT};
     use std::io;
@@ -1426,13 +1426,13 @@ mod tests {
 
     /// One block's input.
     #[derive(Clone, Default)]
-    struct Block {
-        seqs: Vec<Sequence>,
-        lits: Vec<u8>,
+    pub(crate) struct Block {
+        pub(crate) seqs: Vec<Sequence>,
+        pub(crate) lits: Vec<u8>,
     }
 
     /// The reference executor: what a decoder makes of `b`, appended to `content`.
-    fn execute(content: &mut Vec<u8>, b: &Block) {
+    pub(crate) fn execute(content: &mut Vec<u8>, b: &Block) {
         let mut l = 0;
         for s in &b.seqs {
             content.extend_from_slice(&b.lits[l..l + s.lit_len as usize]);

@@ -106,6 +106,7 @@ fn le_bytes(s: &[u8]) -> u64 {
 /// `container` holds the 8 bytes at `ptr`; `consumed` counts bits used from its top. Past the
 /// stream's start `consumed` grows beyond 64 ("overflow"): reads then return garbage (never out
 /// of bounds) and [`BitReader::finished`] is false, so the caller rejects the stream.
+#[derive(Clone, Copy)]
 struct BitReader<'a> {
     src: &'a [u8],
     ptr: usize,
@@ -762,6 +763,18 @@ fn wide_copy(dst: &mut [u8], dp: usize, src: &[u8], sp: usize, len: usize) {
 // ---------------------------------------------------------------------------------------------
 // The frame reader.
 
+/// A block header (RFC 8878 §3.1.1.2) and what the frame has room for.
+struct BlockHeader {
+    last: bool,
+    btype: usize,
+    /// Block_Size: the stored bytes (1 for RLE), or the content size for raw and RLE blocks.
+    size: usize,
+    /// Content the frame header still allows (unbounded without a content size).
+    remaining: u64,
+    /// Most content this block may produce: a block's maximum, capped by `remaining`.
+    room: usize,
+}
+
 /// Reads the decoded content of one zstd frame.
 pub struct FrameReader<'a> {
     src: &'a [u8],
@@ -905,14 +918,8 @@ impl<'a> FrameReader<'a> {
 
     /// Decode the next block into `buf[out_end..]` and expose it.
     fn decode_block(&mut self) -> Result<(), DecodeError> {
-        let h = self.src.get(self.pos..self.pos + 3).ok_or(DecodeError::Truncated("block header"))?;
-        let h = le_bytes(h) as usize;
+        let BlockHeader { last, btype, size, remaining, room } = self.block_header().ok_or(DecodeError::Truncated("block header"))?;
         self.pos += 3;
-        let last = h & 1 != 0;
-        let btype = (h >> 1) & 3;
-        let size = h >> 3;
-        let remaining = self.content_size.map_or(u64::MAX, |n| n - self.total);
-        let room = (self.block_max as u64).min(remaining) as usize;
         let too_long = |s: &Self| match s.content_size {
             Some(n) if remaining < s.block_max as u64 => DecodeError::ContentTooLong(n),
             _ => DecodeError::BlockTooLarge { size, max: s.block_max },
@@ -1071,7 +1078,6 @@ impl<'a> FrameReader<'a> {
         Ok((nseq, p))
     }
 
-
     /// Decode and execute the sequences section; returns the end of the block's output.
     fn sequences(&mut self, src: &[u8], nlits: usize, op: usize, limit: usize) -> Result<usize, DecodeError> {
         let (nseq, p) = self.sequences_header(src)?;
@@ -1086,8 +1092,8 @@ impl<'a> FrameReader<'a> {
         let seqs = SeqDecoder::of_section(&src[p..], [&self.ll, &self.of, &self.ml])?;
         let mut job = SeqJob { seqs, nseq, rep, window, buf: &mut self.buf[..limit + SLACK], lits: &self.lits[..], nlits, op, limit };
         #[cfg(target_arch = "x86_64")]
-        let end = if !portable_only() && std::is_x86_feature_detected!("bmi2") && std::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports BMI2 and AVX2 (checked just above).
+        let end = if fast_sequence_loops() {
+            // SAFETY: the CPU supports BMI2 and AVX2 (fast_sequence_loops).
             unsafe { execute_bmi2(&mut job) }
         } else {
             execute(&mut job)
@@ -1127,12 +1133,17 @@ impl<'a> FrameReader<'a> {
         Ok(())
     }
 
-    /// [`Self::xor_into`] for the next block, whose content lands at `dst[at..]`; returns its end.
-    fn xor_block(&mut self, dst: &mut [u8], at: usize) -> Result<usize, usize> {
-        let h = le_bytes(self.src.get(self.pos..self.pos + 3).ok_or(at)?) as usize;
-        let (last, btype, size) = (h & 1 != 0, (h >> 1) & 3, h >> 3);
+    /// The header of the next block (at `pos`), `None` if the frame ends before it.
+    fn block_header(&self) -> Option<BlockHeader> {
+        let h = le_bytes(self.src.get(self.pos..self.pos + 3)?) as usize;
         let remaining = self.content_size.map_or(u64::MAX, |n| n - self.total);
         let room = (self.block_max as u64).min(remaining) as usize;
+        Some(BlockHeader { last: h & 1 != 0, btype: (h >> 1) & 3, size: h >> 3, remaining, room })
+    }
+
+    /// [`Self::xor_into`] for the next block, whose content lands at `dst[at..]`; returns its end.
+    fn xor_block(&mut self, dst: &mut [u8], at: usize) -> Result<usize, usize> {
+        let BlockHeader { last, btype, size, room, .. } = self.block_header().ok_or(at)?;
         if size > self.block_max || room > dst.len() - at {
             return Err(at);
         }
@@ -1147,9 +1158,7 @@ impl<'a> FrameReader<'a> {
             }
             1 if size <= room => {
                 let &b = self.src.get(body).ok_or(at)?;
-                if b != 0 {
-                    dst[at..at + size].iter_mut().for_each(|x| *x ^= b);
-                }
+                xor_byte(&mut dst[at..at + size], b);
                 if size > 0 {
                     self.prev = b;
                 }
@@ -1189,8 +1198,8 @@ impl<'a> FrameReader<'a> {
         let seqs = SeqDecoder::of_section(&src[p..], [&self.ll, &self.of, &self.ml]).map_err(|_| op)?;
         let mut job = XorJob { seqs, nseq, rep, prev, history, dst: &mut dst[..limit], lits: &self.lits[..], nlits, op };
         #[cfg(target_arch = "x86_64")]
-        let end = if !portable_only() && std::is_x86_feature_detected!("bmi2") {
-            // SAFETY: the CPU supports BMI2 (checked just above).
+        let end = if fast_sequence_loops() {
+            // SAFETY: the CPU supports BMI2 and AVX2 (fast_sequence_loops).
             unsafe { execute_xor_bmi2(&mut job) }
         } else {
             execute_xor(&mut job)
@@ -1200,6 +1209,14 @@ impl<'a> FrameReader<'a> {
         let end = end?;
         (self.rep, self.prev) = (job.rep, job.prev);
         Ok(end)
+    }
+}
+
+/// `dst[i] ^= b` (nothing to do for a zero byte: the zero runs of our frames).
+#[inline(always)]
+fn xor_byte(dst: &mut [u8], b: u8) {
+    if b != 0 {
+        dst.iter_mut().for_each(|x| *x ^= b);
     }
 }
 
@@ -1225,21 +1242,29 @@ fn portable_only() -> bool {
     false
 }
 
+/// Whether the sequence loops compiled with BMI2 and AVX2 may run (std caches the detection).
+#[cfg(target_arch = "x86_64")]
+fn fast_sequence_loops() -> bool {
+    !portable_only() && std::is_x86_feature_detected!("bmi2") && std::is_x86_feature_detected!("avx2")
+}
+
 /// One block's sequences bitstream and FSE states, read one sequence at a time.
+#[derive(Clone, Copy)]
 struct SeqDecoder<'s, 'b> {
     br: BitReader<'s>,
     /// Literal length, offset, match length tables.
     tables: [&'b [SeqEntry; SEQ_TABLE]; 3],
-    logs: [u32; 3],
     /// Literal length, offset, match length states.
     states: [usize; 3],
+    /// Bits of the three state updates.
+    state_bits: u32,
 }
 
 impl<'s, 'b> SeqDecoder<'s, 'b> {
     #[inline(always)]
     fn new(mut br: BitReader<'s>, tables: [&'b [SeqEntry; SEQ_TABLE]; 3], logs: [u32; 3]) -> Self {
         let states = logs.map(|log| br.read(log) as usize);
-        SeqDecoder { br, tables, logs, states }
+        SeqDecoder { br, tables, states, state_bits: logs.iter().sum() }
     }
 
     /// The decoder of a sequences section whose bitstream is `src`, with the tables loaded
@@ -1291,7 +1316,7 @@ impl<'s, 'b> SeqDecoder<'s, 'b> {
             ll = le.base as usize + br.read(c) as usize;
             used += b + c;
             if more {
-                if used + self.logs.iter().sum::<u32>() > 57 {
+                if used + self.state_bits > 57 {
                     br.reload();
                 }
                 *s_ll = le.next as usize + br.read(n_ll) as usize;
@@ -1358,7 +1383,8 @@ unsafe fn execute_bmi2(job: &mut SeqJob) -> Result<usize, DecodeError> {
 #[inline(always)]
 fn execute_body(job: &mut SeqJob) -> Result<usize, DecodeError> {
     let too_big = DecodeError::BlockTooLarge { size: 0, max: 0 };
-    let mut seqs = SeqDecoder { br: BitReader { ..job.seqs.br }, ..job.seqs };
+    // A copy on the stack, so the loop keeps the bit reader and states in registers.
+    let mut seqs = job.seqs;
     let mut rep = job.rep;
     let mut lp = 0usize;
     let mut op = job.op;
@@ -1421,12 +1447,12 @@ fn execute_xor(job: &mut XorJob) -> Result<usize, usize> {
     execute_xor_body(job)
 }
 
-/// The same, compiled with BMI2.
+/// The same, compiled like [`execute_bmi2`].
 ///
 /// # Safety
-/// The CPU must support BMI2.
+/// The CPU must support BMI2 and AVX2.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "bmi2")]
+#[target_feature(enable = "bmi2,avx2")]
 unsafe fn execute_xor_bmi2(job: &mut XorJob) -> Result<usize, usize> {
     execute_xor_body(job)
 }
@@ -1437,7 +1463,8 @@ unsafe fn execute_xor_bmi2(job: &mut XorJob) -> Result<usize, usize> {
 /// accepts, that one decodes to the same bytes.
 #[inline(always)]
 fn execute_xor_body(job: &mut XorJob) -> Result<usize, usize> {
-    let mut seqs = SeqDecoder { br: BitReader { ..job.seqs.br }, ..job.seqs };
+    // A copy on the stack, so the loop keeps the bit reader and states in registers.
+    let mut seqs = job.seqs;
     let mut rep = job.rep;
     let mut prev = job.prev;
     let mut lp = 0usize;
@@ -1459,9 +1486,7 @@ fn execute_xor_body(job: &mut XorJob) -> Result<usize, usize> {
         if ll > 0 {
             prev = lits[lp - 1];
         }
-        if prev != 0 {
-            dst[op..op + ml].iter_mut().for_each(|x| *x ^= prev);
-        }
+        xor_byte(&mut dst[op..op + ml], prev);
         op += ml;
     }
     let rest = nlits - lp;
