@@ -22,8 +22,17 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The first stop signal received (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The two ends of the wake pipe [`install_interrupting_reads`] makes (-1: none): the handler
+/// writes a byte to the second, and [`wait_readable`] polls the first.
+static WAKE: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
 
 extern "C" fn on_signal(sig: libc::c_int) {
+    let wake = WAKE[1].load(Ordering::SeqCst);
+    if wake >= 0 {
+        // SAFETY: write is async-signal-safe; the pipe is non-blocking, so a full pipe (it
+        // only ever needs one byte) just drops this one.
+        unsafe { libc::write(wake, [1u8].as_ptr().cast(), 1) };
+    }
     if SIGNAL.swap(sig, Ordering::SeqCst) != 0 {
         // SAFETY: signal and raise are async-signal-safe.
         unsafe {
@@ -42,9 +51,39 @@ pub fn install() {
 /// [`install`] without `SA_RESTART`, for a tool that waits on its stdin: a blocking read of a
 /// pipe or terminal then ends with `EINTR` when the signal arrives, so the stop is seen at
 /// once instead of at the next input. (std's `write_all` and sleeps retry on `EINTR`, and
-/// regular-file I/O is not interrupted, so nothing else changes.)
+/// regular-file I/O is not interrupted, so nothing else changes.) A signal that arrives just
+/// before such a read starts would not interrupt it; reads that go through [`wait_readable`]
+/// first see it anyway.
 pub fn install_interrupting_reads() {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0 {
+        WAKE[0].store(fds[0], Ordering::SeqCst);
+        WAKE[1].store(fds[1], Ordering::SeqCst);
+    }
     install_with(0);
+}
+
+/// Block until `fd` is readable (or at its end) or a stop signal has arrived; `false` means
+/// stopped. With the wake pipe of [`install_interrupting_reads`] there is no window: a signal
+/// that lands before the poll has already made the pipe readable. Without it (not installed,
+/// or the pipe could not be made) this only returns on input, as a plain read would.
+pub fn wait_readable(fd: libc::c_int) -> bool {
+    loop {
+        if requested().is_some() {
+            return false;
+        }
+        let mut fds = [
+            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: WAKE[0].load(Ordering::SeqCst), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: two valid pollfds (a negative fd is ignored by poll); no timeout.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n > 0 && fds[0].revents != 0 {
+            return requested().is_none();
+        }
+        // EINTR or the wake pipe: the loop's check decides.
+    }
 }
 
 /// Spawn a helper thread that never takes SIGTERM or SIGINT, so that they always reach the

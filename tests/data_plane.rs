@@ -591,6 +591,32 @@ fn count_files(dir: &Path, suffix: &str) -> usize {
     rd.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { count_files(&p, suffix) } else { usize::from(p.to_string_lossy().ends_with(suffix)) }).sum()
 }
 
+// A stop signal that lands after a batch is appended, before the next read of stdin starts,
+// still ends the publisher at once (the read waits on the stop as well as on the input);
+// before, that read blocked until more input came.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_stop_between_a_batch_and_the_next_read_is_not_lost() {
+    let d = temp_dir("stop-between");
+    let ch = d.join("ch");
+    let mut prod = Command::new(PUBLISH)
+        .args([p(&ch), "--producer", "p0"])
+        .env("DISAGG_FAILPOINT", "publish.after_batch:sleep-500")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = prod.stdin.take().unwrap();
+    stdin.write_all(refs_text("b", 3).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    wait_published(&ch, 3);
+    // Inside the failpoint's sleep: the flag is set before the next read begins.
+    signal(&prod, libc::SIGTERM);
+    assert_eq!(exit_within(&mut prod, Duration::from_secs(5)), Some(143));
+    drop(stdin);
+    assert_eq!(published_now(&ch), 3);
+}
+
 // The failpoint that paces the ingest exists only with `--features failpoints` (make test).
 #[cfg(feature = "failpoints")]
 #[test]

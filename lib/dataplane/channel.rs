@@ -704,6 +704,8 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
         if eof {
             break;
         }
+        // Between a batch and the next read (tests stop the publisher here).
+        crate::failpoint!("publish.after_batch");
     }
     summary.published_total = p.published();
     if opts.close {
@@ -1200,10 +1202,23 @@ fn read_stream(
     }
 }
 
+/// Stdin for `ref-publish`: each read first waits until there is input or a stop signal
+/// ([`crate::stop::wait_readable`]), so a signal that arrives while a batch is being appended
+/// is not left waiting behind the next blocking read.
+struct StoppableStdin(io::StdinLock<'static>);
+
+impl io::Read for StoppableStdin {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !crate::stop::wait_readable(libc::STDIN_FILENO) {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
+        self.0.read(buf)
+    }
+}
+
 /// `ref-publish` on stdin, with its summary printed when `--json`.
 pub fn run_publish(opts: &PublishOptions) -> Result<()> {
-    let stdin = io::stdin();
-    let mut input = io::BufReader::with_capacity(1 << 20, stdin.lock());
+    let mut input = io::BufReader::with_capacity(1 << 20, StoppableStdin(io::stdin().lock()));
     // More input is waiting when stdin polls readable (a file always is; EOF counts too).
     let mut more_ready = || {
         let mut fd = libc::pollfd { fd: libc::STDIN_FILENO, events: libc::POLLIN, revents: 0 };
