@@ -20,11 +20,10 @@ use crate::version::{version_dir_name, version_str, Encoding, INCOMPLETE_MARKER}
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -195,8 +194,9 @@ fn create_version_dir(src: &Path, version: u64, replace_incomplete: bool) -> Res
     Ok(dir)
 }
 
-/// A payload under construction: in memory while the shared budget allows, then in an unnamed
-/// temp file (O_TMPFILE) in the version directory, which vanishes if the process dies.
+/// A payload under construction: in memory while the shared budget allows, then in a nameless
+/// scratch file ([`fsio::scratch_file`]) in the version directory, which vanishes if the
+/// process dies.
 enum Spill {
     Mem(Vec<u8>),
     File(File),
@@ -249,7 +249,7 @@ impl Write for SpillWriter<'_> {
             if len + data.len() > self.reserved {
                 let want = (len + data.len() - self.reserved).max(256 << 10);
                 if !self.try_reserve(want) {
-                    let mut f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(self.dir)?;
+                    let mut f = fsio::scratch_file(self.dir)?;
                     if let Spill::Mem(v) = &self.state {
                         f.write_all(v)?;
                     }
@@ -712,14 +712,26 @@ mod tests {
     /// Run DeltaFiles over `tensors`, completing them in `completion` order; returns each
     /// file's bytes and the report.
     fn write(dir: &Path, tensors: &[(String, Option<Vec<u8>>)], completion: &[usize], max_file: u64, max_number: u64) -> (Vec<(String, Vec<u8>)>, u64) {
-        let budget = AtomicUsize::new(IN_MEMORY_BUDGET);
+        let (files, bytes, spilled) = write_within(IN_MEMORY_BUDGET, dir, tensors, completion, max_file, max_number);
+        assert_eq!(spilled, 0);
+        (files, bytes)
+    }
+
+    /// [`write`] with `budget` bytes for payloads in memory; also returns how many spilled.
+    fn write_within(budget: usize, dir: &Path, tensors: &[(String, Option<Vec<u8>>)], completion: &[usize], max_file: u64, max_number: u64) -> (Vec<(String, Vec<u8>)>, u64, usize) {
+        let budget = AtomicUsize::new(budget);
+        let before = budget.load(Ordering::Relaxed);
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         let files = DeltaFiles::new(dir, max_file, names, 32, max_number);
+        let mut spilled = 0;
         for &j in completion {
             let (name, p) = &tensors[j];
-            files.complete(j, p.as_ref().map(|p| encoded(&budget, dir, name, p))).unwrap();
+            let e = p.as_ref().map(|p| encoded(&budget, dir, name, p));
+            spilled += e.as_ref().is_some_and(|e| matches!(e.payload.writer.state, Spill::File(_))) as usize;
+            files.complete(j, e).unwrap();
         }
         let out = files.finish().unwrap();
+        assert_eq!(budget.load(Ordering::Relaxed), before, "every reservation returned");
         let mut got = Vec::new();
         for (f, names) in &out.files {
             let path = dir.join(f);
@@ -738,7 +750,7 @@ mod tests {
         let names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(names.iter().all(|n| !fsio::is_temp_name(n)), "no temp file left: {names:?}");
         assert_eq!(got.iter().map(|(_, b)| b.len() as u64).sum::<u64>(), out.bytes);
-        (got, out.bytes)
+        (got, out.bytes, spilled)
     }
 
     /// Spaces after the header JSON beyond 8-byte alignment.
@@ -792,6 +804,21 @@ mod tests {
         let want: Vec<String> = (0..9).map(|i| format!("model-{i:05}-of-00009.safetensors")).collect();
         assert_eq!(names, want);
         assert!(bytes > 9 * 2900);
+    }
+
+    #[test]
+    fn payloads_past_the_memory_budget_spill_and_are_written_alike() {
+        // Completed out of order, so payloads wait for their predecessors while others spill.
+        let tensors = payloads(30, |i| i % 5 == 2);
+        let completion: Vec<usize> = (0..30).rev().collect();
+        let (want, bytes) = write(&scratch("spill-mem"), &tensors, &completion, 20_000, 1 << 40);
+        // Room for one reservation (a payload reserves 256 KiB at a time), then none at all.
+        for budget in [300 << 10, 0] {
+            let dir = scratch(&format!("spill-{budget}"));
+            let (got, got_bytes, spilled) = write_within(budget, &dir, &tensors, &completion, 20_000, 1 << 40);
+            assert!(spilled > 0, "budget {budget}: nothing spilled");
+            assert_eq!((&got, got_bytes), (&want, bytes), "budget {budget}: same files as from memory");
+        }
     }
 
     #[test]

@@ -35,9 +35,46 @@ fn temp_path_for(target: &Path) -> PathBuf {
 }
 
 /// fsync a directory so that renames and creations inside it survive power loss.
+///
+/// Some shared file systems have no directory fsync at all (FUSE file systems without
+/// `fsyncdir`, some Ceph and SMB mounts answer `EINVAL` or `EOPNOTSUPP`). There is nothing to
+/// wait for on those, and refusing would make every publish fail, so the call succeeds, as
+/// PostgreSQL's and Cassandra's directory fsyncs do. Only for a descriptor the kernel has
+/// checked is a directory (`O_DIRECTORY`), and only for those two codes: Linux reports a
+/// failed writeback as `EIO`, `ENOSPC` or `EDQUOT`, which still fail.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+    let d = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir).at(dir)?;
+    match d.sync_all() {
+        Err(e) if unsupported_here(&e) => Ok(()),
+        r => r.at(dir),
+    }
+}
+
+/// The file system does not implement the operation (rather than: the operation failed).
+fn unsupported_here(e: &io::Error) -> bool {
+    // EOPNOTSUPP and ENOTSUP are one value on Linux.
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP))
+}
+
+/// A nameless scratch file in `dir`, open for reading and writing, gone once it is closed or
+/// its process dies: `O_TMPFILE` where the file system has it; elsewhere (NFS, most FUSE file
+/// systems: `EOPNOTSUPP`; kernels before 3.11: `EISDIR`) a file created under a temp name and
+/// unlinked as soon as it is open. A kill between the two leaves a `.tmp-` name, which readers
+/// ignore and sweepers remove. The error does not name `dir`: callers add it.
+pub fn scratch_file(dir: &Path) -> io::Result<File> {
+    match OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir) {
+        Err(e) if unsupported_here(&e) || e.raw_os_error() == Some(libc::EISDIR) => named_scratch_file(dir),
+        r => r,
+    }
+}
+
+/// [`scratch_file`] where `O_TMPFILE` is missing.
+fn named_scratch_file(dir: &Path) -> io::Result<File> {
+    let path = temp_path_for(&dir.join("scratch"));
+    let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
+    fs::remove_file(&path)?;
+    Ok(file)
 }
 
 fn parent_of(path: &Path) -> &Path {
@@ -383,5 +420,64 @@ impl HostLock {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek};
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("disagg-fsio-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    }
+
+    fn round_trip(mut f: File) {
+        f.write_all(b"spilled payload").unwrap();
+        f.rewind().unwrap();
+        let mut back = String::new();
+        f.read_to_string(&mut back).unwrap();
+        assert_eq!(back, "spilled payload");
+    }
+
+    #[test]
+    fn scratch_files_have_no_name_with_or_without_o_tmpfile() {
+        let dir = scratch_dir("scratch");
+        // The O_TMPFILE path (this file system has it) and the fallback for those that do not.
+        for f in [scratch_file(&dir).unwrap(), named_scratch_file(&dir).unwrap()] {
+            assert!(names(&dir).is_empty(), "a scratch file has a name: {:?}", names(&dir));
+            round_trip(f);
+        }
+        assert!(scratch_file(&dir.join("missing")).is_err());
+        // The fallback's name while it has one is a temp name, as docs/FORMATS.md §1 says.
+        let name = temp_path_for(&dir.join("scratch")).file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with(".scratch.tmp-") && is_temp_name(&name), "{name}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_missing_operations_count_as_unsupported() {
+        for (code, unsupported) in [(libc::EINVAL, true), (libc::EOPNOTSUPP, true), (libc::ENOTSUP, true), (libc::EIO, false), (libc::ENOSPC, false), (libc::EDQUOT, false), (libc::EISDIR, false)] {
+            assert_eq!(unsupported_here(&io::Error::from_raw_os_error(code)), unsupported, "errno {code}");
+        }
+    }
+
+    #[test]
+    fn fsync_dir_takes_directories_only() {
+        let dir = scratch_dir("fsyncdir");
+        fsync_dir(&dir).unwrap();
+        let file = dir.join("f");
+        fs::write(&file, b"x").unwrap();
+        let e = fsync_dir(&file).unwrap_err().to_string();
+        assert!(e.contains(&*file.to_string_lossy()), "{e}");
+        assert!(fsync_dir(&dir.join("missing")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -155,3 +155,11 @@ fn xor_frame_header_and_window() {
     assert_eq!(empty, want);
     assert!(zstd::stream::decode_all(&empty[..]).unwrap().is_empty());
 }
+
+#[test]
+fn scratch_spill_budget_is_the_documented_one() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/FORMATS.md")).expect("docs/FORMATS.md");
+    let said = format!("its {} MiB in-memory budget", disagg::diff::IN_MEMORY_BUDGET >> 20);
+    assert!(text.contains(&said), "docs/FORMATS.md §1 should say {said:?}");
+    assert_eq!(disagg::diff::IN_MEMORY_BUDGET % (1 << 20), 0);
+}
