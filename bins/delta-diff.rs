@@ -1,6 +1,6 @@
 use clap::Parser;
 use disagg::checksum::ChecksumAlg;
-use disagg::diff::{publish, DiffOptions, DEFAULT_MAX_FILE_BYTES};
+use disagg::diff::{publish, DiffOptions, DEFAULT_MAX_FILE_BYTES, IN_MEMORY_BUDGET};
 use disagg::version::Encoding;
 use std::path::PathBuf;
 
@@ -53,6 +53,10 @@ struct Args {
     /// Cap on payload bytes per delta data file.
     #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
     max_file_bytes: u64,
+    /// Payload bytes all threads together hold in memory; past that, payloads spill to
+    /// nameless scratch files in the version directory (bounds memory whatever the model size).
+    #[arg(long, default_value_t = IN_MEMORY_BUDGET, value_name = "BYTES")]
+    payload_memory: usize,
     /// Where to compute the diffs: `cuda` (GPU; exit 2 if none is usable), `cpu`, or `auto`
     /// (the GPU for the tensors where it is faster, if one is found; see docs/GPU.md).
     #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(["auto", "cpu", "cuda"]))]
@@ -82,6 +86,7 @@ fn main() {
             post_write_hook: a.post_write_hook,
             replace_incomplete: a.replace_incomplete,
             max_file_bytes: a.max_file_bytes.max(1),
+            payload_memory: a.payload_memory,
             device: a.device.parse().map_err(disagg::error::Error::Usage)?,
         };
         let r = publish(&opts)?;

@@ -50,6 +50,9 @@ pub struct DiffOptions {
     pub post_write_hook: Option<String>,
     pub replace_incomplete: bool,
     pub max_file_bytes: u64,
+    /// Payload bytes all threads together may hold in memory before payloads spill to scratch
+    /// files in the version directory (`--payload-memory`; default [`IN_MEMORY_BUDGET`]).
+    pub payload_memory: usize,
     /// Which processor computes the diffs (`--device`; lib/gpu, docs/GPU.md).
     pub device: crate::gpu::Device,
 }
@@ -74,6 +77,8 @@ pub struct DiffReport {
     pub seconds_write: f64,
     pub seconds_hook: f64,
     pub throughput_gbps: f64,
+    /// Payloads that outgrew the in-memory budget and went through a scratch file.
+    pub payloads_spilled: usize,
     /// `cuda` if any tensor was diffed on the GPU, else `cpu`.
     pub device: &'static str,
     /// Worker threads the tensors were encoded on (`--threads`).
@@ -313,7 +318,8 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
     order.sort_by_key(|(_, l)| (l.file, new.entry(*l).1.offset));
     let total_bytes = new.total_bytes();
     let bar = crate::progress::bytes_bar(total_bytes, "diff");
-    let budget = AtomicUsize::new(IN_MEMORY_BUDGET);
+    let budget = AtomicUsize::new(opts.payload_memory);
+    let spilled = AtomicUsize::new(0);
     // Largest tensors first, one task each: the last tensors to finish are small ones, so no
     // core idles behind a late embedding matrix. The stable sort keeps NEW's data order among
     // equals, so the schedule, and with it the data files' layout, is deterministic.
@@ -336,6 +342,9 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
             PayloadError::Source { path, source } => Error::io(path, source),
             other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
         })?;
+        if changed > 0 && matches!(w.state, Spill::File(_)) {
+            spilled.fetch_add(1, Ordering::Relaxed);
+        }
         let out = (changed > 0).then(|| Encoded { name: name.clone(), checksum: hasher.finish_hex(), changed, payload: w.into_payload() });
         files.complete(j, out)?;
         bar.inc(nt.len as u64);
@@ -382,6 +391,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         seconds_write: write_start.elapsed().as_secs_f64(),
         seconds_hook: 0.0,
         throughput_gbps: 0.0,
+        payloads_spilled: spilled.into_inner(),
         threads: 0,
         device: engine.device_used(),
     })
@@ -680,6 +690,7 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
         seconds_write: write_start.elapsed().as_secs_f64(),
         seconds_hook: 0.0,
         throughput_gbps: 0.0,
+        payloads_spilled: 0,
         threads: 0,
         device: "cpu",
     })

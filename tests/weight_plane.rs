@@ -470,6 +470,28 @@ fn diff_splits_data_files_and_allows_different_sharding() {
     assert_eq!(data_files(&src, 1).len(), 4, "one changed tensor per data file");
 }
 
+#[test]
+fn diff_spills_payloads_past_its_memory_budget_and_publishes_the_same_bytes() {
+    let t = TestDir::new("diff_spill");
+    let c = make_chain(&t.path, 1, 2);
+    for enc in ["xor", "overwrite"] {
+        let (mem, spill) = (t.join(format!("mem-{enc}")), t.join(format!("spill-{enc}")));
+        let r = publish(&c.ckpts[0], &c.ckpts[1], &mem, 1, &["--encoding", enc]);
+        assert_eq!(r["payloads_spilled"], 0, "{enc}: the default budget holds a small model");
+        // No memory for payloads at all: every changed tensor goes through a scratch file.
+        let s = publish(&c.ckpts[0], &c.ckpts[1], &spill, 1, &["--encoding", enc, "--payload-memory", "0"]);
+        assert_eq!(s["payloads_spilled"], s["tensors_changed"], "{enc}");
+        assert!(s["tensors_changed"].as_u64().unwrap() > 1);
+        check_delta(&spill, 1, 0, &c.models[0], &c.models[1], enc, "xxh3-128");
+        for f in file_names(&vdir(&mem, 1)) {
+            assert!(fs::read(vdir(&mem, 1).join(&f)).unwrap() == fs::read(vdir(&spill, 1).join(&f)).unwrap(), "{enc}: {f} differs when spilled");
+        }
+        let local = t.join(format!("local-{enc}"));
+        apply(&local, Some(&c.ckpts[0]), &spill, "1", &[]).ok();
+        assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+    }
+}
+
 // ================================================================================================
 // pointer-advance
 // ================================================================================================
