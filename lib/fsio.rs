@@ -45,7 +45,9 @@ fn temp_path_for(target: &Path) -> PathBuf {
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     let d = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir).at(dir)?;
-    match d.sync_all() {
+    // Tests stand in for such a file system with `fsio.dir_fsync:error` (failpoints build).
+    let synced = crate::failpoint::hit("fsio.dir_fsync").map_err(|_| io::Error::from_raw_os_error(libc::EINVAL)).and_then(|()| d.sync_all());
+    match synced {
         Err(e) if unsupported_here(&e) => Ok(()),
         r => r.at(dir),
     }
@@ -63,7 +65,11 @@ fn unsupported_here(e: &io::Error) -> bool {
 /// unlinked as soon as it is open. A kill between the two leaves a `.tmp-` name, which readers
 /// ignore and sweepers remove. The error does not name `dir`: callers add it.
 pub fn scratch_file(dir: &Path) -> io::Result<File> {
-    match OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir) {
+    // Tests stand in for a file system without O_TMPFILE with `fsio.o_tmpfile:error`.
+    let opened = crate::failpoint::hit("fsio.o_tmpfile")
+        .map_err(|_| io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+        .and_then(|()| OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir));
+    match opened {
         Err(e) if unsupported_here(&e) || e.raw_os_error() == Some(libc::EISDIR) => named_scratch_file(dir),
         r => r,
     }

@@ -492,6 +492,33 @@ fn diff_spills_payloads_past_its_memory_budget_and_publishes_the_same_bytes() {
     }
 }
 
+/// Every tool on a shared file system that has neither `O_TMPFILE` nor directory fsync (NFS,
+/// FUSE mounts; FORMATS §1), stood in for by failpoints: the spilled payloads go through named
+/// scratch files that leave no name behind, and the publish, the pointer and the apply all work.
+#[cfg(feature = "failpoints")]
+#[test]
+fn tools_work_without_o_tmpfile_or_directory_fsync() {
+    let t = TestDir::new("no_tmpfile");
+    let c = make_chain(&t.path, 2, 2);
+    let lacking = [("DISAGG_FAILPOINT", "fsio.o_tmpfile:error,fsio.dir_fsync:error")];
+    let (plain, shared) = (t.join("plain"), t.join("shared"));
+    for (v, enc) in [(1u64, "xor"), (2, "overwrite")] {
+        let want = publish(&c.ckpts[v as usize - 1], &c.ckpts[v as usize], &plain, v, &["--encoding", enc]);
+        let vs = v.to_string();
+        let r = run_env(DIFF, [c.ckpts[v as usize - 1].s(), c.ckpts[v as usize].s(), "--publish", shared.s(), "--version", &vs, "--encoding", enc, "--payload-memory", "0", "--json"], &lacking).ok().json();
+        assert_eq!(r["payloads_spilled"], want["tensors_changed"], "{enc}: every payload spilled");
+        assert_eq!(file_names(&vdir(&shared, v)), file_names(&vdir(&plain, v)), "{enc}: no scratch file left behind");
+        for f in file_names(&vdir(&plain, v)) {
+            assert!(fs::read(vdir(&plain, v).join(&f)).unwrap() == fs::read(vdir(&shared, v).join(&f)).unwrap(), "{enc}: {f}");
+        }
+    }
+    run_env(ADVANCE, [shared.s(), "2"], &lacking).ok();
+    let local = t.join("local");
+    let r = run_env(APPLY, ["--local", local.s(), "--base", c.ckpts[0].s(), "--source", shared.s(), "--target", "latest", "--json"], &lacking).ok().json();
+    assert_eq!(applied(&r), vec![1, 2]);
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+}
+
 // ================================================================================================
 // pointer-advance
 // ================================================================================================
