@@ -10,7 +10,7 @@
 use crate::error::{Error, IoContext, Result};
 use memmap2::Mmap;
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -24,7 +24,12 @@ pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// The bytes that start every safetensors file we write: the `u64` LE header length, then the
 /// header JSON padded with spaces so the data starts 8-byte aligned (docs/FORMATS.md §2).
 pub fn header_bytes(header: &Value) -> Vec<u8> {
-    let mut json = serde_json::to_vec(header).expect("JSON of plain values");
+    header_frame(serde_json::to_vec(header).expect("JSON of plain values"))
+}
+
+/// A header's JSON text as [`header_bytes`] frames it: padded with spaces to a multiple of 8,
+/// behind its u64 LE length.
+pub fn header_frame(mut json: Vec<u8>) -> Vec<u8> {
     json.resize(json.len().next_multiple_of(8), b' ');
     let mut out = Vec::with_capacity(8 + json.len());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
@@ -64,6 +69,9 @@ pub struct SafetensorsFile {
     mmap: Mmap,
     /// Tensors in data order.
     tensors: Vec<TensorEntry>,
+    /// Tensor name → its position in `tensors`: MoE checkpoints hold tens of thousands of
+    /// tensors per file, and every tool looks each of them up.
+    by_name: HashMap<String, usize>,
     metadata: BTreeMap<String, String>,
 }
 
@@ -93,8 +101,9 @@ impl SafetensorsFile {
             })
             .collect();
         tensors.sort_by_key(|t| t.offset);
+        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
-        Ok(SafetensorsFile { path, file, mmap, tensors, metadata })
+        Ok(SafetensorsFile { path, file, mmap, tensors, by_name, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -117,7 +126,7 @@ impl SafetensorsFile {
         &self.mmap[t.offset..t.offset + t.len]
     }
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.by_name.get(name).map(|&i| &self.tensors[i])
     }
     /// A tensor of this file as the encoders take it: mapped, and where it lies in the file.
     pub fn input<'a>(&'a self, t: &'a TensorEntry) -> crate::codec::TensorFile<'a> {
