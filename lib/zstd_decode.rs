@@ -775,6 +775,47 @@ struct BlockHeader {
     room: usize,
 }
 
+/// A frame decoder's entropy tables, kept from frame to frame by a per-thread pool: zeroing
+/// 16 KiB of fresh tables per frame was most of what a small tensor's apply cost (a MoE model
+/// has tens of thousands).
+struct Tables {
+    huf: HufTable,
+    ll: SeqTable,
+    of: SeqTable,
+    ml: SeqTable,
+    fse_scratch: Vec<FseEntry>,
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Tables {
+            huf: HufTable { e: Box::new([0u16; HUF_TABLE]), log: 0, valid: false },
+            ll: SeqTable::new(),
+            of: SeqTable::new(),
+            ml: SeqTable::new(),
+            fse_scratch: Vec::with_capacity(SEQ_TABLE),
+        }
+    }
+}
+
+thread_local! {
+    static SPARE_TABLES: crate::pool::Pool<Tables> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Tables {
+    /// Tables for a new frame, none of them valid: a frame may not repeat a table from a
+    /// frame decoded before it (RFC 8878: treeless literals and repeat modes need a table of
+    /// this frame's earlier blocks).
+    fn for_new_frame() -> crate::pool::Pooled<Tables> {
+        let mut t = crate::pool::Pooled::take(&SPARE_TABLES, |_| true);
+        t.huf.valid = false;
+        t.ll.valid = false;
+        t.of.valid = false;
+        t.ml.valid = false;
+        t
+    }
+}
+
 /// Reads the decoded content of one zstd frame.
 pub struct FrameReader<'a> {
     src: &'a [u8],
@@ -793,11 +834,7 @@ pub struct FrameReader<'a> {
     /// Bytes decoded so far (verified ones only).
     total: u64,
     lits: Vec<u8>,
-    huf: HufTable,
-    ll: SeqTable,
-    of: SeqTable,
-    ml: SeqTable,
-    fse_scratch: Vec<FseEntry>,
+    t: crate::pool::Pooled<Tables>,
     rep: [usize; 3],
     /// The last content byte decoded ([`Self::xor_into`] only; 0 before any).
     prev: u8,
@@ -877,11 +914,7 @@ impl<'a> FrameReader<'a> {
             out_end: 0,
             total: 0,
             lits: Vec::new(),
-            huf: HufTable { e: Box::new([0u16; HUF_TABLE]), log: 0, valid: false },
-            ll: SeqTable::new(),
-            of: SeqTable::new(),
-            ml: SeqTable::new(),
-            fse_scratch: Vec::with_capacity(SEQ_TABLE),
+            t: Tables::for_new_frame(),
             rep: [1, 4, 8],
             prev: 0,
             hasher: checksum.then(|| twox_hash::XxHash64::with_seed(0)),
@@ -994,8 +1027,12 @@ impl<'a> FrameReader<'a> {
 
     /// Decode the literals section into `lits[..n]`; returns (bytes used, n).
     fn literals(&mut self, src: &[u8]) -> Result<(usize, usize), DecodeError> {
+        // No block has more literals than it decodes to, which is at most `block_max` and at
+        // most the frame's content (checked below): a 1 KiB tensor's frame zeroes 1 KiB here,
+        // not 128 (tens of thousands of frames in a MoE model's apply).
+        let lits_max = self.content_size.map_or(self.block_max, |n| self.block_max.min(n.min(BLOCK_MAX as u64) as usize));
         if self.lits.is_empty() {
-            self.lits = vec![0u8; BLOCK_MAX + SLACK];
+            self.lits = vec![0u8; lits_max + SLACK];
         }
         let trunc = DecodeError::Truncated("literals section");
         let &b0 = src.first().ok_or(trunc.clone())?;
@@ -1007,7 +1044,7 @@ impl<'a> FrameReader<'a> {
                 1 => (2, (le_bytes(src.get(..2).ok_or(trunc.clone())?) >> 4) as usize),
                 _ => (3, (le_bytes(src.get(..3).ok_or(trunc.clone())?) >> 4) as usize),
             };
-            if n > self.block_max {
+            if n > lits_max {
                 return Err(DecodeError::Literals("more literals than a block"));
             }
             if ltype == 0 {
@@ -1030,19 +1067,20 @@ impl<'a> FrameReader<'a> {
             let mask = (1u64 << bits) - 1;
             let n = ((h >> 4) & mask) as usize;
             let csize = ((h >> (4 + bits)) & mask) as usize;
-            if n > self.block_max {
+            if n > lits_max {
                 return Err(DecodeError::Literals("more literals than a block"));
             }
             let data = src.get(hs..hs + csize).ok_or(trunc)?;
             let tree = if ltype == 2 {
-                self.huf.read(data, &mut self.fse_scratch)?
-            } else if self.huf.valid {
+                let t = &mut *self.t;
+                t.huf.read(data, &mut t.fse_scratch)?
+            } else if self.t.huf.valid {
                 0
             } else {
                 return Err(DecodeError::Literals("treeless literals without a previous Huffman table"));
             };
             let streams = &data[tree..];
-            huf_decode(&self.huf, streams, &mut self.lits[..n], four)?;
+            huf_decode(&self.t.huf, streams, &mut self.lits[..n], four)?;
             Ok((hs + csize, n))
         }
     }
@@ -1072,9 +1110,10 @@ impl<'a> FrameReader<'a> {
         if modes & 3 != 0 {
             return Err(DecodeError::Sequences("reserved bits set in the compression modes"));
         }
-        p += self.ll.load(Kind::LiteralLength, modes >> 6, &src[p..], &mut self.fse_scratch)?;
-        p += self.of.load(Kind::Offset, (modes >> 4) & 3, &src[p..], &mut self.fse_scratch)?;
-        p += self.ml.load(Kind::MatchLength, (modes >> 2) & 3, &src[p..], &mut self.fse_scratch)?;
+        let t = &mut *self.t;
+        p += t.ll.load(Kind::LiteralLength, modes >> 6, &src[p..], &mut t.fse_scratch)?;
+        p += t.of.load(Kind::Offset, (modes >> 4) & 3, &src[p..], &mut t.fse_scratch)?;
+        p += t.ml.load(Kind::MatchLength, (modes >> 2) & 3, &src[p..], &mut t.fse_scratch)?;
         Ok((nseq, p))
     }
 
@@ -1089,7 +1128,7 @@ impl<'a> FrameReader<'a> {
             return Ok(op + nlits);
         }
         let (rep, window) = (self.rep, self.window);
-        let seqs = SeqDecoder::of_section(&src[p..], [&self.ll, &self.of, &self.ml])?;
+        let seqs = SeqDecoder::of_section(&src[p..], [&self.t.ll, &self.t.of, &self.t.ml])?;
         let mut job = SeqJob { seqs, nseq, rep, window, buf: &mut self.buf[..limit + SLACK], lits: &self.lits[..], nlits, op, limit };
         #[cfg(target_arch = "x86_64")]
         let end = if fast_sequence_loops() {
@@ -1195,7 +1234,7 @@ impl<'a> FrameReader<'a> {
             return Ok(op + nlits);
         }
         let (rep, prev, history) = (self.rep, self.prev, self.total > 0);
-        let seqs = SeqDecoder::of_section(&src[p..], [&self.ll, &self.of, &self.ml]).map_err(|_| op)?;
+        let seqs = SeqDecoder::of_section(&src[p..], [&self.t.ll, &self.t.of, &self.t.ml]).map_err(|_| op)?;
         let mut job = XorJob { seqs, nseq, rep, prev, history, dst: &mut dst[..limit], lits: &self.lits[..], nlits, op };
         #[cfg(target_arch = "x86_64")]
         let end = if fast_sequence_loops() {
@@ -1649,6 +1688,88 @@ mod tests {
     }
 
     const CHUNKS: [usize; 4] = [1, 7, 4096, 256 << 10];
+
+    /// One block of a frame, as [`blocks_of`] finds it.
+    struct BlockInfo {
+        /// Offset of its header in the frame.
+        at: usize,
+        kind: u8,
+        size: usize,
+        literals_type: u8,
+        /// Sequence compression modes (0 without sequences).
+        modes: u8,
+    }
+
+    /// The blocks of a frame that has no dictionary, and where the first one starts.
+    fn blocks_of(frame: &[u8]) -> (usize, Vec<BlockInfo>) {
+        let fhd = frame[4];
+        let single = fhd & 0x20 != 0;
+        let fcs = [usize::from(single), 2, 4, 8][(fhd >> 6) as usize];
+        let mut p = 5 + usize::from(!single) + [0, 1, 2, 4][(fhd & 3) as usize] + fcs;
+        let start = p;
+        let mut out = Vec::new();
+        loop {
+            let h = le_bytes(&frame[p..p + 3]) as usize;
+            let (last, kind, size) = (h & 1 == 1, ((h >> 1) & 3) as u8, h >> 3);
+            let (mut lt, mut modes) = (0, 0);
+            if kind == 2 {
+                let b = &frame[p + 3..];
+                lt = b[0] & 3;
+                let sf = (b[0] >> 2) & 3;
+                let lits_end = if lt < 2 {
+                    let (hs, n) = match sf {
+                        0 | 2 => (1, (b[0] >> 3) as usize),
+                        1 => (2, (le_bytes(&b[..2]) >> 4) as usize),
+                        _ => (3, (le_bytes(&b[..3]) >> 4) as usize),
+                    };
+                    hs + if lt == 0 { n } else { 1 }
+                } else {
+                    let (hs, bits) = [(3, 10), (3, 10), (4, 14), (5, 18)][sf as usize];
+                    hs + ((le_bytes(&b[..hs]) >> (4 + bits)) & ((1 << bits) - 1)) as usize
+                };
+                let q = lits_end + if b[lits_end] < 128 { 1 } else if b[lits_end] < 255 { 2 } else { 3 };
+                if b[lits_end] != 0 {
+                    modes = b[q];
+                }
+            }
+            out.push(BlockInfo { at: p, kind, size, literals_type: lt, modes });
+            p += 3 + if kind == 1 { 1 } else { size };
+            if last {
+                return (start, out);
+            }
+        }
+    }
+
+    #[test]
+    fn a_frame_never_repeats_the_tables_of_an_earlier_frame() {
+        // A level-19 frame of several blocks: later ones reuse the Huffman tree (treeless
+        // literals) or a sequence table (repeat mode) of the blocks before them.
+        let data = make(Data::Text, 1 << 20, 11);
+        let full = bulk(&data, 19, false, false);
+        let (start, blocks) = blocks_of(&full);
+        let repeats = |b: &&BlockInfo| b.kind == 2 && (b.literals_type == 3 || [6, 4, 2].iter().any(|sh| (b.modes >> sh) & 3 == 3));
+        let b = blocks.iter().skip(1).find(repeats).expect("a block that repeats a table");
+        let (p, kind, size, lt, modes) = (b.at, b.kind, b.size, b.literals_type, b.modes);
+        // That block alone, as the only block of a frame with the same header.
+        let mut lone = full[..start].to_vec();
+        lone.extend_from_slice(&(((size << 3) | ((kind as usize) << 1) | 1) as u32).to_le_bytes()[..3]);
+        lone.extend_from_slice(&full[p + 3..p + 3 + size]);
+        assert!(libzstd(&lone).is_err(), "libzstd refuses it too (literals type {lt}, modes {modes:#04x})");
+        // Decoded right after the whole frame on this thread, whose tables are all valid and
+        // go back to this thread's pool: they must not be taken for this frame's.
+        for _ in 0..3 {
+            assert!(ours(&full, 1 << 20).unwrap() == data);
+            assert!(ours(&lone, 1 << 20).is_err(), "a table from another frame was used");
+        }
+        // The mechanism itself: the next frame gets those very tables back, none valid.
+        let r = FrameReader::new(&full, 27).unwrap();
+        let table = &*r.t.huf.e as *const _;
+        drop(r);
+        assert!(ours(&full, 1 << 20).unwrap() == data);
+        let t = Tables::for_new_frame();
+        assert_eq!(&*t.huf.e as *const _, table, "tables are reused from frame to frame");
+        assert!(![t.huf.valid, t.ll.valid, t.of.valid, t.ml.valid].contains(&true), "a new frame starts with no valid table");
+    }
 
     fn check(frame: &[u8], want: &[u8], i: usize, what: &str) {
         let chunk = if want.len() > (1 << 20) { CHUNKS[2 + i % 2] } else { CHUNKS[i % 4] };
