@@ -26,7 +26,7 @@ use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Payload bytes kept in memory across all threads before payloads spill to temp files.
@@ -199,46 +199,105 @@ fn create_version_dir(src: &Path, version: u64, replace_incomplete: bool) -> Res
     Ok(dir)
 }
 
-/// A payload under construction: in memory while the shared budget allows, then in a nameless
-/// scratch file ([`fsio::scratch_file`]) in the version directory, which vanishes if the
-/// process dies.
-enum Spill {
-    Mem(Vec<u8>),
-    File(File),
-}
-
-struct SpillWriter<'a> {
-    budget: &'a AtomicUsize,
-    reserved: usize,
+/// Where the payloads of one delta are built: in memory while the shared budget lasts, after
+/// that in a few nameless scratch files in the version directory ([`fsio::scratch_file`]; they
+/// vanish if the process dies), payloads back to back. A payload under construction has a
+/// scratch file to itself, taken from `free` and given back with its new end once the payload
+/// is complete, so the files (and descriptors) are bounded by the payloads under construction
+/// at once, about one per worker, not by the payloads waiting their turn to be written: those
+/// are thousands on a model with many small tensors behind a large one.
+struct SpillArea<'a> {
     dir: &'a Path,
-    state: Spill,
+    /// Payload bytes that may still be reserved in memory.
+    budget: AtomicUsize,
+    /// Scratch files no payload is being built in, each with the end of its data.
+    free: Mutex<Vec<(Arc<File>, u64)>>,
+    /// Complete payloads that went to a scratch file.
+    spilled: AtomicUsize,
 }
 
-impl<'a> SpillWriter<'a> {
-    fn new(budget: &'a AtomicUsize, dir: &'a Path) -> Self {
-        SpillWriter { budget, reserved: 0, dir, state: Spill::Mem(Vec::new()) }
+impl<'a> SpillArea<'a> {
+    fn new(dir: &'a Path, budget: usize) -> Self {
+        SpillArea { dir, budget: AtomicUsize::new(budget), free: Mutex::default(), spilled: AtomicUsize::new(0) }
     }
 
-    fn try_reserve(&mut self, n: usize) -> bool {
+    /// A scratch file to build a payload in, and where its free space starts.
+    fn take_file(&self) -> io::Result<(Arc<File>, u64)> {
+        match self.free.lock().map_err(|_| io::Error::other("spill area poisoned"))?.pop() {
+            Some(f) => Ok(f),
+            None => Ok((Arc::new(fsio::scratch_file(self.dir)?), 0)),
+        }
+    }
+
+    fn give_back(&self, file: Arc<File>, end: u64) {
+        if let Ok(mut free) = self.free.lock() {
+            free.push((file, end));
+        }
+    }
+
+    fn try_reserve(&self, n: usize) -> bool {
         let mut cur = self.budget.load(Ordering::Relaxed);
         loop {
             if cur < n {
                 return false;
             }
             match self.budget.compare_exchange_weak(cur, cur - n, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => {
-                    self.reserved += n;
-                    return true;
-                }
+                Ok(_) => return true,
                 Err(c) => cur = c,
             }
         }
     }
 
-    fn into_payload(self) -> Payload<'a> {
-        let len = match &self.state {
+    fn unreserve(&self, n: usize) {
+        self.budget.fetch_add(n, Ordering::AcqRel);
+    }
+}
+
+/// A payload's bytes: in memory, or `len` bytes at `start` of a scratch file (`building`: the
+/// file is still this payload's alone, not yet given back to the area).
+enum Spill {
+    Mem(Vec<u8>),
+    File { file: Arc<File>, start: u64, len: u64, building: bool },
+}
+
+struct SpillWriter<'a> {
+    area: &'a SpillArea<'a>,
+    /// Budget bytes this payload holds.
+    reserved: usize,
+    state: Spill,
+}
+
+impl<'a> SpillWriter<'a> {
+    fn new(area: &'a SpillArea<'a>) -> Self {
+        SpillWriter { area, reserved: 0, state: Spill::Mem(Vec::new()) }
+    }
+
+    #[cfg(test)]
+    fn spilled(&self) -> bool {
+        matches!(self.state, Spill::File { .. })
+    }
+
+    /// Move what is in memory to a scratch file and go on there.
+    fn spill(&mut self) -> io::Result<()> {
+        let (file, start) = self.area.take_file()?;
+        let moved = match std::mem::replace(&mut self.state, Spill::File { file, start, len: 0, building: true }) {
+            Spill::Mem(v) => v,
+            Spill::File { .. } => unreachable!("spilled twice"),
+        };
+        self.area.unreserve(std::mem::take(&mut self.reserved));
+        self.write_all(&moved)
+    }
+
+    /// The payload is complete: its scratch file, if any, goes back to the area for the next.
+    fn into_payload(mut self) -> Payload<'a> {
+        let len = match &mut self.state {
             Spill::Mem(v) => v.len() as u64,
-            Spill::File(f) => f.metadata().map(|m| m.len()).unwrap_or(0),
+            Spill::File { file, start, len, building } => {
+                *building = false;
+                self.area.give_back(file.clone(), *start + *len);
+                self.area.spilled.fetch_add(1, Ordering::Relaxed);
+                *len
+            }
         };
         Payload { len, writer: self }
     }
@@ -246,31 +305,27 @@ impl<'a> SpillWriter<'a> {
 
 impl Write for SpillWriter<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let in_mem = match &self.state {
-            Spill::Mem(v) => Some(v.len()),
-            Spill::File(_) => None,
-        };
-        if let Some(len) = in_mem {
-            if len + data.len() > self.reserved {
-                let want = (len + data.len() - self.reserved).max(256 << 10);
-                if !self.try_reserve(want) {
-                    let mut f = fsio::scratch_file(self.dir)?;
-                    if let Spill::Mem(v) = &self.state {
-                        f.write_all(v)?;
-                    }
-                    self.state = Spill::File(f);
-                    self.budget.fetch_add(self.reserved, Ordering::AcqRel);
-                    self.reserved = 0;
+        if let Spill::Mem(v) = &self.state {
+            let need = v.len() + data.len();
+            if need > self.reserved {
+                // Doubling steps from 16 KiB: few atomic operations for a large payload, and
+                // a small one holds little more than it uses.
+                let want = (need - self.reserved).max(self.reserved).max(16 << 10);
+                if self.area.try_reserve(want) {
+                    self.reserved += want;
+                } else {
+                    self.spill()?;
                 }
             }
         }
         match &mut self.state {
-            Spill::Mem(v) => {
-                v.extend_from_slice(data);
-                Ok(data.len())
+            Spill::Mem(v) => v.extend_from_slice(data),
+            Spill::File { file, start, len, .. } => {
+                file.write_all_at(data, *start + *len)?;
+                *len += data.len() as u64;
             }
-            Spill::File(f) => f.write(data),
         }
+        Ok(data.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -279,7 +334,12 @@ impl Write for SpillWriter<'_> {
 
 impl Drop for SpillWriter<'_> {
     fn drop(&mut self) {
-        self.budget.fetch_add(self.reserved, Ordering::AcqRel);
+        self.area.unreserve(self.reserved);
+        // Abandoned while being built (an error, or an unchanged tensor's frame): its space in
+        // the file is free again.
+        if let Spill::File { file, start, building: true, .. } = &self.state {
+            self.area.give_back(file.clone(), *start);
+        }
     }
 }
 
@@ -290,14 +350,19 @@ struct Payload<'a> {
 
 impl Payload<'_> {
     fn copy_to(&mut self, out: &mut impl Write) -> io::Result<()> {
-        match &mut self.writer.state {
+        match &self.writer.state {
             Spill::Mem(v) => out.write_all(v),
-            Spill::File(f) => {
-                f.seek(io::SeekFrom::Start(0))?;
-                let n = io::copy(f, out)?;
-                if n != self.len {
-                    return Err(io::Error::other("spill file changed size"));
+            Spill::File { file, start, len, .. } => {
+                let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
+                let mut at = 0u64;
+                while at < *len {
+                    let n = (*len - at).min(buf.len() as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], start + at)?;
+                    out.write_all(&buf[..n])?;
+                    at += n as u64;
                 }
+                // Written where it belongs: its disk space goes back (where the file system can).
+                fsio::release_range(file, *start, *len);
                 Ok(())
             }
         }
@@ -318,8 +383,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
     order.sort_by_key(|(_, l)| (l.file, new.entry(*l).1.offset));
     let total_bytes = new.total_bytes();
     let bar = crate::progress::bytes_bar(total_bytes, "diff");
-    let budget = AtomicUsize::new(opts.payload_memory);
-    let spilled = AtomicUsize::new(0);
+    let area = SpillArea::new(dir, opts.payload_memory);
     // Largest tensors first, one task each: the last tensors to finish are small ones, so no
     // core idles behind a late embedding matrix. The stable sort keeps NEW's data order among
     // equals, so the schedule, and with it the data files' layout, is deterministic.
@@ -327,13 +391,18 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
     schedule.sort_by_key(|&i| std::cmp::Reverse(new.entry(order[i].1).1.len));
     let names: Vec<&str> = schedule.iter().map(|&i| order[i].0.as_str()).collect();
     let files = DeltaFiles::new(dir, opts.max_file_bytes, names, opts.checksum.hex_len(), header_number_bound(total_bytes, order.len()));
-    schedule.par_iter().enumerate().with_max_len(1).try_for_each(|(j, &i)| {
+    // Every worker takes the next tensor of the schedule from one counter, so tensors finish
+    // about in schedule order, which is file order: a parallel iterator would split the schedule
+    // in halves, and every payload of the second half would wait, in memory or in a scratch
+    // file, for the whole first half to be written.
+    let next = AtomicUsize::new(0);
+    let encode_one = |j: usize, i: usize| -> Result<()> {
         // A stop signal ends the publish between tensors; `Unpublished` removes the version.
         crate::stop::check()?;
         let (name, loc) = &order[i];
         let (nf, nt) = new.entry(*loc);
         let (of, ot) = old.get(name).expect("compatibility checked");
-        let mut w = SpillWriter::new(&budget, dir);
+        let mut w = SpillWriter::new(&area);
         let mut hasher = opts.checksum.hasher();
         // Encoded whole, then dropped if nothing changed: the scan is what finds out, and
         // a frame of an unchanged tensor costs little more than that scan.
@@ -342,14 +411,24 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
             PayloadError::Source { path, source } => Error::io(path, source),
             other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
         })?;
-        if changed > 0 && matches!(w.state, Spill::File(_)) {
-            spilled.fetch_add(1, Ordering::Relaxed);
-        }
         let out = (changed > 0).then(|| Encoded { name: name.clone(), checksum: hasher.finish_hex(), changed, payload: w.into_payload() });
         files.complete(j, out)?;
         bar.inc(nt.len as u64);
-        Ok::<(), Error>(())
-    })?;
+        Ok(())
+    };
+    rayon::broadcast(|_| -> Result<()> {
+        loop {
+            let j = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&i) = schedule.get(j) else { return Ok(()) };
+            if let Err(e) = encode_one(j, i) {
+                // The others stop at their next tensor.
+                next.store(schedule.len(), Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+    })
+    .into_iter()
+    .collect::<Result<Vec<()>>>()?;
     bar.finish_and_clear();
     let seconds_encode = encode_start.elapsed().as_secs_f64();
 
@@ -391,7 +470,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         seconds_write: write_start.elapsed().as_secs_f64(),
         seconds_hook: 0.0,
         throughput_gbps: 0.0,
-        payloads_spilled: spilled.into_inner(),
+        payloads_spilled: area.spilled.load(Ordering::Relaxed),
         threads: 0,
         device: engine.device_used(),
     })
@@ -452,10 +531,36 @@ struct DataFile {
     room: u64,
     /// (name, checksum, payload length) in file order.
     entries: Vec<(String, String, u64)>,
-    /// Payload bytes written after the room.
+    /// Payload bytes after the room (gathered ones included).
     size: u64,
-    /// Payload bytes written since the last early-writeback request.
+    /// Small payloads gathered for one write: one system call per MiB rather than per tensor,
+    /// which on a model of many small tensors is what the encoders would wait for.
+    gathered: Vec<u8>,
+    /// Payload bytes handed to the kernel.
+    written: u64,
+    /// Of those, bytes written since the last early-writeback request.
     unsynced: u64,
+}
+
+impl DataFile {
+    /// Hand the gathered bytes to the kernel, and start writeback once a batch is written.
+    fn flush(&mut self) -> Result<()> {
+        if !self.gathered.is_empty() {
+            self.file.file().write_all(&self.gathered).at(self.file.temp_path())?;
+            self.wrote(self.gathered.len() as u64);
+            self.gathered.clear();
+        }
+        Ok(())
+    }
+
+    fn wrote(&mut self, n: u64) {
+        self.written += n;
+        self.unsynced += n;
+        if self.unsynced >= WRITEBACK_BATCH {
+            fsio::start_writeback(self.file.file(), self.room + self.written - self.unsynced, self.unsynced);
+            self.unsynced = 0;
+        }
+    }
 }
 
 /// What [`DeltaFiles::finish`] committed.
@@ -511,17 +616,23 @@ impl<'a> DeltaFiles<'a> {
             let file = AtomicFile::create(self.dir.join(format!("model-{:05}.safetensors", w.files.len())))?;
             let mut f = file.file();
             f.seek(io::SeekFrom::Start(room)).at(file.temp_path())?;
-            w.files.push(DataFile { file, room, entries: Vec::new(), size: 0, unsynced: 0 });
+            if let Some(last) = w.files.last_mut() {
+                last.flush()?;
+            }
+            w.files.push(DataFile { file, room, entries: Vec::new(), size: 0, gathered: Vec::new(), written: 0, unsynced: 0 });
         }
         let f = w.files.last_mut().expect("a file is open");
-        e.payload.copy_to(&mut f.file.file()).at(f.file.temp_path())?;
+        if f.gathered.len() as u64 + len > WRITEBACK_BATCH {
+            f.flush()?;
+        }
+        if len >= WRITEBACK_BATCH {
+            e.payload.copy_to(&mut f.file.file()).at(f.file.temp_path())?;
+            f.wrote(len);
+        } else {
+            e.payload.copy_to(&mut f.gathered).at(f.file.temp_path())?;
+        }
         f.entries.push((e.name, e.checksum, len));
         f.size += len;
-        f.unsynced += len;
-        if f.unsynced >= WRITEBACK_BATCH {
-            fsio::start_writeback(f.file.file(), f.room + f.size - f.unsynced, f.unsynced);
-            f.unsynced = 0;
-        }
         w.changed_bytes += e.changed;
         w.tensors_changed += 1;
         // Killed here, a publisher leaves temp data files in an incomplete version.
@@ -533,9 +644,8 @@ impl<'a> DeltaFiles<'a> {
     fn header_room(&self, names: &[&str]) -> u64 {
         let checksum = "0".repeat(self.checksum_hex);
         let n = self.max_number;
-        let entries = names.iter().map(|&name| (name.to_string(), json!({"dtype": "U8", "shape": [n], "data_offsets": [n, n]})));
-        let sums = names.iter().map(|&name| (name.to_string(), Value::String(checksum.clone())));
-        crate::checkpoint::header_bytes(&delta_file_header(sums, entries)).len() as u64
+        let entries: Vec<HeaderEntry> = names.iter().map(|&name| HeaderEntry { name, checksum: &checksum, len: n, begin: n, end: n }).collect();
+        delta_file_header(&entries).len() as u64
     }
 
     /// Write the headers, rename every file to `model-I-of-N` and fsync the directory.
@@ -549,15 +659,19 @@ impl<'a> DeltaFiles<'a> {
         let n = w.files.len();
         let dirs = fsio::DirSync::default();
         let mut out = WrittenFiles { files: Vec::new(), bytes: 0, changed_bytes: w.changed_bytes, tensors_changed: w.tensors_changed };
-        for (k, f) in w.files.into_iter().enumerate() {
+        for (k, mut f) in w.files.into_iter().enumerate() {
+            f.flush()?;
             let name = format!("model-{k:05}-of-{n:05}.safetensors");
             let mut offset = 0u64;
-            let sums = f.entries.iter().map(|(t, c, _)| (t.clone(), Value::String(c.clone())));
-            let entries = f.entries.iter().map(|(t, _, len)| {
-                offset += len;
-                (t.clone(), json!({"dtype": "U8", "shape": [len], "data_offsets": [offset - len, offset]}))
-            });
-            let head = crate::checkpoint::header_bytes(&delta_file_header(sums, entries));
+            let entries: Vec<HeaderEntry> = f
+                .entries
+                .iter()
+                .map(|(name, checksum, len)| {
+                    offset += len;
+                    HeaderEntry { name, checksum, len: *len, begin: offset - len, end: offset }
+                })
+                .collect();
+            let head = delta_file_header(&entries);
             let compact = head.len() as u64;
             let slack_ok = compact <= f.room && f.room - compact <= HEADER_SLACK_BYTES.max(f.size / HEADER_SLACK_RATIO);
             let mut file = if slack_ok {
@@ -582,13 +696,44 @@ fn poisoned<T>(_: T) -> Error {
     Error::Internal("a delta writer thread panicked".into())
 }
 
-/// A delta data file's header: `__metadata__` (tensor → checksum of its new bytes), then the
-/// payload entries.
-fn delta_file_header(sums: impl Iterator<Item = (String, Value)>, entries: impl Iterator<Item = (String, Value)>) -> Value {
-    let mut header = Map::new();
-    header.insert("__metadata__".into(), Value::Object(sums.collect()));
-    header.extend(entries);
-    Value::Object(header)
+/// One payload's entry in a delta data file's header.
+#[derive(Clone, Copy)]
+struct HeaderEntry<'e> {
+    name: &'e str,
+    /// Checksum of the tensor's new bytes.
+    checksum: &'e str,
+    /// Payload bytes, and where they lie in the data section.
+    len: u64,
+    begin: u64,
+    end: u64,
+}
+
+/// A delta data file's header, framed ([`crate::checkpoint::header_frame`]): `__metadata__`
+/// (tensor → checksum of its new bytes), then one 1-D `U8` entry per payload, in file order;
+/// the bytes serde_json writes for that object. Written directly rather than through a
+/// `serde_json::Value`: a MoE model has tens of thousands of tensors, and the tree of maps cost
+/// about 3 µs an entry, spent by the writer while the encoders' payloads piled up behind it.
+fn delta_file_header(entries: &[HeaderEntry]) -> Vec<u8> {
+    use std::io::Write as _;
+    let string = |out: &mut Vec<u8>, s: &str| serde_json::to_writer(out, s).expect("JSON of a string");
+    let mut json = Vec::with_capacity(entries.iter().map(|e| 2 * e.name.len() + e.checksum.len() + 80).sum::<usize>() + 32);
+    json.extend_from_slice(br#"{"__metadata__":{"#);
+    for (k, e) in entries.iter().enumerate() {
+        if k > 0 {
+            json.push(b',');
+        }
+        string(&mut json, e.name);
+        json.push(b':');
+        string(&mut json, e.checksum);
+    }
+    json.push(b'}');
+    for e in entries {
+        json.push(b',');
+        string(&mut json, e.name);
+        write!(json, r#":{{"dtype":"U8","shape":[{}],"data_offsets":[{},{}]}}"#, e.len, e.begin, e.end).expect("writes to a Vec");
+    }
+    json.push(b'}');
+    crate::checkpoint::header_frame(json)
 }
 
 /// Copy `f`'s payloads into a new temp file behind the compact header bytes `head` (the
@@ -708,8 +853,8 @@ mod tests {
         d
     }
 
-    fn encoded<'a>(budget: &'a AtomicUsize, dir: &'a Path, name: &str, payload: &[u8]) -> Encoded<'a> {
-        let mut w = SpillWriter::new(budget, dir);
+    fn encoded<'a>(area: &'a SpillArea<'a>, name: &str, payload: &[u8]) -> Encoded<'a> {
+        let mut w = SpillWriter::new(area);
         w.write_all(payload).unwrap();
         Encoded { name: name.into(), checksum: format!("{:032x}", payload.len()), changed: payload.len() as u64, payload: w.into_payload() }
     }
@@ -730,19 +875,19 @@ mod tests {
 
     /// [`write`] with `budget` bytes for payloads in memory; also returns how many spilled.
     fn write_within(budget: usize, dir: &Path, tensors: &[(String, Option<Vec<u8>>)], completion: &[usize], max_file: u64, max_number: u64) -> (Vec<(String, Vec<u8>)>, u64, usize) {
-        let budget = AtomicUsize::new(budget);
-        let before = budget.load(Ordering::Relaxed);
+        let area = SpillArea::new(dir, budget);
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         let files = DeltaFiles::new(dir, max_file, names, 32, max_number);
         let mut spilled = 0;
         for &j in completion {
             let (name, p) = &tensors[j];
-            let e = p.as_ref().map(|p| encoded(&budget, dir, name, p));
-            spilled += e.as_ref().is_some_and(|e| matches!(e.payload.writer.state, Spill::File(_))) as usize;
+            let e = p.as_ref().map(|p| encoded(&area, name, p));
+            spilled += e.as_ref().is_some_and(|e| e.payload.writer.spilled()) as usize;
             files.complete(j, e).unwrap();
         }
         let out = files.finish().unwrap();
-        assert_eq!(budget.load(Ordering::Relaxed), before, "every reservation returned");
+        assert_eq!(area.budget.load(Ordering::Relaxed), budget, "every reservation returned");
+        assert_eq!(area.spilled.load(Ordering::Relaxed), spilled);
         let mut got = Vec::new();
         for (f, names) in &out.files {
             let path = dir.join(f);
@@ -823,13 +968,77 @@ mod tests {
         let tensors = payloads(30, |i| i % 5 == 2);
         let completion: Vec<usize> = (0..30).rev().collect();
         let (want, bytes) = write(&scratch("spill-mem"), &tensors, &completion, 20_000, 1 << 40);
-        // Room for one reservation (a payload reserves 256 KiB at a time), then none at all.
-        for budget in [300 << 10, 0] {
+        // Room for four payloads (a small one reserves 16 KiB), then none at all.
+        for budget in [64 << 10, 0] {
             let dir = scratch(&format!("spill-{budget}"));
             let (got, got_bytes, spilled) = write_within(budget, &dir, &tensors, &completion, 20_000, 1 << 40);
             assert!(spilled > 0, "budget {budget}: nothing spilled");
             assert_eq!((&got, got_bytes), (&want, bytes), "budget {budget}: same files as from memory");
         }
+    }
+
+    /// How many scratch files hold these payloads.
+    fn scratch_files(held: &[Payload]) -> usize {
+        let files: std::collections::BTreeSet<*const File> = held
+            .iter()
+            .filter_map(|p| match &p.writer.state {
+                Spill::File { file, .. } => Some(Arc::as_ptr(file)),
+                Spill::Mem(_) => None,
+            })
+            .collect();
+        files.len()
+    }
+
+    #[test]
+    fn spilled_payloads_share_a_few_scratch_files() {
+        let dir = scratch("spill-files");
+        let area = SpillArea::new(&dir, 0);
+        // Thousands of payloads waiting to be written (a MoE model behind its embedding): one
+        // scratch file holds them all, since each was complete before the next began.
+        let contents: Vec<Vec<u8>> = (0..3000).map(|i| vec![(i % 251) as u8; 1 + i % 700]).collect();
+        let mut held: Vec<Payload> = contents.iter().map(|c| {
+            let mut w = SpillWriter::new(&area);
+            w.write_all(c).unwrap();
+            assert!(w.spilled());
+            w.into_payload()
+        }).collect();
+        assert_eq!(scratch_files(&held), 1, "scratch files for 3000 spilled payloads");
+        // Two under construction at once get a file each; one abandoned gives its space back.
+        let (mut a, mut b) = (SpillWriter::new(&area), SpillWriter::new(&area));
+        a.write_all(b"first").unwrap();
+        b.write_all(b"second").unwrap();
+        let Spill::File { start: abandoned, .. } = b.state else { panic!("b spilled") };
+        held.push(a.into_payload());
+        drop(b);
+        let mut c = SpillWriter::new(&area);
+        c.write_all(b"third").unwrap();
+        let Spill::File { start, .. } = c.state else { panic!("c spilled") };
+        assert_eq!(start, abandoned, "the abandoned payload's space is reused");
+        held.push(c.into_payload());
+        assert_eq!(scratch_files(&held), 2);
+        for (p, want) in held.iter_mut().zip(contents.iter().map(Vec::as_slice).chain([&b"first"[..], b"third"])) {
+            let mut got = Vec::new();
+            p.copy_to(&mut got).unwrap();
+            assert!(got == want, "payload of {} bytes read back wrong", want.len());
+        }
+        assert_eq!(area.spilled.load(Ordering::Relaxed), 3002);
+        drop(held);
+        assert_eq!(area.budget.load(Ordering::Relaxed), 0);
+        assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "scratch files have no name");
+    }
+
+    #[test]
+    fn delta_file_headers_are_what_serde_json_writes() {
+        let names = ["model.embed_tokens.weight", "with \"quotes\" and \\", "tab\tnew\nline\u{1}", "ünïcödé ✓", ""];
+        let sums: Vec<String> = (0..names.len()).map(|i| format!("{i:032x}")).collect();
+        let entries: Vec<HeaderEntry> =
+            names.iter().zip(&sums).enumerate().map(|(i, (name, checksum))| HeaderEntry { name, checksum, len: 10 * i as u64 + 1, begin: 100 * i as u64, end: 100 * i as u64 + 10 * i as u64 + 1 }).collect();
+        let mut header = Map::new();
+        header.insert("__metadata__".into(), Value::Object(entries.iter().map(|e| (e.name.to_string(), Value::String(e.checksum.to_string()))).collect()));
+        header.extend(entries.iter().map(|e| (e.name.to_string(), json!({"dtype": "U8", "shape": [e.len], "data_offsets": [e.begin, e.end]}))));
+        let want = crate::checkpoint::header_bytes(&Value::Object(header));
+        assert_eq!(String::from_utf8_lossy(&delta_file_header(&entries)), String::from_utf8_lossy(&want));
+        assert!(delta_file_header(&entries) == want);
     }
 
     #[test]

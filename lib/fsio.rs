@@ -75,6 +75,20 @@ pub fn scratch_file(dir: &Path) -> io::Result<File> {
     }
 }
 
+/// Give the disk space of `len` bytes at `offset` of a scratch file back to the file system
+/// (a hole; the file keeps its size). Advisory: where holes cannot be punched (NFS before 4.2,
+/// many FUSE file systems) the space comes back when the file is closed.
+pub fn release_range(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor we own; it reads no memory of ours.
+        let _ = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
 /// [`scratch_file`] where `O_TMPFILE` is missing.
 fn named_scratch_file(dir: &Path) -> io::Result<File> {
     let path = temp_path_for(&dir.join("scratch"));

@@ -492,6 +492,40 @@ fn diff_spills_payloads_past_its_memory_budget_and_publishes_the_same_bytes() {
     }
 }
 
+/// A MoE-like model: thousands of small tensors, every payload spilled, under a descriptor limit
+/// far below the tensor count. Each spilled payload used to hold a scratch file of its own until
+/// its turn to be written (EMFILE on a 60 000-tensor model); they now share one per worker.
+#[test]
+fn many_small_tensors_diff_and_apply_within_a_small_descriptor_limit() {
+    let t = TestDir::new("many_tensors");
+    let mut rng = Rng::new(5);
+    let old: Model = (0..3000).map(|i| tensor(&format!("model.layers.{}.mlp.experts.{}.w1.weight", i / 64, i % 64), "BF16", &[96], &mut rng)).collect();
+    let new = step(&old, 9);
+    let (a, b) = (t.join("old"), t.join("new"));
+    write_checkpoint(&a, &old, 3);
+    write_checkpoint(&b, &new, 3);
+    let src = t.join("src");
+    let limited = |cmd: &str| format!("ulimit -n 64 && exec {cmd}");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(limited(&format!("{DIFF} {} {} --publish {} --version 1 --payload-memory 0 --json", a.s(), b.s(), src.s())))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "delta-diff under ulimit -n 64: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["tensors_changed"].as_u64().unwrap() > 2000);
+    assert_eq!(r["payloads_spilled"], r["tensors_changed"]);
+    check_delta(&src, 1, 0, &old, &new, "xor", "xxh3-128");
+    let local = t.join("local");
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(limited(&format!("{APPLY} --local {} --base {} --source {} --target 1", local.s(), a.s(), src.s())))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "delta-apply under ulimit -n 64: {}", String::from_utf8_lossy(&out.stderr));
+    assert_local_is(&local, &b, &new);
+}
+
 /// Every tool on a shared file system that has neither `O_TMPFILE` nor directory fsync (NFS,
 /// FUSE mounts; FORMATS §1), stood in for by failpoints: the spilled payloads go through named
 /// scratch files that leave no name behind, and the publish, the pointer and the apply all work.
