@@ -89,6 +89,29 @@ pub fn release_range(file: &File, offset: u64, len: u64) {
     let _ = (file, offset, len);
 }
 
+/// Raise this process's soft limit on open files to its hard limit. Every shard of a checkpoint
+/// stays open while a tool works on it (mapped and read), so a diff holds one per shard of OLD
+/// and of NEW, and a model in a few hundred files passes the usual soft limit of 1024 while
+/// the hard limit is far higher (Go's runtime raises it the same way). Where it cannot be
+/// raised, opening a file past it fails with "Too many open files" naming the file.
+pub fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: plain syscalls on a struct we own.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                // An unlimited hard limit is not a value the kernel takes for the soft one.
+                let want = if lim.rlim_max == libc::RLIM_INFINITY { 1 << 20 } else { lim.rlim_max };
+                if lim.rlim_cur < want {
+                    lim.rlim_cur = want;
+                    let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
+            }
+        }
+    }
+}
+
 /// [`scratch_file`] where `O_TMPFILE` is missing.
 fn named_scratch_file(dir: &Path) -> io::Result<File> {
     let path = temp_path_for(&dir.join("scratch"));

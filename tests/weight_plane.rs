@@ -526,6 +526,30 @@ fn many_small_tensors_diff_and_apply_within_a_small_descriptor_limit() {
     assert_local_is(&local, &b, &new);
 }
 
+/// A model in more shards than the soft open-file limit allows files (one open per shard of OLD
+/// and of NEW): the tools raise their soft limit to the hard one. Failed with EMFILE before.
+#[test]
+fn more_shards_than_the_soft_descriptor_limit() {
+    let t = TestDir::new("many_shards");
+    let mut rng = Rng::new(6);
+    let old: Model = (0..120).map(|i| tensor(&format!("model.layers.{i}.mlp.up_proj.weight"), "BF16", &[64], &mut rng)).collect();
+    let new = step(&old, 10);
+    let (a, b) = (t.join("old"), t.join("new"));
+    write_checkpoint(&a, &old, 120);
+    write_checkpoint(&b, &new, 120);
+    let (src, local) = (t.join("src"), t.join("local"));
+    for cmd in [
+        format!("{DIFF} {} {} --publish {} --version 1", a.s(), b.s(), src.s()),
+        format!("{ADVANCE} {} 1", src.s()),
+        format!("{APPLY} --local {} --base {} --source {} --target latest", local.s(), a.s(), src.s()),
+    ] {
+        let out = std::process::Command::new("bash").arg("-c").arg(format!("ulimit -S -n 100 && exec {cmd}")).output().unwrap();
+        assert!(out.status.success(), "{cmd} under ulimit -S -n 100: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    check_delta(&src, 1, 0, &old, &new, "xor", "xxh3-128");
+    assert_local_is(&local, &b, &new);
+}
+
 /// Every tool on a shared file system that has neither `O_TMPFILE` nor directory fsync (NFS,
 /// FUSE mounts; FORMATS §1), stood in for by failpoints: the spilled payloads go through named
 /// scratch files that leave no name behind, and the publish, the pointer and the apply all work.
