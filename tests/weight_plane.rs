@@ -492,6 +492,14 @@ fn diff_spills_payloads_past_its_memory_budget_and_publishes_the_same_bytes() {
     }
 }
 
+/// Run the shell command `cmd` after `ulimit LIMIT` (e.g. `-n 64`); it must succeed. Its stdout.
+#[track_caller]
+fn under_ulimit(limit: &str, cmd: &str) -> Vec<u8> {
+    let out = std::process::Command::new("bash").arg("-c").arg(format!("ulimit {limit} && exec {cmd}")).output().unwrap();
+    assert!(out.status.success(), "{cmd} under ulimit {limit}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
 /// A MoE-like model: thousands of small tensors, every payload spilled, under a descriptor limit
 /// far below the tensor count. Each spilled payload used to hold a scratch file of its own until
 /// its turn to be written (EMFILE on a 60 000-tensor model); they now share one per worker.
@@ -505,24 +513,13 @@ fn many_small_tensors_diff_and_apply_within_a_small_descriptor_limit() {
     write_checkpoint(&a, &old, 3);
     write_checkpoint(&b, &new, 3);
     let src = t.join("src");
-    let limited = |cmd: &str| format!("ulimit -n 64 && exec {cmd}");
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(limited(&format!("{DIFF} {} {} --publish {} --version 1 --payload-memory 0 --json", a.s(), b.s(), src.s())))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "delta-diff under ulimit -n 64: {}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = under_ulimit("-n 64", &format!("{DIFF} {} {} --publish {} --version 1 --payload-memory 0 --json", a.s(), b.s(), src.s()));
+    let r: Value = serde_json::from_slice(&out).unwrap();
     assert!(r["tensors_changed"].as_u64().unwrap() > 2000);
     assert_eq!(r["payloads_spilled"], r["tensors_changed"]);
     check_delta(&src, 1, 0, &old, &new, "xor", "xxh3-128");
     let local = t.join("local");
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(limited(&format!("{APPLY} --local {} --base {} --source {} --target 1", local.s(), a.s(), src.s())))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "delta-apply under ulimit -n 64: {}", String::from_utf8_lossy(&out.stderr));
+    under_ulimit("-n 64", &format!("{APPLY} --local {} --base {} --source {} --target 1", local.s(), a.s(), src.s()));
     assert_local_is(&local, &b, &new);
 }
 
@@ -543,8 +540,7 @@ fn more_shards_than_the_soft_descriptor_limit() {
         format!("{ADVANCE} {} 1", src.s()),
         format!("{APPLY} --local {} --base {} --source {} --target latest", local.s(), a.s(), src.s()),
     ] {
-        let out = std::process::Command::new("bash").arg("-c").arg(format!("ulimit -S -n 100 && exec {cmd}")).output().unwrap();
-        assert!(out.status.success(), "{cmd} under ulimit -S -n 100: {}", String::from_utf8_lossy(&out.stderr));
+        under_ulimit("-S -n 100", &cmd);
     }
     check_delta(&src, 1, 0, &old, &new, "xor", "xxh3-128");
     assert_local_is(&local, &b, &new);
