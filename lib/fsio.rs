@@ -9,6 +9,8 @@
 //!   `NAME.lock` with `O_CREAT|O_EXCL`, read and compare the old value, write the new one into
 //!   the lock file, fsync, rename over `NAME`, fsync the directory.
 //! * [`HostLock`]: an exclusive `flock` (std `File::lock`) for host-local mutual exclusion.
+//! * [`scratch_file`]: nameless scratch files, also where the file system lacks `O_TMPFILE`;
+//!   [`fsync_dir`] copes with file systems that have no directory fsync (docs/FORMATS.md §1).
 
 use crate::error::{Error, IoContext, Result};
 use std::fs::{self, File, OpenOptions};
