@@ -8,14 +8,16 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(version, after_help = "Examples:
   delta-follow --local /local/model --base /models/Qwen3-8B --source /shared/weights \\
-    --reload-cmd 'curl -sf -X POST localhost:30000/update_weights_from_disk -H content-type:application/json \\
-      -d \"{\\\"model_path\\\": \\\"$DISAGG_LOCAL\\\", \\\"weight_version\\\": \\\"$DISAGG_VERSION\\\", \\\"flush_cache\\\": true}\"'
+    --reload-cmd 'scripts/sglang-reload.sh http://127.0.0.1:30000'
   delta-follow --local /local/model --base /models/Qwen3-8B --source /shared/weights --once --json
 
 The reload command runs under `sh -c` with DISAGG_VERSION (decimal), DISAGG_LOCAL, DISAGG_RUN_ID
-and DISAGG_SOURCE set, only after the pull verified every checksum. The status file (default
-SRC/.followers/NAME.json) records applied and reloaded versions and the oldest version this
-host may still read.
+and DISAGG_SOURCE set, only after the pull verified every checksum. scripts/sglang-reload.sh
+POSTs {\"model_path\": LOCAL, \"weight_version\": N, \"flush_cache\": true} (JSON-escaped) to
+sglang's /update_weights_from_disk and fails unless the engine answers success.
+
+The status file (default SRC/.followers/NAME.json) records applied and reloaded versions and
+the oldest version this host may still read.
 
 Exit codes (--once, or a status file that cannot be written): 0 ok, 2 usage, 3 malformed
 version or pointer, 4 LOCAL lacks a patched tensor, 5 conflict (incomplete version, broken
