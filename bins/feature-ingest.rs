@@ -9,7 +9,7 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Examples:\n  feature-ingest /data/hidden_states --store /shared/store --manifest /shared/refs.json\n  feature-ingest /data/hs --store /shared/store --publish /shared/ch --producer ingest --mode move\n\nInvalid files (truncated, corrupt, NaN) are reported and skipped (exit 0) unless --strict (exit 3).\nSIGINT/SIGTERM stop it between files or in a quota wait (exit 130/143): what is stored stays and nothing is published;\na rerun skips the stored files."
+    after_help = "Examples:\n  feature-ingest /data/hidden_states --store /shared/store --manifest /shared/refs.json\n  feature-ingest /data/hs --store /shared/store --publish /shared/ch --producer ingest --mode move\n\nInvalid files (truncated, corrupt, NaN) are reported and skipped (exit 0) unless --strict (exit 3).\n\nExit codes: 0 ok, 2 usage, 3 a bad file with --strict, 6 input not found, 10 I/O (store quota\nincluded), 130/143 stopped by SIGINT/SIGTERM between files or in a quota wait: what is stored\nstays, nothing is published, and a rerun skips the stored files."
 )]
 struct Args {
     /// A feature file or a directory walked recursively.

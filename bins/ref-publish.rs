@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Exit: 0 done; 5 the stream is closed or failed; 3 a bad ref; 130/143 stopped by SIGINT/SIGTERM\n(complete lines read so far are published, the stream stays open).\n\nExamples:\n  rollout | ref-publish /shared/ch --producer host3 --max-in-flight 256\n  ref-publish /shared/ch --producer host3 --close\n  ref-publish /shared/ch --producer host3 --fail 'sglang crashed'\n  ref-publish /shared/ch --layout single-file < refs.jsonl   # SpecForge refs.jsonl"
+    after_help = "Examples:\n  rollout | ref-publish /shared/ch --producer host3 --max-in-flight 256\n  ref-publish /shared/ch --producer host3 --close\n  ref-publish /shared/ch --producer host3 --fail 'sglang crashed'\n  ref-publish /shared/ch --layout single-file < refs.jsonl   # SpecForge refs.jsonl\n\nExit codes: 0 done, 2 usage, 3 a bad ref on stdin, 5 the stream is closed or failed, 10 I/O,\n130/143 stopped by SIGINT/SIGTERM (complete lines read so far are published, the stream stays\nopen)."
 )]
 struct Args {
     /// Channel directory (created if missing).

@@ -7,7 +7,7 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Exit: 0 when every producer closed and all is drained (or, without --follow, when\nnothing more is there); 5 when a producer failed; 9 on idle timeout; 3 malformed pointer;\n130/143 stopped by SIGINT/SIGTERM between batches (the cursor covers all it printed).\n\nExamples:\n  ref-tail /shared/ch --cursor trainer --follow --idle-timeout 600 > refs.jsonl\n  ref-tail /shared/ch --cursor t --follow --rank 3 --world 8\n  ref-tail /shared/ch --cursor t --follow --max-staleness 8 --pointer /shared/weights --stale-out stale.jsonl"
+    after_help = "Examples:\n  ref-tail /shared/ch --cursor trainer --follow --idle-timeout 600 > refs.jsonl\n  ref-tail /shared/ch --cursor t --follow --rank 3 --world 8\n  ref-tail /shared/ch --cursor t --follow --max-staleness 8 --pointer /shared/weights --stale-out stale.jsonl\n\nExit codes: 0 when every producer closed and all is drained (or, without --follow, when nothing\nmore is there), 2 usage, 3 malformed pointer or segment, 5 a producer failed, 6 channel or\npointer not found, 9 idle timeout, 10 I/O, 130/143 stopped by SIGINT/SIGTERM between batches\n(the cursor covers all it printed)."
 )]
 struct Args {
     /// Channel directory (per-producer segments, or SpecForge's refs.jsonl).

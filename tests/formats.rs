@@ -163,3 +163,28 @@ fn scratch_spill_budget_is_the_documented_one() {
     assert!(text.contains(&said), "docs/FORMATS.md §1 should say {said:?}");
     assert_eq!(disagg::diff::IN_MEMORY_BUDGET % (1 << 20), 0);
 }
+
+/// Every tool's `--help` ends with examples that run it and its exit codes (the project's CLI
+/// convention; the codes themselves are in the exit-code table above).
+#[test]
+fn every_help_shows_examples_and_exit_codes() {
+    let tools = [
+        ("delta-diff", env!("CARGO_BIN_EXE_delta-diff")),
+        ("delta-apply", env!("CARGO_BIN_EXE_delta-apply")),
+        ("pointer-advance", env!("CARGO_BIN_EXE_pointer-advance")),
+        ("delta-follow", env!("CARGO_BIN_EXE_delta-follow")),
+        ("delta-gc", env!("CARGO_BIN_EXE_delta-gc")),
+        ("feature-ingest", env!("CARGO_BIN_EXE_feature-ingest")),
+        ("ref-publish", env!("CARGO_BIN_EXE_ref-publish")),
+        ("ref-tail", env!("CARGO_BIN_EXE_ref-tail")),
+    ];
+    for (name, bin) in tools {
+        let out = std::process::Command::new(bin).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{name} --help exits 0");
+        let help = String::from_utf8(out.stdout).unwrap();
+        let examples: Vec<&str> = help.lines().skip_while(|l| *l != "Examples:").skip(1).take_while(|l| !l.is_empty()).collect();
+        assert!(!examples.is_empty() && examples.iter().any(|l| l.contains(name)), "{name} --help has no examples running it:\n{help}");
+        let codes = help.split("\nExit codes").nth(1).unwrap_or_default();
+        assert!(codes.contains(" 0 ") && codes.contains("2 usage"), "{name} --help lists no exit codes:\n{help}");
+    }
+}
