@@ -31,7 +31,6 @@ use crate::version::{parse_version_str, VersionDir};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -212,9 +211,7 @@ pub fn chain_floor(root: &Path, target: u64, applied: Option<u64>) -> Result<u64
 /// Run the reload command with the version in its environment; Hook error on failure.
 pub fn run_reload(cmd: &str, version: u64, local: &Path, source: &Path, run_id: &Option<String>, timeout: Duration) -> Result<()> {
     let hook_err = |reason: String| Error::Hook { command: cmd.to_string(), reason };
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
+    let mut child = crate::hooks::shell(cmd)
         .env("DISAGG_VERSION", version.to_string())
         .env("DISAGG_LOCAL", absolute(local))
         .env("DISAGG_SOURCE", source)

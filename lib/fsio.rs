@@ -103,6 +103,7 @@ pub fn raise_open_file_limit() {
         // SAFETY: plain syscalls on a struct we own.
         unsafe {
             if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                let _ = STARTING_OPEN_FILE_LIMIT.set(lim.rlim_cur);
                 // An unlimited hard limit is not a value the kernel takes for the soft one.
                 let want = if lim.rlim_max == libc::RLIM_INFINITY { 1 << 20 } else { lim.rlim_max };
                 if lim.rlim_cur < want {
@@ -110,6 +111,31 @@ pub fn raise_open_file_limit() {
                     let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
                 }
             }
+        }
+    }
+}
+
+/// The soft open-file limit this process started with, if [`raise_open_file_limit`] ran.
+static STARTING_OPEN_FILE_LIMIT: std::sync::OnceLock<libc::rlim_t> = std::sync::OnceLock::new();
+
+/// Let `command` start with the soft open-file limit this process started with: the raised one
+/// is the tool's own, and programs that still use `select()` fail on descriptors past 1024
+/// (Go's runtime restores it for children the same way).
+pub fn start_with_original_open_file_limit(command: &mut std::process::Command) {
+    #[cfg(unix)]
+    if let Some(&soft) = STARTING_OPEN_FILE_LIMIT.get() {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and only makes two system
+        // calls (getrlimit, setrlimit), which are async-signal-safe; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur > soft {
+                    lim.rlim_cur = soft;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
+                Ok(())
+            });
         }
     }
 }

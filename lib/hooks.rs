@@ -6,12 +6,19 @@ use crate::error::{Error, Result};
 use std::path::Path;
 use std::process::Command;
 
+/// `sh -c COMMAND` for a user's command (hook, reload command), with the open-file limit the
+/// tool started with ([`crate::fsio::start_with_original_open_file_limit`]).
+pub fn shell(command: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(command);
+    crate::fsio::start_with_original_open_file_limit(&mut c);
+    c
+}
+
 /// Run `command` with `DISAGG_VERSION` (decimal), `DISAGG_VERSION_DIR` and `DISAGG_SOURCE`
 /// set; a non-zero exit or a failure to start is [`Error::Hook`] (exit 8).
 pub fn run_hook(command: &str, version: u64, version_dir: &Path, source: &Path) -> Result<()> {
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(command)
+    let status = shell(command)
         .env("DISAGG_VERSION", version.to_string())
         .env("DISAGG_VERSION_DIR", version_dir)
         .env("DISAGG_SOURCE", source)

@@ -546,6 +546,18 @@ fn more_shards_than_the_soft_descriptor_limit() {
     assert_local_is(&local, &b, &new);
 }
 
+/// The raised open-file limit is the tool's own: a hook starts with the limit the tool started
+/// with, and the reload command of delta-follow too (it runs through the same `hooks::shell`).
+#[test]
+fn hooks_start_with_the_open_file_limit_the_tool_started_with() {
+    let t = TestDir::new("hook_ulimit");
+    let c = make_chain(&t.path, 1, 1);
+    let seen = t.join("seen");
+    let hook = format!("ulimit -Sn > {}", seen.s());
+    under_ulimit("-S -n 100", &format!("{DIFF} {} {} --publish {} --version 1 --post-write-hook '{hook}'", c.ckpts[0].s(), c.ckpts[1].s(), t.join("src").s()));
+    assert_eq!(fs::read_to_string(&seen).unwrap().trim(), "100");
+}
+
 /// Every tool on a shared file system that has neither `O_TMPFILE` nor directory fsync (NFS,
 /// FUSE mounts; FORMATS §1), stood in for by failpoints: the spilled payloads go through named
 /// scratch files that leave no name behind, and the publish, the pointer and the apply all work.
