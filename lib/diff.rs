@@ -1,11 +1,12 @@
 //! `delta-diff`: publish NEW as weight version N under SRC, either as a delta against OLD
 //! (only the changed tensors, one zstd frame each) or, with `full`, as a full checkpoint.
 //!
-//! Tensors are encoded in parallel (rayon), each read from OLD and NEW with pread a 256 KiB
-//! window at a time (`codec::PreadPair`: cheaper than faulting in and unmapping every page of
-//! the mapped inputs, which only the GPU path reads). Each payload is
-//! built in a [`Spill`]: in memory while the process-wide in-memory budget lasts, in an
-//! unnamed temp file after that, so memory stays bounded whatever the model size. As soon as
+//! Tensors are encoded in parallel, workers taking them in schedule order, each read from OLD
+//! and NEW with pread a 256 KiB window at a time (`codec::PreadPair`: cheaper than faulting in
+//! and unmapping every page of the mapped inputs, which only the GPU path reads). Each payload
+//! is built in a [`SpillArea`]: in memory while the process-wide budget (`--payload-memory`)
+//! lasts, in shared nameless scratch files after that, so memory and descriptors stay bounded
+//! whatever the model size. As soon as
 //! every payload before it in the file is done, it goes into its data file ([`DeltaFiles`]),
 //! still under a temp name, and the kernel is asked to start writing it back, so the write
 //! and most of the final fsync overlap the encode. The files are fsynced and renamed at the
@@ -349,7 +350,7 @@ struct Payload<'a> {
 }
 
 impl Payload<'_> {
-    fn copy_to(&mut self, out: &mut impl Write) -> io::Result<()> {
+    fn copy_to(&self, out: &mut impl Write) -> io::Result<()> {
         match &self.writer.state {
             Spill::Mem(v) => out.write_all(v),
             Spill::File { file, start, len, .. } => {
@@ -606,7 +607,7 @@ impl<'a> DeltaFiles<'a> {
         }
     }
 
-    fn append(&self, w: &mut FilesWriter, position: usize, mut e: Encoded<'a>) -> Result<()> {
+    fn append(&self, w: &mut FilesWriter, position: usize, e: Encoded<'a>) -> Result<()> {
         crate::stop::check()?;
         let len = e.payload.len;
         let roll = w.files.last().is_none_or(|f| !f.entries.is_empty() && f.size + len > self.max_file_bytes);
@@ -1016,7 +1017,7 @@ mod tests {
         assert_eq!(start, abandoned, "the abandoned payload's space is reused");
         held.push(c.into_payload());
         assert_eq!(scratch_files(&held), 2);
-        for (p, want) in held.iter_mut().zip(contents.iter().map(Vec::as_slice).chain([&b"first"[..], b"third"])) {
+        for (p, want) in held.iter().zip(contents.iter().map(Vec::as_slice).chain([&b"first"[..], b"third"])) {
             let mut got = Vec::new();
             p.copy_to(&mut got).unwrap();
             assert!(got == want, "payload of {} bytes read back wrong", want.len());
