@@ -834,6 +834,10 @@ pub struct FrameReader<'a> {
     /// Bytes decoded so far (verified ones only).
     total: u64,
     lits: Vec<u8>,
+    /// Most literals a block of this frame can have: no block has more than it decodes to,
+    /// which is at most `block_max` and at most the frame's content, so a 1 KiB tensor's frame
+    /// zeroes a 1 KiB literal buffer, not 128 (tens of thousands in a MoE model's apply).
+    lits_max: usize,
     t: crate::pool::Pooled<Tables>,
     rep: [usize; 3],
     /// The last content byte decoded ([`Self::xor_into`] only; 0 before any).
@@ -914,6 +918,7 @@ impl<'a> FrameReader<'a> {
             out_end: 0,
             total: 0,
             lits: Vec::new(),
+            lits_max: content_size.map_or(block_max, |n| block_max.min(n.min(BLOCK_MAX as u64) as usize)),
             t: Tables::for_new_frame(),
             rep: [1, 4, 8],
             prev: 0,
@@ -1027,10 +1032,7 @@ impl<'a> FrameReader<'a> {
 
     /// Decode the literals section into `lits[..n]`; returns (bytes used, n).
     fn literals(&mut self, src: &[u8]) -> Result<(usize, usize), DecodeError> {
-        // No block has more literals than it decodes to, which is at most `block_max` and at
-        // most the frame's content (checked below): a 1 KiB tensor's frame zeroes 1 KiB here,
-        // not 128 (tens of thousands of frames in a MoE model's apply).
-        let lits_max = self.content_size.map_or(self.block_max, |n| self.block_max.min(n.min(BLOCK_MAX as u64) as usize));
+        let lits_max = self.lits_max;
         if self.lits.is_empty() {
             self.lits = vec![0u8; lits_max + SLACK];
         }
