@@ -61,6 +61,11 @@ struct Args {
     /// (the GPU for the tensors where it is faster, if one is found; see docs/GPU.md).
     #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(["auto", "cpu", "cuda"]))]
     device: String,
+    /// How the CPU reads OLD's and NEW's tensors: through their maps (`mmap`), into buffers
+    /// (`pread`), or `auto`: whichever is cheaper on this kernel and file system, measured on
+    /// the inputs' page faults (`input_read` in --json says which).
+    #[arg(long, default_value = "auto", value_name = "MODE", value_parser = clap::builder::PossibleValuesParser::new(["auto", "mmap", "pread"]))]
+    input_read: String,
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -88,6 +93,7 @@ fn main() {
             max_file_bytes: a.max_file_bytes.max(1),
             payload_memory: a.payload_memory,
             device: a.device.parse().map_err(disagg::error::Error::Usage)?,
+            input_read: a.input_read.parse().map_err(disagg::error::Error::Usage)?,
         };
         let r = publish(&opts)?;
         disagg::report::print(&r, a.json, || {

@@ -8,7 +8,7 @@
 //! appear twice.
 
 use crate::error::{Error, IoContext, Result};
-use memmap2::Mmap;
+use crate::inputmap::InputMap;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -64,9 +64,9 @@ pub struct TensorEntry {
 /// A validated, memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    /// Kept open for [`Self::input`]: the diff reads tensors with pread (codec::PreadPair).
+    /// Kept open for [`Self::input`]: the diff may read tensors with pread (codec::PreadPair).
     file: File,
-    mmap: Mmap,
+    map: InputMap,
     /// Tensors in data order.
     tensors: Vec<TensorEntry>,
     /// Tensor name → its position in `tensors`: MoE checkpoints hold tens of thousands of
@@ -83,12 +83,11 @@ impl SafetensorsFile {
         if len < 8 {
             return Err(Error::bad_input(&path, format!("not a safetensors file: {len} bytes, shorter than the 8-byte header length")));
         }
-        // SAFETY: the map is read-only; a concurrent truncation of a shared file would raise
-        // SIGBUS, which is why writers in this project never modify published files in place.
-        let mmap = unsafe { Mmap::map(&file) }.at(&path)?;
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+        let mut map = InputMap::new(&file, &path).at(&path)?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
             .map_err(|e| Error::bad_input(&path, format!("not a valid safetensors file: {e}")))?;
         let data_start = 8 + header_len;
+        map.set_data_start(data_start);
         let mut tensors: Vec<TensorEntry> = meta
             .tensors()
             .into_iter()
@@ -103,7 +102,7 @@ impl SafetensorsFile {
         tensors.sort_by_key(|t| t.offset);
         let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
-        Ok(SafetensorsFile { path, file, mmap, tensors, by_name, metadata })
+        Ok(SafetensorsFile { path, file, map, tensors, by_name, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -116,21 +115,25 @@ impl SafetensorsFile {
         &self.metadata
     }
     pub fn len(&self) -> usize {
-        self.mmap.len()
+        self.map.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.mmap.is_empty()
+        self.map.is_empty()
     }
     /// The bytes of a tensor of this file (offsets were validated against the file length).
     pub fn bytes(&self, t: &TensorEntry) -> &[u8] {
-        &self.mmap[t.offset..t.offset + t.len]
+        &self.map[t.offset..t.offset + t.len]
     }
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
     /// A tensor of this file as the encoders take it: mapped, and where it lies in the file.
     pub fn input<'a>(&'a self, t: &'a TensorEntry) -> crate::codec::TensorFile<'a> {
-        crate::codec::TensorFile { mapped: self.bytes(t), file: &self.file, path: &self.path, offset: t.offset as u64 }
+        crate::codec::TensorFile { mapped: self.bytes(t), map: Some(&self.map), file: &self.file, path: &self.path, offset: t.offset as u64 }
+    }
+    /// The file's map (for [`crate::inputmap::faults_per_mib`]).
+    pub fn map(&self) -> &InputMap {
+        &self.map
     }
 }
 

@@ -2,8 +2,9 @@
 //! (only the changed tensors, one zstd frame each) or, with `full`, as a full checkpoint.
 //!
 //! Tensors are encoded in parallel, workers taking them in schedule order, each read from OLD
-//! and NEW with pread a 256 KiB window at a time (`codec::PreadPair`: cheaper than faulting in
-//! and unmapping every page of the mapped inputs, which only the GPU path reads). Each payload
+//! and NEW a 256 KiB window at a time, through the inputs' maps (`codec::MappedPair`) or with
+//! pread (`codec::PreadPair`), whichever this kernel makes cheaper ([`resolve_input_read`],
+//! crate::inputmap; the GPU path reads the maps). Each payload
 //! is built in a [`SpillArea`]: in memory while the process-wide budget (`--payload-memory`)
 //! lasts, in shared nameless scratch files after that, so memory and descriptors stay bounded
 //! whatever the model size. As soon as
@@ -17,6 +18,7 @@ use crate::checksum::ChecksumAlg;
 use crate::codec::PayloadError;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{self, AtomicFile};
+use crate::inputmap::InputRead;
 use crate::version::{version_dir_name, version_str, Encoding, INCOMPLETE_MARKER};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -56,6 +58,8 @@ pub struct DiffOptions {
     pub payload_memory: usize,
     /// Which processor computes the diffs (`--device`; lib/gpu, docs/GPU.md).
     pub device: crate::gpu::Device,
+    /// How the CPU reads OLD's and NEW's tensors (`--input-read`; crate::inputmap).
+    pub input_read: InputRead,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +88,9 @@ pub struct DiffReport {
     pub device: &'static str,
     /// Worker threads the tensors were encoded on (`--threads`).
     pub threads: usize,
+    /// How the CPU read the tensors: `mmap` or `pread` (`--input-read`, what `auto` chose);
+    /// `null` for a full version, whose files are copied.
+    pub input_read: Option<&'static str>,
 }
 
 /// Publish version `opts.version`; see the module docs.
@@ -377,8 +384,27 @@ struct Encoded<'a> {
     payload: Payload<'a>,
 }
 
+/// What `mode` comes to for this pair: `auto` probes the largest data file of NEW and of OLD
+/// ([`crate::inputmap::faults_per_mib`]) and reads through the maps only if both fault rarely.
+pub fn resolve_input_read(mode: InputRead, old: &Checkpoint, new: &Checkpoint) -> InputRead {
+    if mode != InputRead::Auto {
+        return mode;
+    }
+    let faults = |c: &Checkpoint| {
+        let f = c.files().iter().max_by_key(|f| f.len())?;
+        crate::inputmap::faults_per_mib(f.map(), f.tensors().first()?.offset..f.len())
+    };
+    match (faults(new), faults(old)) {
+        (Some(n), Some(o)) if n.max(o) <= crate::inputmap::MAX_FAULTS_PER_MIB_FOR_MMAP => InputRead::Mmap,
+        _ => InputRead::Pread,
+    }
+}
+
 fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOptions, base: u64, engine: &crate::gpu::Engine) -> Result<DiffReport> {
     let encode_start = Instant::now();
+    let read = resolve_input_read(opts.input_read, old, new);
+    // Tests change the inputs here, after they are opened and before they are read.
+    crate::failpoint!("diff.before_encode");
     // Data order of NEW, so the reads walk each file front to back.
     let mut order: Vec<_> = new.tensors().map(|(n, l)| (n.to_string(), l)).collect();
     order.sort_by_key(|(_, l)| (l.file, new.entry(*l).1.offset));
@@ -407,7 +433,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         let mut hasher = opts.checksum.hasher();
         // Encoded whole, then dropped if nothing changed: the scan is what finds out, and
         // a frame of an unchanged tensor costs little more than that scan.
-        let changed = engine.encode(opts.encoding, of.input(ot), nf.input(nt), &mut w, &mut hasher).map_err(|e| match e {
+        let changed = engine.encode(opts.encoding, read, of.input(ot), nf.input(nt), &mut w, &mut hasher).map_err(|e| match e {
             PayloadError::Io(io) => Error::io(dir, io),
             PayloadError::Source { path, source } => Error::io(path, source),
             other => Error::bad_input(nf.path(), format!("tensor {name:?}: {other}")),
@@ -474,6 +500,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         payloads_spilled: area.spilled.load(Ordering::Relaxed),
         threads: 0,
         device: engine.device_used(),
+        input_read: Some(read.as_str()),
     })
 }
 
@@ -839,6 +866,7 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
         payloads_spilled: 0,
         threads: 0,
         device: "cpu",
+        input_read: None,
     })
 }
 

@@ -133,8 +133,9 @@ impl<T> IoContext<T> for std::io::Result<T> {
 
 /// The one place that prints errors and exits: binaries call this with their library entry point
 /// (after raising the open-file limit, [`crate::fsio::raise_open_file_limit`]).
-pub fn run_main(program: &str, f: impl FnOnce() -> Result<()>) -> ! {
+pub fn run_main(program: &'static str, f: impl FnOnce() -> Result<()>) -> ! {
     crate::fsio::raise_open_file_limit();
+    crate::inputmap::guard_sigbus(program);
     match f() {
         Ok(()) => std::process::exit(exit::OK),
         Err(e) => {

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod failpoint;
 pub mod fsio;
+pub mod inputmap;
 pub mod pool;
 pub mod progress;
 pub mod cli;

@@ -492,6 +492,95 @@ fn diff_spills_payloads_past_its_memory_budget_and_publishes_the_same_bytes() {
     }
 }
 
+/// Both ways of reading the inputs publish the same bytes; `auto` takes one of them and says
+/// which; a full version reads nothing through them.
+#[test]
+fn input_read_modes_publish_the_same_bytes() {
+    let t = TestDir::new("diff_input_read");
+    let c = make_chain(&t.path, 1, 2);
+    for enc in ["xor", "overwrite"] {
+        let mut published = Vec::new();
+        for mode in ["pread", "mmap", "auto"] {
+            let src = t.join(format!("{enc}-{mode}"));
+            let r = publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--encoding", enc, "--input-read", mode]);
+            match mode {
+                "auto" => assert!(r["input_read"] == "mmap" || r["input_read"] == "pread", "{r}"),
+                m => assert_eq!(r["input_read"], m),
+            }
+            check_delta(&src, 1, 0, &c.models[0], &c.models[1], enc, "xxh3-128");
+            published.push(snapshot(&vdir(&src, 1)));
+        }
+        assert!(published.windows(2).all(|w| w[0] == w[1]), "{enc}: the modes publish different bytes");
+    }
+    let r = publish(&c.ckpts[0], &c.ckpts[1], &t.join("full"), 1, &["--full", "--input-read", "mmap"]);
+    assert!(r["input_read"].is_null());
+    run(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", t.join("x").s(), "--version", "1", "--input-read", "mapped"]).code(2);
+}
+
+/// Start `bin args` with the failpoint spec `fp`, call `meanwhile` once it has had time to open
+/// its inputs, and wait for it.
+#[cfg(feature = "failpoints")]
+fn run_while(bin: &str, args: &[&str], fp: &str, meanwhile: impl FnOnce()) -> std::process::Output {
+    let child = std::process::Command::new(bin)
+        .args(args)
+        .env("DISAGG_FAILPOINT", fp)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    meanwhile();
+    child.wait_with_output().unwrap()
+}
+
+/// A file that shrinks while a tool reads it (a trainer rewriting a checkpoint in place) is an
+/// error naming the file with exit code 10 (io), through a map (SIGBUS, reported by the
+/// handler) as through pread, and never a "Bus error" or a published version; for the apply,
+/// the next run with the file whole converges.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_file_truncated_while_it_is_read_is_an_io_error_naming_it() {
+    let t = TestDir::new("truncated_input");
+    let c = make_chain(&t.path, 2, 1);
+    let new_file = c.ckpts[1].join("model.safetensors");
+    let whole = fs::read(&new_file).unwrap();
+    for mode in ["mmap", "pread"] {
+        let src = t.join(format!("src-{mode}"));
+        let out = run_while(
+            DIFF,
+            &[c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1", "--input-read", mode],
+            "diff.before_encode:sleep-1500",
+            || fs::OpenOptions::new().write(true).open(&new_file).unwrap().set_len(whole.len() as u64 / 3).unwrap(),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(10), "{mode}: {err}");
+        assert!(err.starts_with("delta-diff: error: ") && err.contains(new_file.s()) && err.contains("shrank while it was being read"), "{mode}: {err}");
+        assert!(!vdir(&src, 1).join("model.safetensors.index.json").exists(), "{mode}: nothing published");
+        fs::write(&new_file, &whole).unwrap();
+    }
+    // The apply maps the delta files it reads.
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let delta = data_files(&src, 2)[0].clone();
+    let published = fs::read(&delta).unwrap();
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    let out = run_while(
+        APPLY,
+        &["--local", local.s(), "--base", c.ckpts[0].s(), "--source", src.s(), "--target", "2", "--threads", "1"],
+        "apply.after_tensor:sleep-700",
+        // To 0: bytes past the end but inside its last page would read as zeros, not fault.
+        || fs::OpenOptions::new().write(true).open(&delta).unwrap().set_len(0).unwrap(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(err.contains(delta.s()) && err.contains("shrank"), "{err}");
+    assert_ne!(state_version(&local), "2", "the state did not advance");
+    fs::write(&delta, &published).unwrap();
+    apply(&local, Some(&c.ckpts[0]), &src, "2", &[]).ok();
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+}
+
 /// Run the shell command `cmd` after `ulimit LIMIT` (e.g. `-n 64`); it must succeed. Its stdout.
 #[track_caller]
 fn under_ulimit(limit: &str, cmd: &str) -> Vec<u8> {

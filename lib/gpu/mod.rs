@@ -201,12 +201,13 @@ impl Engine {
     }
 
     /// Encode one tensor's change exactly as [`codec::encode`] does, on the GPU when the policy
-    /// says so (from the maps), else on this thread (reading the files, [`codec::PreadPair`]).
+    /// says so (from the maps), else on this thread, reading as `read` says (resolved: `mmap`
+    /// or `pread`; crate::inputmap).
     /// Under `auto` a tensor only goes to the GPU if a pipeline is free right now, so the GPU
     /// takes a share of the tensors alongside the CPU threads instead of queueing them. The new
     /// bytes also go to `hasher` (the tensor's checksum). Returns the changed byte count; 0 means
     /// the tensors are equal, and what `out` and `hasher` got is to be dropped.
-    pub fn encode<W: Write>(&self, encoding: Encoding, old: codec::TensorFile, new: codec::TensorFile, mut out: W, hasher: &mut crate::checksum::Hasher) -> Result<u64, PayloadError> {
+    pub fn encode<W: Write>(&self, encoding: Encoding, read: crate::inputmap::InputRead, old: codec::TensorFile, new: codec::TensorFile, mut out: W, hasher: &mut crate::checksum::Hasher) -> Result<u64, PayloadError> {
         if let Some(gpu) = &self.gpu {
             let (ob, nb) = (old.mapped, new.mapped);
             let wanted = match self.device {
@@ -233,7 +234,10 @@ impl Engine {
                 }
             }
         }
-        codec::encode_from(encoding, &mut codec::PreadPair::new(old, new), out, Some(hasher))
+        match read {
+            crate::inputmap::InputRead::Mmap => codec::encode_from(encoding, &mut codec::MappedPair::new(old, new), out, Some(hasher)),
+            _ => codec::encode_from(encoding, &mut codec::PreadPair::new(old, new), out, Some(hasher)),
+        }
     }
 }
 
@@ -289,8 +293,8 @@ mod tests {
             std::fs::write(&po, &old).unwrap();
             std::fs::write(&pn, &new).unwrap();
             let (fo, fnew) = (std::fs::File::open(&po).unwrap(), std::fs::File::open(&pn).unwrap());
-            let (to, tn) = (codec::TensorFile { mapped: &old, file: &fo, path: &po, offset: 0 }, codec::TensorFile { mapped: &new, file: &fnew, path: &pn, offset: 0 });
-            assert_eq!(e.encode(enc, to, tn, &mut a, &mut h).unwrap(), 2);
+            let (to, tn) = (codec::TensorFile { mapped: &old, map: None, file: &fo, path: &po, offset: 0 }, codec::TensorFile { mapped: &new, map: None, file: &fnew, path: &pn, offset: 0 });
+            assert_eq!(e.encode(enc, crate::inputmap::InputRead::Pread, to, tn, &mut a, &mut h).unwrap(), 2);
             std::fs::remove_dir_all(&dir).unwrap();
             codec::encode(enc, &old, &new, &mut b).unwrap();
             assert_eq!(a, b);
