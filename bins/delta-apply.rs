@@ -9,6 +9,7 @@ use disagg::error::Error;
 #[command(version, after_help = "Examples:
   delta-apply --local /local/model --base /models/Qwen3-8B --source /shared/weights --target latest
   delta-apply --local /local/model --base /models/Qwen3-8B --source /shared/weights --target 12 --json
+  delta-apply --local /local/model --base /models/Qwen3-8B --source /shared/weights --no-fsync
 
 Exit codes: 0 ok (also when already at the target), 2 usage, 3 malformed version or payload,
 4 local checkpoint lacks a patched tensor, 5 conflict (incomplete version, broken chain),
@@ -48,6 +49,7 @@ fn main() {
             s => Target::Version(disagg::version::parse_version_str(s).ok_or_else(|| Error::Usage(format!("--target {s:?}: expected a number or `latest`")))?),
         };
         let opts = ApplyOptions {
+            no_fsync: a.host.no_fsync,
             local: a.host.local,
             base: a.host.base,
             source: a.host.source,

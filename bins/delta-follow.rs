@@ -83,6 +83,7 @@ fn main() {
             reload_on_start: a.reload_on_start,
             pre_read_hook: a.pre_read_hook,
             json: a.json,
+            no_fsync: a.host.no_fsync,
         })
     })
 }

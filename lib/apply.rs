@@ -11,6 +11,11 @@
 //!   the fix for slime's "every retry re-XORs and fails forever".
 //! * `lock` — exclusive flock: co-located ranks collapse to one apply; the others wait, then
 //!   find the state at the target and return without work.
+//! * `unsynced.json` — `{"boot_id": ".."}`, written (durably) before a `--no-fsync` run first
+//!   mutates LOCAL in a boot: LOCAL may hold bytes that are only in the page cache. A process
+//!   that dies leaves the page cache whole, so within the boot the state is as good as a
+//!   durable one; after a reboot (another boot id) the bytes may be torn, and LOCAL is dirty.
+//!   A durable run fsyncs all of LOCAL before it records a version, then removes the mark.
 //!
 //! Every version on the path is validated (index, headers, checksums present) before LOCAL
 //! is touched. A host several versions behind folds the pending deltas: each changed tensor is
@@ -34,6 +39,7 @@ pub const SYNC_DIR: &str = ".weight_sync";
 pub const STATE_NAME: &str = "state.json";
 pub const INTENT_NAME: &str = "intent.json";
 pub const LOCK_NAME: &str = "lock";
+pub const UNSYNCED_NAME: &str = "unsynced.json";
 
 /// Which version to bring LOCAL to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +59,9 @@ pub struct ApplyOptions {
     pub pre_read_hook: Option<String>,
     /// None: wait for the host lock as long as it takes.
     pub lock_timeout: Option<Duration>,
+    /// Leave LOCAL's data in the page cache instead of waiting for the disk (`--no-fsync`):
+    /// safe against killed processes, and a reboot is detected (`unsynced.json`) and repaired.
+    pub no_fsync: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -75,6 +84,9 @@ pub struct ApplyReport {
     pub seconds_apply: f64,
     /// Worker threads the seed copy and the patch ran on (`--threads`).
     pub threads: usize,
+    /// Whether LOCAL's bytes were on disk (fsync) when the version was recorded: false under
+    /// `--no-fsync` (and for a no-op that found an earlier `--no-fsync` run's bytes unsynced).
+    pub durable: bool,
 }
 
 /// `LOCAL/.weight_sync/state.json`.
@@ -93,6 +105,22 @@ pub struct Intent {
     pub to: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+}
+
+/// `LOCAL/.weight_sync/unsynced.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsynced {
+    pub boot_id: String,
+}
+
+/// This boot's id (Linux: /proc/sys/kernel/random/boot_id, new at every boot).
+fn boot_id() -> Option<String> {
+    // Tests stand in for a reboot by changing it.
+    #[cfg(feature = "failpoints")]
+    if let Ok(v) = std::env::var("DISAGG_BOOT_ID") {
+        return Some(v);
+    }
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
 /// A host-local full checkpoint plus its sync state.
@@ -121,6 +149,38 @@ impl LocalCheckpoint {
     }
     fn intent_path(&self) -> PathBuf {
         self.sync.join(INTENT_NAME)
+    }
+    fn unsynced_path(&self) -> PathBuf {
+        self.sync.join(UNSYNCED_NAME)
+    }
+
+    /// Before a `--no-fsync` run mutates LOCAL: record, durably, that LOCAL may hold unsynced
+    /// bytes in this boot (once per boot; later runs find the mark).
+    fn mark_unsynced(&self) -> Result<()> {
+        let boot_id = boot_id().ok_or_else(|| Error::Usage("--no-fsync needs the kernel's boot id (/proc/sys/kernel/random/boot_id) to tell a reboot from a killed process".into()))?;
+        if let Some(Ok(u)) = Self::read_json::<Unsynced>(&self.unsynced_path())? {
+            if u.boot_id == boot_id {
+                return Ok(());
+            }
+        }
+        fsio::write_atomic(self.unsynced_path(), serde_json::to_string(&Unsynced { boot_id }).expect("plain JSON").as_bytes())
+    }
+
+    /// Whether an earlier `--no-fsync` run of this boot may have left bytes unsynced.
+    fn is_marked_unsynced(&self) -> bool {
+        self.unsynced_path().exists()
+    }
+
+    /// Before a durable run records a version: if earlier `--no-fsync` runs may have left
+    /// bytes of LOCAL in the page cache only, fsync every file of LOCAL, then drop the mark.
+    fn settle_unsynced(&self) -> Result<()> {
+        if !self.is_marked_unsynced() {
+            return Ok(());
+        }
+        let files: Vec<PathBuf> = std::fs::read_dir(&self.dir).at(&self.dir)?.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_file())).map(|e| e.path()).collect();
+        files.par_iter().try_for_each(|p| std::fs::File::open(p).and_then(|f| f.sync_all()).at(p))?;
+        fsio::fsync_dir(&self.dir)?;
+        fsio::remove_durable(&self.unsynced_path())
     }
 
     fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<std::result::Result<T, String>>> {
@@ -157,6 +217,12 @@ impl LocalCheckpoint {
     }
 
     fn status(&self, run_id: &Option<String>) -> Result<LocalStatus> {
+        match Self::read_json::<Unsynced>(&self.unsynced_path())? {
+            None => {}
+            Some(Ok(u)) if boot_id().as_ref() == Some(&u.boot_id) => {}
+            Some(Ok(_)) => return Ok(LocalStatus::Dirty("LOCAL was written without fsync (--no-fsync) before the host rebooted: its bytes may not be what its state says".into())),
+            Some(Err(e)) => return Ok(LocalStatus::Dirty(format!("unsynced.json unparseable ({e})"))),
+        }
         let state = match Self::read_json::<SyncState>(&self.state_path())? {
             None => None,
             Some(Err(e)) => return Ok(LocalStatus::Dirty(format!("state.json unparseable ({e})"))),
@@ -185,8 +251,9 @@ impl LocalCheckpoint {
         Ok(LocalStatus::Clean(v))
     }
 
-    /// Reset LOCAL to a copy of `seed`: copy every file, delete files the seed lacks, check sizes.
-    fn seed_from(&self, seed: &Path) -> Result<()> {
+    /// Reset LOCAL to a copy of `seed`: copy every file, delete files the seed lacks, check
+    /// sizes. `durable`: each copy is fsynced before it is renamed into place.
+    fn seed_from(&self, seed: &Path, durable: bool) -> Result<()> {
         let mut names = Vec::new();
         for e in std::fs::read_dir(seed).at(seed)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -202,7 +269,7 @@ impl LocalCheckpoint {
             // kill here costs too, but without waiting for the rest of the copy.
             crate::stop::check()?;
             crate::failpoint!("apply.seed_copy");
-            fsio::copy_atomic(&seed.join(n), &self.dir.join(n)).map(|_| ())
+            fsio::copy_atomic_with(&seed.join(n), &self.dir.join(n), durable).map(|_| ())
         })?;
         for e in std::fs::read_dir(&self.dir).at(&self.dir)?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -225,8 +292,8 @@ impl LocalCheckpoint {
     /// Apply a chain of validated deltas (oldest first, each based on the one before) in place,
     /// folded: every tensor any of them changes is patched by all of its payloads in one pass
     /// (see [`codec::apply_folded`]) and checked against the checksum of the newest delta that
-    /// changed it. The bytes are durable (fsync) before this returns.
-    fn apply_chain(&self, deltas: &[(&VersionDir, &DeltaMeta, &[SafetensorsFile])]) -> Result<usize> {
+    /// changed it. With `durable`, the bytes are on disk (fsync) before this returns.
+    fn apply_chain(&self, deltas: &[(&VersionDir, &DeltaMeta, &[SafetensorsFile])], durable: bool) -> Result<usize> {
         let layout = Checkpoint::open(&self.dir)?;
         // tensor → its payloads in chain order: (delta, data file).
         let mut touched: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
@@ -298,11 +365,15 @@ impl LocalCheckpoint {
             }
             // Start writeback of this tensor's pages now, so the disk works while the other
             // tensors decode; the fsync below still waits for all of it.
-            crate::fsio::start_writeback(file, offset as u64, len as u64);
+            if durable {
+                crate::fsio::start_writeback(file, offset as u64, len as u64);
+            }
             Ok(())
         })?;
         // Durable before the caller records the version: fsync every patched file.
-        files.par_iter().try_for_each(|(path, file, _)| -> Result<()> { file.sync_all().at(path) })?;
+        if durable {
+            files.par_iter().try_for_each(|(path, file, _)| -> Result<()> { file.sync_all().at(path) })?;
+        }
         Ok(patched)
     }
 }
@@ -328,6 +399,7 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     let root = target.root(&opts.source);
     let run_id = target.run_id.clone();
     let mut report = ApplyReport { version: target.version, run_id: run_id.clone(), threads: crate::cli::worker_threads(), ..Default::default() };
+    let durable = !opts.no_fsync;
 
     let applied = match local.status(&run_id)? {
         LocalStatus::Clean(v) => Some(v),
@@ -341,6 +413,7 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     report.previous = applied;
     if applied == Some(target.version) {
         report.noop = true;
+        report.durable = !local.is_marked_unsynced();
         report.seconds = start.elapsed().as_secs_f64();
         return Ok(report);
     }
@@ -392,10 +465,16 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
             steps.next().expect("seed version is first in the chain").0.path.clone()
         };
         let t = Instant::now();
+        if !durable {
+            local.mark_unsynced()?;
+        }
         local.write_intent("seed", version_now, s, &run_id)?;
-        local.seed_from(&seed_dir)?;
+        local.seed_from(&seed_dir, durable)?;
         // The seed must be a loadable checkpoint before we call it a version.
         Checkpoint::open(&opts.local)?;
+        if durable {
+            local.settle_unsynced()?;
+        }
         local.write_state(s, &run_id)?;
         local.clear_intent()?;
         report.seeded_from = Some(s);
@@ -414,8 +493,14 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     }
     if let Some(last) = deltas.last().map(|(v, _, _)| v.number) {
         crate::stop::check()?;
+        if !durable {
+            local.mark_unsynced()?;
+        }
         local.write_intent("apply", version_now, last, &run_id)?;
-        report.tensors_patched += local.apply_chain(&deltas)?;
+        report.tensors_patched += local.apply_chain(&deltas, durable)?;
+        if durable {
+            local.settle_unsynced()?;
+        }
         local.write_state(last, &run_id)?;
         local.clear_intent()?;
         report.applied = deltas.iter().map(|(v, _, _)| v.number).collect();
@@ -423,5 +508,6 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     }
     report.seconds_apply = t.elapsed().as_secs_f64();
     report.seconds = start.elapsed().as_secs_f64();
+    report.durable = durable;
     Ok(report)
 }

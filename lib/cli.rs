@@ -17,6 +17,13 @@ pub struct HostArgs {
     /// Publish root holding weight_vNNNNNN directories and `latest`.
     #[arg(long, value_name = "SRC")]
     pub source: PathBuf,
+    /// Do not wait for LOCAL's new bytes to reach the disk: the version is recorded once they
+    /// are in the page cache, which a killed process cannot tear. A reboot can: the mark in
+    /// LOCAL/.weight_sync/unsynced.json (with the boot id) makes the next run after one reseed
+    /// LOCAL. For LOCAL on ephemeral disks, or where waiting on fsync costs more than a rare
+    /// reseed.
+    #[arg(long)]
+    pub no_fsync: bool,
 }
 
 /// `--threads N`, taken by every tool with a parallel stage (`delta-diff`, `delta-apply`,

@@ -106,6 +106,8 @@ pub struct FollowOptions {
     pub reload_on_start: bool,
     pub pre_read_hook: Option<String>,
     pub json: bool,
+    /// Apply without waiting for the disk (`--no-fsync`; crate::apply).
+    pub no_fsync: bool,
 }
 
 /// One cycle that did something (printed as one JSON line with `--json`).
@@ -388,6 +390,7 @@ impl Follower {
             run_id: ptr.run_id.clone(),
             pre_read_hook: self.opts.pre_read_hook.clone(),
             lock_timeout: None,
+            no_fsync: self.opts.no_fsync,
         })?;
         // Verified: every checksum of every applied delta matched.
         self.verified = Some(r.version);

@@ -234,6 +234,18 @@ impl AtomicFile {
         Ok(())
     }
 
+    /// Rename over the final name without any fsync: the new name and bytes are at once what
+    /// every process sees, but a crash of the host may lose or tear them.
+    pub fn commit_unsynced(mut self) -> Result<()> {
+        let file = self.file.take().expect("AtomicFile committed twice");
+        drop(file);
+        if let Err(e) = fs::rename(&self.temp, &self.target) {
+            let _ = fs::remove_file(&self.temp);
+            return Err(Error::io(&self.target, e));
+        }
+        Ok(())
+    }
+
     /// fsync the data, rename over the final name, fsync the directory.
     pub fn commit(mut self) -> Result<()> {
         let file = self.file.take().expect("AtomicFile committed twice");
@@ -289,11 +301,22 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
 
 /// Copy a file to `dst` atomically and durably (reflink or copy_file_range where the kernel can).
 pub fn copy_atomic(src: &Path, dst: &Path) -> Result<u64> {
+    copy_atomic_with(src, dst, true)
+}
+
+/// [`copy_atomic`]; with `durable` false the copy is renamed into place without fsyncs, atomic
+/// for other processes (and for this one dying) but not across a crash of the host
+/// (`delta-apply --no-fsync`, which detects reboots).
+pub fn copy_atomic_with(src: &Path, dst: &Path, durable: bool) -> Result<u64> {
     let f = AtomicFile::create(dst)?;
     let mut input = File::open(src).at(src)?;
     let mut out = f.file();
     let n = io::copy(&mut input, &mut out).at(src)?;
-    f.commit()?;
+    if durable {
+        f.commit()?;
+    } else {
+        f.commit_unsynced()?;
+    }
     Ok(n)
 }
 

@@ -175,19 +175,27 @@ fn apply_killed_at_random_moments_converges() {
     let local = root.join("local");
     // Sleeps inside the apply widen the windows so kills land mid-mutation.
     let slow = "apply.after_tensor:sleep-2,fsio.before_rename:sleep-1,apply.seed_copy:sleep-3";
-    let spawn_apply = |t: &str| spawn(APPLY, &["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", t], &[("DISAGG_FAILPOINT", slow)]);
+    // Runs with --no-fsync mixed in: a killed process leaves the page cache whole, so the
+    // invariant holds for them too, and durable runs after them settle their bytes.
+    let spawn_apply = |t: &str, no_fsync: bool| {
+        let mut args = vec!["--local", p(&local), "--base", p(&steps[0]), "--source", p(&src), "--target", t];
+        if no_fsync {
+            args.push("--no-fsync");
+        }
+        spawn(APPLY, &args, &[("DISAGG_FAILPOINT", slow)])
+    };
     // Kill times are drawn over half the time a whole run takes here (seed + the chain, from a
     // fresh LOCAL; most trials do less), so the test keeps landing mid-flight however fast the
     // build or the machine.
     let started = std::time::Instant::now();
-    assert!(spawn_apply("4").wait().unwrap().success());
+    assert!(spawn_apply("4", false).wait().unwrap().success());
     let window_us = (started.elapsed().as_micros() as u64 / 2).max(2_000);
     let _ = std::fs::remove_dir_all(&local);
     let mut killed = 0;
     for trial in 0..trials {
         let target = 1 + rng.below(4) as usize;
         let t = target.to_string();
-        let mut child = spawn_apply(&t);
+        let mut child = spawn_apply(&t, rng.below(2) == 0);
         std::thread::sleep(Duration::from_micros(rng.below(window_us)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();

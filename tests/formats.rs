@@ -110,6 +110,10 @@ fn sync_state_examples() {
         let i: Intent = serde_json::from_str(line).unwrap();
         assert_eq!(serde_json::to_string(&i).unwrap(), line);
     }
+    for line in block("unsynced").lines() {
+        let u: disagg::apply::Unsynced = serde_json::from_str(line).unwrap();
+        assert_eq!(serde_json::to_string(&u).unwrap(), line);
+    }
 }
 
 #[test]

@@ -851,6 +851,66 @@ fn pointer_stale_lock_times_out() {
 // delta-apply
 // ================================================================================================
 
+/// `--no-fsync` records the version once the bytes are in the page cache and marks LOCAL with
+/// the boot id: later runs of the same boot trust it, a run after a reboot reseeds, and a
+/// durable run settles the bytes and removes the mark.
+#[cfg(feature = "failpoints")]
+#[test]
+fn apply_without_fsync_is_trusted_within_a_boot_and_reseeded_after_a_reboot() {
+    let t = TestDir::new("apply_no_fsync");
+    let c = make_chain(&t.path, 4, 2);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    let mark = local.join(".weight_sync/unsynced.json");
+    let pull = |target: &str, boot: &str, extra: &[&str]| {
+        let mut args = vec!["--local", local.s(), "--base", c.ckpts[0].s(), "--source", src.s(), "--target", target, "--json"];
+        args.extend_from_slice(extra);
+        run_env(APPLY, &args, &[("DISAGG_BOOT_ID", boot)]).ok().json()
+    };
+    let r = pull("2", "boot-a", &["--no-fsync"]);
+    assert_eq!((r["durable"].clone(), r["seeded_from"].clone(), applied(&r)), (json!(false), json!(0), vec![1, 2]));
+    assert_eq!(read_json(&mark), json!({"boot_id": "boot-a"}));
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+    // The same boot: LOCAL is trusted, the next delta applies on top.
+    let r = pull("3", "boot-a", &["--no-fsync"]);
+    assert_eq!((r["repaired"].clone(), r["seeded_from"].clone(), applied(&r)), (json!(false), Value::Null, vec![3]));
+    let r = pull("3", "boot-a", &[]);
+    assert_eq!((r["noop"].clone(), r["durable"].clone()), (json!(true), json!(false)), "a no-op settles nothing");
+    // Another boot: what the page cache held may be lost or torn; LOCAL is reseeded.
+    let r = pull("3", "boot-b", &["--no-fsync"]);
+    assert_eq!(r["repaired"], true);
+    assert!(r["repair_reason"].as_str().unwrap().contains("rebooted"), "{r}");
+    assert_eq!((r["seeded_from"].clone(), applied(&r)), (json!(0), vec![1, 2, 3]));
+    assert_eq!(read_json(&mark), json!({"boot_id": "boot-b"}));
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+    // A durable run makes everything durable and drops the mark; a later reboot is then harmless.
+    let r = pull("4", "boot-b", &[]);
+    assert_eq!((r["durable"].clone(), applied(&r)), (json!(true), vec![4]));
+    assert!(!mark.exists());
+    let r = pull("4", "boot-c", &[]);
+    assert_eq!((r["noop"].clone(), r["repaired"].clone(), r["durable"].clone()), (json!(true), json!(false), json!(true)));
+    assert_local_is(&local, &c.ckpts[4], &c.models[4]);
+}
+
+/// Without the test override the mark holds the kernel's boot id.
+#[test]
+fn apply_without_fsync_records_the_kernels_boot_id() {
+    let Ok(boot) = fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+        eprintln!("skipped: no /proc/sys/kernel/random/boot_id");
+        return;
+    };
+    let t = TestDir::new("apply_boot_id");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "1", &["--no-fsync", "--json"]).ok().json();
+    assert_eq!(r["durable"], false);
+    assert_eq!(read_json(&local.join(".weight_sync/unsynced.json")), json!({"boot_id": boot.trim()}));
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+}
+
 #[test]
 fn apply_chain_on_a_fresh_host_then_noop() {
     let t = TestDir::new("apply_chain");
