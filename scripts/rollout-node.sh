@@ -6,17 +6,20 @@
 #
 #   scripts/rollout-node.sh --shared DIR --work DIR [--name rollout-0] [--poll 0.2]
 #       [--refs-per-tick 4] [--tick 0.25] [--partial-pct 25] [--engine-url URL] [--close-on-exit]
+#       [--no-fsync]
 #
 # With --engine-url, a real engine is used and no fake one is started. Killed at any instant
 # (kill -9 of the whole tree), it is restarted with the same arguments: delta-follow repairs the
 # local checkpoint, ref-publish resumes its stream. On SIGTERM it stops (and, with
 # --close-on-exit, closes its ref stream for good: consumers then see it finished).
+# --no-fsync: delta-follow records versions without waiting for the local disk (a reboot makes
+# it reseed; docs/FORMATS.md §6), for nodes whose local checkpoint is on an ephemeral disk.
 # Logs: WORK/follow.jsonl (one delta-follow event per line), WORK/engine.log.
 # Env: DISAGG_BIN_DIR (default target/release), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-shared= work= name=rollout-0 poll=0.2 per_tick=4 tick=0.25 partial_pct=25 url= close=0
+shared= work= name=rollout-0 poll=0.2 per_tick=4 tick=0.25 partial_pct=25 url= close=0 sync=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --shared) shared=$2; shift 2 ;;
@@ -28,7 +31,8 @@ while [ $# -gt 0 ]; do
         --partial-pct) partial_pct=$2; shift 2 ;;
         --engine-url) url=$2; shift 2 ;;
         --close-on-exit) close=1; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --no-fsync) sync=(--no-fsync); shift ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "rollout-node: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -69,7 +73,7 @@ for _ in $(seq 1 600); do [ -d "$shared/base" ] && break; sleep 0.1; done
 
 # The follower: pull, verify, reload; status in SHARED/weights/.followers/NAME.json for delta-gc.
 "$bin/delta-follow" --local "$work/local" --base "$shared/base" --source "$src" --poll "$poll" \
-    --max-backoff 2 --name "$name" --json --reload-on-start --reload-cmd "scripts/sglang-reload.sh $url" \
+    --max-backoff 2 --name "$name" --json --reload-on-start --reload-cmd "scripts/sglang-reload.sh $url" "${sync[@]}" \
     >>"$work/follow.jsonl" 2>>"$work/follow.err" &
 pids+=($!)
 

@@ -123,6 +123,29 @@ fn write_status(path: &Path, host: &str, needs: u64, age_secs: f64) {
 // delta-follow
 // ================================================================================================
 
+/// `delta-follow --no-fsync` hands the flag to its applies: LOCAL gets the boot mark and the
+/// engine is reloaded with the right bytes; the mark goes at the first durable pull.
+#[test]
+fn follow_without_fsync_applies_marks_and_a_durable_pull_settles() {
+    let t = TestDir::new("follow-no-fsync");
+    let chain = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish_chain(&chain, &src);
+    advance(&src, 2);
+    let (status, log) = (t.join("status.json"), t.join("reloads.txt"));
+    let reload = logging_reload(&log);
+    let mark = t.join("local/.weight_sync/unsynced.json");
+    let r = run(FOLLOW, follow_args(&t, &status, &["--once", "--json", "--no-fsync", "--reload-cmd", &reload])).ok().json();
+    assert_eq!((r["version"].as_u64(), r["reloaded"].as_u64()), (Some(2), Some(2)));
+    assert!(mark.exists(), "--no-fsync reached the apply");
+    assert_holds(&t.join("local"), &chain.models[2]);
+    advance(&src, 3);
+    let r = run(FOLLOW, follow_args(&t, &status, &["--once", "--json", "--reload-cmd", &reload])).ok().json();
+    assert_eq!(ids(&r["applied"]), vec![3]);
+    assert!(!mark.exists(), "a durable pull settles LOCAL and drops the mark");
+    assert_holds(&t.join("local"), &chain.models[3]);
+}
+
 #[test]
 fn follow_once_pulls_verifies_reloads_and_records_status() {
     let t = TestDir::new("follow-once");
