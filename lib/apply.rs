@@ -154,8 +154,10 @@ impl LocalCheckpoint {
         self.sync.join(UNSYNCED_NAME)
     }
 
-    /// Before a `--no-fsync` run mutates LOCAL: record, durably, that LOCAL may hold unsynced
-    /// bytes in this boot (once per boot; later runs find the mark).
+    /// Before a `--no-fsync` run mutates LOCAL, after its intent: record, durably, that LOCAL
+    /// may hold unsynced bytes in this boot (once per boot; later runs find the mark). After the
+    /// intent, because replacing another boot's mark must not make LOCAL look trusted: a run
+    /// killed between the two leaves the intent, so LOCAL stays dirty.
     fn mark_unsynced(&self) -> Result<()> {
         let boot_id = boot_id().ok_or_else(|| Error::Usage("--no-fsync needs the kernel's boot id (/proc/sys/kernel/random/boot_id) to tell a reboot from a killed process".into()))?;
         if let Some(Ok(u)) = Self::read_json::<Unsynced>(&self.unsynced_path())? {
@@ -163,7 +165,9 @@ impl LocalCheckpoint {
                 return Ok(());
             }
         }
-        fsio::write_atomic(self.unsynced_path(), serde_json::to_string(&Unsynced { boot_id }).expect("plain JSON").as_bytes())
+        fsio::write_atomic(self.unsynced_path(), serde_json::to_string(&Unsynced { boot_id }).expect("plain JSON").as_bytes())?;
+        crate::failpoint!("apply.after_mark");
+        Ok(())
     }
 
     /// Whether an earlier `--no-fsync` run of this boot may have left bytes unsynced.
@@ -465,10 +469,10 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
             steps.next().expect("seed version is first in the chain").0.path.clone()
         };
         let t = Instant::now();
+        local.write_intent("seed", version_now, s, &run_id)?;
         if !durable {
             local.mark_unsynced()?;
         }
-        local.write_intent("seed", version_now, s, &run_id)?;
         local.seed_from(&seed_dir, durable)?;
         // The seed must be a loadable checkpoint before we call it a version.
         Checkpoint::open(&opts.local)?;
@@ -493,10 +497,10 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     }
     if let Some(last) = deltas.last().map(|(v, _, _)| v.number) {
         crate::stop::check()?;
+        local.write_intent("apply", version_now, last, &run_id)?;
         if !durable {
             local.mark_unsynced()?;
         }
-        local.write_intent("apply", version_now, last, &run_id)?;
         report.tensors_patched += local.apply_chain(&deltas, durable)?;
         if durable {
             local.settle_unsynced()?;

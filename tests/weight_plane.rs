@@ -884,11 +884,19 @@ fn apply_without_fsync_is_trusted_within_a_boot_and_reseeded_after_a_reboot() {
     assert_eq!((r["seeded_from"].clone(), applied(&r)), (json!(0), vec![1, 2, 3]));
     assert_eq!(read_json(&mark), json!({"boot_id": "boot-b"}));
     assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+    // Killed right after it replaced another boot's mark, a run must not have made LOCAL look
+    // trusted: its intent, written first, keeps LOCAL dirty.
+    let killed = run_env(APPLY, ["--local", local.s(), "--base", c.ckpts[0].s(), "--source", src.s(), "--target", "3", "--no-fsync"], &[("DISAGG_BOOT_ID", "boot-c"), ("DISAGG_FAILPOINT", "apply.after_mark")]);
+    assert_eq!(killed.out.status.code(), None, "aborted at the failpoint");
+    assert_eq!(read_json(&mark), json!({"boot_id": "boot-c"}));
+    let r = pull("3", "boot-c", &["--no-fsync"]);
+    assert_eq!((r["repaired"].clone(), r["seeded_from"].clone()), (json!(true), json!(0)), "{r}");
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
     // A durable run makes everything durable and drops the mark; a later reboot is then harmless.
-    let r = pull("4", "boot-b", &[]);
+    let r = pull("4", "boot-c", &[]);
     assert_eq!((r["durable"].clone(), applied(&r)), (json!(true), vec![4]));
     assert!(!mark.exists());
-    let r = pull("4", "boot-c", &[]);
+    let r = pull("4", "boot-d", &[]);
     assert_eq!((r["noop"].clone(), r["repaired"].clone(), r["durable"].clone()), (json!(true), json!(false), json!(true)));
     assert_local_is(&local, &c.ckpts[4], &c.models[4]);
 }
