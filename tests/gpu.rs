@@ -96,6 +96,8 @@ fn cpu_reference_and_frame_assembly_identity() {
     });
 }
 
+/// The dense `overwrite` pairs of two chunks and more (16 Mi changes) pass the CPU's one-pass
+/// cap, so with host inputs they take the GPU path's hand-off to the CPU's streaming encoder.
 #[test]
 fn gpu_byte_identity_host_inputs_or_skip() {
     let Some(g) = gpu_or_skip("gpu_byte_identity_host_inputs_or_skip") else { return };

@@ -250,14 +250,28 @@ impl GpuDiffer {
             *slot = Some(Pipeline::new(&self.shared)?);
         }
         let pipe = slot.as_mut().expect("just created");
-        let r = pipe.run(&self.shared.kernels, encoding, &src, len, out);
-        if r.is_err() {
+        // Host inputs: an `overwrite` tensor with more changes than the CPU gathers in one pass
+        // goes to the CPU's streaming encoder (same frame, bounded memory) instead of having
+        // its positions and values gathered in host memory without limit. Device-resident
+        // inputs (benchmarks) have no host copy to stream from and keep gathering.
+        let cap = match src {
+            Src::Host(..) => codec::ONE_PASS_MAX_CHANGES,
+            Src::Device(..) => usize::MAX,
+        };
+        let mut out = out;
+        let r = pipe.run(&self.shared.kernels, encoding, &src, len, &mut out, cap);
+        if !matches!(r, Ok(Some(_))) {
             // Leave no copy or kernel running on the buffers (ours or the caller's).
             for s in &pipe.slots {
                 let _ = s.stream.synchronize();
             }
         }
-        r
+        match (r?, src) {
+            (Some(changed), _) => Ok(changed),
+            // Nothing was written: an overwrite frame is written only after its last chunk.
+            (None, Src::Host(old, new)) => Ok(codec::encode(encoding, old, new, &mut out)?),
+            (None, Src::Device(..)) => unreachable!("no cap on device-resident inputs"),
+        }
     }
 }
 
@@ -328,25 +342,36 @@ impl Pipeline {
         Ok(Pipeline { slots })
     }
 
-    fn run<W: Write>(&mut self, k: &Kernels, encoding: Encoding, src: &Src<'_>, len: usize, out: W) -> Result<u64, GpuError> {
+    /// Encode the tensor chunk by chunk; `Ok(None)`, with nothing written, once an `overwrite`
+    /// tensor shows more than `max_changes` changed bytes.
+    fn run<W: Write>(&mut self, k: &Kernels, encoding: Encoding, src: &Src<'_>, len: usize, out: W, max_changes: usize) -> Result<Option<u64>, GpuError> {
         let mut sink = match encoding {
             Encoding::Xor => Sink::Xor(frame::XorFrame::new(out, len as u64)?),
             Encoding::Overwrite => Sink::Overwrite { out, positions: Vec::new(), values: Vec::new() },
         };
         let mut inflight: VecDeque<(usize, usize)> = VecDeque::with_capacity(SLOTS);
         let mut changed = 0u64;
+        // Only overwrite gathers (an xor frame streams, and is partly written by now): host
+        // memory stays within the cap plus one chunk's changes.
+        let max_changes = if encoding == Encoding::Overwrite { max_changes } else { usize::MAX };
         for (ci, off) in (0..len).step_by(GPU_CHUNK).enumerate() {
             let n = GPU_CHUNK.min(len - off);
             let s = ci % SLOTS;
             if inflight.len() == SLOTS {
                 let (ps, pn) = inflight.pop_front().expect("full");
                 changed += self.finish(ps, pn, &mut sink)?;
+                if changed > max_changes as u64 {
+                    return Ok(None);
+                }
             }
             self.submit(s, k, encoding, src, off, n, true)?;
             inflight.push_back((s, n));
         }
         while let Some((ps, pn)) = inflight.pop_front() {
             changed += self.finish(ps, pn, &mut sink)?;
+            if changed > max_changes as u64 {
+                return Ok(None);
+            }
         }
         match sink {
             Sink::Xor(f) => {
@@ -356,7 +381,7 @@ impl Pipeline {
                 frame::write_overwrite(out, &positions, &values)?;
             }
         }
-        Ok(changed)
+        Ok(Some(changed))
     }
 
     /// Queue chunk [off, off+n) on slot `s`: staging and copies in (host inputs), kernels,
