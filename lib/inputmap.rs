@@ -125,10 +125,23 @@ pub const PIECE: usize = 2 << 20;
 impl InputMap {
     /// Map `file` (opened from `path`) read-only.
     pub fn new(file: &File, path: &Path) -> io::Result<InputMap> {
+        Self::map(file, path, false)
+    }
+
+    /// [`Self::new`], with every page mapped at once (for a reader that reads it all).
+    pub fn populated(file: &File, path: &Path) -> io::Result<InputMap> {
+        Self::map(file, path, true)
+    }
+
+    fn map(file: &File, path: &Path, populate: bool) -> io::Result<InputMap> {
+        let mut options = memmap2::MmapOptions::new();
+        if populate {
+            options.populate();
+        }
         // SAFETY: the map is read-only. A concurrent truncation raises SIGBUS on access past the
         // new end, which guard_sigbus reports as an error naming `path`; writers in this project
         // never modify published files in place.
-        let mmap = unsafe { memmap2::Mmap::map(file) }?;
+        let mmap = unsafe { options.map(file) }?;
         let slot = (!mmap.is_empty()).then(|| Slot::register(mmap.as_ptr() as usize, mmap.len(), path.as_os_str()));
         Ok(InputMap { mmap, slot, data_start: 0, unread: OnceLock::new() })
     }

@@ -654,6 +654,31 @@ fn ingest_stopped_by_sigterm_keeps_what_it_stored_and_publishes_nothing() {
     assert_eq!(m.refs.len(), n);
 }
 
+/// An input file truncated while it is being read (a producer still writing it, or rewriting
+/// it in place) ends the ingest with an I/O error naming the file (exit 10), not a "Bus error".
+#[cfg(feature = "failpoints")]
+#[test]
+fn ingest_of_a_file_truncated_while_it_is_read_is_an_io_error_naming_it() {
+    let d = temp_dir("ingest-truncated");
+    let input = d.join("in");
+    fs::create_dir_all(&input).unwrap();
+    let f = input.join("data_0.ckpt");
+    fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/features/rows_0-2000/data_0.ckpt"), &f).unwrap();
+    let c = Command::new(INGEST)
+        .args([p(&input), "--store", p(&d.join("store")), "--manifest", p(&d.join("refs.json"))])
+        .env("DISAGG_FAILPOINT", "ingest.after_map:sleep-1500")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(0).unwrap();
+    let out = c.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(err.starts_with("feature-ingest: error: ") && err.contains(p(&f)) && err.contains("shrank"), "{err}");
+    assert!(!d.join("refs.json").exists(), "no manifest");
+}
+
 #[test]
 fn ingest_link_and_move_cost_no_extra_disk() {
     use std::os::unix::fs::MetadataExt;

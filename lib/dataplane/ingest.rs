@@ -161,12 +161,13 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
     m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
 }
 
-fn mmap(path: &Path) -> Result<memmap2::Mmap> {
+fn mmap(path: &Path) -> Result<crate::inputmap::InputMap> {
     let f = fs::File::open(path).at(path)?;
-    // SAFETY: inputs and store objects are never modified in place by disagg; a concurrent
-    // external writer would at worst make us read inconsistent bytes, which validation catches.
+    // Inputs and store objects are never modified in place by disagg. A concurrent external
+    // writer makes us read inconsistent bytes, which validation catches, or, if it truncates
+    // the file, raises SIGBUS, which crate::inputmap reports as an error naming the file.
     // Populated: every input byte is read (validation, copy), so map it all at once.
-    unsafe { memmap2::MmapOptions::new().populate().map(&f) }.at(path)
+    crate::inputmap::InputMap::populated(&f, path).at(path)
 }
 
 /// Name, dtype and shape of each tensor of a sample file.
@@ -279,6 +280,9 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             return Err(Failure::Invalid("--mode link needs .safetensors input: a torch checkpoint must be converted (use --mode copy or move)".into()));
         }
         let map = mmap(src).map_err(|e| e.to_string())?;
+        // Tests change the input here, after it is mapped and before it is read (only a sleep
+        // is meaningful at this point).
+        let _ = crate::failpoint::hit("ingest.after_map");
         let unzipped;
         let bytes: &[u8] = if rel.ends_with(".gz") {
             unzipped = torch_ckpt::gunzip(&map).map_err(|e| e.to_string())?;
