@@ -160,11 +160,11 @@ impl Drop for MappedPair<'_> {
 
 /// OLD and NEW read with `pread` into two per-thread [`CHUNK`] buffers, a window at a time.
 ///
-/// Cheaper than [`MappedPair`] where the page cache holds 4 KiB folios: a fault then maps at
-/// most 64 KiB, and faulting in and unmapping every page of both checkpoints costs more than
-/// copying it into a buffer that stays in L2 for the scan (a scan of a 1.1 GB pair on 2 cores,
-/// Linux 6.1: 0.076 s mapped, unmap included, 0.042 s read). A file shrunk under us is a clean
-/// read error here; through a map it is a SIGBUS, which crate::inputmap reports.
+/// Can be cheaper than [`MappedPair`] where the page cache holds 4 KiB folios: a fault then
+/// maps at most 64 KiB, and on an earlier host faulting in and unmapping every page of both
+/// checkpoints cost more than copying it into a buffer that stays in L2 for the scan (a 1.1 GB
+/// pair on 2 cores: 0.076 s mapped, unmap included, 0.042 s read). A file shrunk under us is a
+/// clean read error here; through a map it is a SIGBUS, which crate::inputmap reports.
 pub struct PreadPair<'a> {
     old: TensorFile<'a>,
     new: TensorFile<'a>,
