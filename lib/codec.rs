@@ -109,9 +109,13 @@ pub struct TensorFile<'a> {
 pub struct MappedPair<'a> {
     old: TensorFile<'a>,
     new: TensorFile<'a>,
-    /// Bytes from the tensor's start already handed back. Only ever grows: a second pass (the
-    /// overwrite encoder's, past its one-pass cap) maps the pages again and hands back nothing.
+    /// Bytes from the tensor's start already handed back (by the first pass over them).
     released: usize,
+    /// Where the last window started: a window before it starts another pass (the overwrite
+    /// encoder makes up to four over a dense tensor).
+    last_at: usize,
+    /// In a later pass, how far the pages it mapped again have been unmapped again.
+    swept: usize,
 }
 
 /// How far a [`MappedPair`] scans between two hand-backs of what it has read.
@@ -121,9 +125,10 @@ impl<'a> MappedPair<'a> {
     /// The tensors `old` and `new`, of the same length.
     pub fn new(old: TensorFile<'a>, new: TensorFile<'a>) -> Self {
         assert_eq!(old.mapped.len(), new.mapped.len(), "encode of tensors of different sizes");
-        MappedPair { old, new, released: 0 }
+        MappedPair { old, new, released: 0, last_at: 0, swept: 0 }
     }
 
+    /// Hand `[released, to)` back to the maps: read for the last time by this pair's first pass.
     fn release_to(&mut self, to: usize) {
         if to <= self.released {
             return;
@@ -136,6 +141,21 @@ impl<'a> MappedPair<'a> {
         }
         self.released = to;
     }
+
+    /// A later pass has read `[swept, to)` (within what was handed back) again: unmap it again.
+    fn sweep_to(&mut self, to: usize) {
+        let to = to.min(self.released);
+        if to <= self.swept {
+            return;
+        }
+        for t in [self.old, self.new] {
+            if let Some(map) = t.map {
+                let at = t.offset as usize;
+                map.unmap_done(at + self.swept..at + to);
+            }
+        }
+        self.swept = to;
+    }
 }
 
 impl PairSource for MappedPair<'_> {
@@ -143,8 +163,16 @@ impl PairSource for MappedPair<'_> {
         self.new.mapped.len()
     }
     fn window(&mut self, at: usize, n: usize) -> Result<(&[u8], &[u8]), PayloadError> {
+        if at < self.last_at {
+            // Another pass: finish unmapping what the one before mapped again.
+            self.sweep_to(self.released);
+            self.swept = at;
+        }
+        self.last_at = at;
         if at >= self.released + RELEASE_STEP {
             self.release_to(at);
+        } else if at < self.released && at >= self.swept + RELEASE_STEP {
+            self.sweep_to(at);
         }
         Ok((&self.old.mapped[at..at + n], &self.new.mapped[at..at + n]))
     }
@@ -153,6 +181,7 @@ impl PairSource for MappedPair<'_> {
 impl Drop for MappedPair<'_> {
     fn drop(&mut self) {
         // Also for a tensor whose encode stopped early (an error): its bytes are not read again.
+        self.sweep_to(self.released);
         let len = self.len();
         self.release_to(len);
     }
@@ -905,6 +934,12 @@ mod tests {
                 let (mut mapped, mut h3) = (Vec::new(), crate::checksum::ChecksumAlg::Xxh3_128.hasher());
                 assert_eq!(encode_from(enc, &mut MappedPair::new(mto, mtn), &mut mapped, Some(&mut h3)).unwrap(), a);
                 assert!(mapped == want && h3.finish_hex() == crate::checksum::ChecksumAlg::Xxh3_128.hex(&new), "{enc} len {len}: mapped frame differs");
+                if enc == Encoding::Overwrite {
+                    // Past a tiny one-pass cap: four passes over the maps, the same frame.
+                    let mut passes = Vec::new();
+                    encode_overwrite_capped(&mut MappedPair::new(mto, mtn), &mut passes, 1, None).unwrap();
+                    assert!(passes == want, "len {len}: multi-pass mapped frame differs");
+                }
                 assert!(mo[13..] == old[..] && mn[7..7 + len] == new[..]);
             }
             if len > 0 {
@@ -918,6 +953,48 @@ mod tests {
                         other => panic!("{enc} len {len}: {other:?}"),
                     }
                 }
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Whether the page holding `addr` is mapped in this process (/proc/self/pagemap bit 63).
+    fn page_mapped(addr: usize) -> Option<bool> {
+        use std::os::unix::fs::FileExt;
+        let mut e = [0u8; 8];
+        std::fs::File::open("/proc/self/pagemap").ok()?.read_exact_at(&mut e, (addr / 4096 * 8) as u64).ok()?;
+        Some(u64::from_le_bytes(e) >> 63 == 1)
+    }
+
+    /// A mapped pair leaves nothing of its tensors mapped once done, however many passes the
+    /// encoder made (the dense overwrite encoder makes four; the later ones map pages again).
+    #[test]
+    fn mapped_pairs_unmap_what_every_pass_mapped() {
+        let dir = std::env::temp_dir().join(format!("disagg-codec-unmap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Past RELEASE_STEP, so the first pass hands pieces back before the later ones read them.
+        let len = 2 * RELEASE_STEP + 3 * crate::inputmap::PIECE;
+        let (old, new) = pair(len, 97);
+        let (po, pn) = (dir.join("old.bin"), dir.join("new.bin"));
+        std::fs::write(&po, &old).unwrap();
+        std::fs::write(&pn, &new).unwrap();
+        let (fo, fnew) = (std::fs::File::open(&po).unwrap(), std::fs::File::open(&pn).unwrap());
+        for (name, cap) in [("one pass", usize::MAX), ("four passes", 1)] {
+            let (mo, mn) = (crate::inputmap::InputMap::new(&fo, &po).unwrap(), crate::inputmap::InputMap::new(&fnew, &pn).unwrap());
+            let to = TensorFile { mapped: &mo[..], map: Some(&mo), file: &fo, path: &po, offset: 0 };
+            let tn = TensorFile { mapped: &mn[..], map: Some(&mn), file: &fnew, path: &pn, offset: 0 };
+            let mut out = Vec::new();
+            encode_overwrite_capped(&mut MappedPair::new(to, tn), &mut out, cap, None).unwrap();
+            let mut want = Vec::new();
+            encode(Encoding::Overwrite, &old, &new, &mut want).unwrap();
+            assert!(out == want, "{name}: frame differs");
+            for m in [&mo, &mn] {
+                let mapped: Vec<usize> = (0..len).step_by(4096).filter(|&at| page_mapped(m.as_ptr() as usize + at) == Some(true)).collect();
+                if page_mapped(m.as_ptr() as usize).is_none() {
+                    eprintln!("skipped: no /proc/self/pagemap");
+                    return;
+                }
+                assert!(mapped.is_empty(), "{name}: {} pages still mapped, first at {}", mapped.len(), mapped[0]);
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -152,46 +152,78 @@ impl InputMap {
         self.data_start = n;
     }
 
-    /// The bytes `range` (at or past `data_start`) will not be read again, and nobody else
-    /// hands them back: every 2 MiB piece of the map whose bytes have all been handed back
-    /// is unmapped (the file's bytes stay in the page cache, and a later read maps them
-    /// again). A diff hands back what it has scanned, so its resident set stays the pieces in
-    /// flight instead of growing to the size of both checkpoints.
+    /// Hand back `range` (at or past `data_start`), read by its one reader, which hands each
+    /// byte back once: every 2 MiB piece of the map whose bytes have all been handed back is
+    /// unmapped (the file's bytes stay in the page cache, and a later read maps them again;
+    /// [`Self::unmap_done`] unmaps such a re-read). A diff hands back what it has scanned, so
+    /// its resident set stays the pieces in flight instead of growing to the size of both
+    /// checkpoints.
     pub fn done_with(&self, range: Range<usize>) {
         let len = self.mmap.len();
         let (start, end) = (range.start.max(self.data_start), range.end.min(len));
         if start >= end {
             return;
         }
-        // Pieces are aligned in the address space, where the PMDs are (the kernel aligns the
-        // maps of large files to 2 MiB, so they are aligned in the file too); `skew` is how far
-        // the map starts into its first piece.
-        let skew = self.mmap.as_ptr() as usize % PIECE;
-        let piece = |i: usize| (i * PIECE).saturating_sub(skew)..((i + 1) * PIECE - skew).min(len);
         let unread = self.unread.get_or_init(|| {
-            (0..(len + skew).div_ceil(PIECE))
+            (0..self.pieces_overlapping(0..len).end)
                 .map(|i| {
-                    let r = piece(i);
+                    let r = self.piece(i);
                     AtomicU32::new(r.end.saturating_sub(r.start.max(self.data_start)) as u32)
                 })
                 .collect()
         });
-        // Consecutive pieces finished by this call go in one madvise: one TLB flush for all.
-        let mut run: Option<Range<usize>> = None;
-        for i in (start + skew) / PIECE..(end + skew).div_ceil(PIECE) {
-            let r = piece(i);
+        self.unmap_pieces(self.pieces_overlapping(start..end).filter(|&i| {
+            let r = self.piece(i);
             let n = (end.min(r.end) - start.max(r.start)) as u32;
-            let left = unread[i].fetch_sub(n, Ordering::AcqRel).wrapping_sub(n);
-            if left == 0 {
-                run = match run {
-                    Some(cur) if cur.end == r.start => Some(cur.start..r.end),
-                    Some(cur) => {
-                        self.unmap(cur);
-                        Some(r)
-                    }
-                    None => Some(r),
-                };
-            }
+            unread[i].fetch_sub(n, Ordering::AcqRel).wrapping_sub(n) == 0
+        }));
+    }
+
+    /// `range` has been read again after it was handed back ([`Self::done_with`]): unmap again
+    /// the pieces it overlaps whose data has all been handed back (the others are still some
+    /// reader's, and go when it hands them back).
+    pub fn unmap_done(&self, range: Range<usize>) {
+        let Some(unread) = self.unread.get() else { return };
+        let range = range.start..range.end.min(self.mmap.len());
+        if range.is_empty() {
+            return;
+        }
+        self.unmap_pieces(self.pieces_overlapping(range).filter(|&i| unread[i].load(Ordering::Acquire) == 0));
+    }
+
+    /// How far the map starts into its first piece: pieces are aligned in the address space,
+    /// where the PMDs are (the kernel aligns the maps of large files to 2 MiB, so they are
+    /// aligned in the file too).
+    fn skew(&self) -> usize {
+        self.mmap.as_ptr() as usize % PIECE
+    }
+
+    /// Piece `i`'s bytes in the map.
+    fn piece(&self, i: usize) -> Range<usize> {
+        let skew = self.skew();
+        (i * PIECE).saturating_sub(skew)..((i + 1) * PIECE - skew).min(self.mmap.len())
+    }
+
+    /// The pieces that hold bytes of the non-empty `r`.
+    fn pieces_overlapping(&self, r: Range<usize>) -> Range<usize> {
+        let skew = self.skew();
+        (r.start + skew) / PIECE..(r.end + skew).div_ceil(PIECE)
+    }
+
+    /// Unmap the pieces `ids` yields (ascending), consecutive ones in one madvise: one TLB
+    /// flush for all of them.
+    fn unmap_pieces(&self, ids: impl Iterator<Item = usize>) {
+        let mut run: Option<Range<usize>> = None;
+        for i in ids {
+            let r = self.piece(i);
+            run = match run {
+                Some(cur) if cur.end == r.start => Some(cur.start..r.end),
+                Some(cur) => {
+                    self.unmap(cur);
+                    Some(r)
+                }
+                None => Some(r),
+            };
         }
         if let Some(r) = run {
             self.unmap(r);
@@ -479,11 +511,24 @@ mod tests {
         // The last, short piece and piece 2 in one call (one madvise for both).
         map.done_with(2 * PIECE..len);
         assert!(!at(2, 0) && !at(3, 0) && !at(3, 2));
-        // Handing back twice unmaps nothing more and breaks nothing; the bytes read the same.
-        map.done_with(PIECE..2 * PIECE);
-        assert!(map[..] == bytes[..]);
+        // Read again after it was handed back: mapped again, and unmap_done unmaps it again,
+        // but not a piece some reader still holds.
         std::hint::black_box(touch(&map));
         assert!(at(1, 0), "read again, mapped again");
+        let mut other = InputMap::new(&file, &path).unwrap();
+        other.set_data_start(1000);
+        let ob = other.as_ptr() as usize;
+        std::hint::black_box(touch(&other));
+        other.done_with(PIECE..PIECE + 10);
+        other.unmap_done(0..len);
+        assert_eq!(mapped(ob + PIECE), Some(true), "a piece not handed back in full stays");
+        map.unmap_done(PIECE..PIECE + 1);
+        assert!(!at(1, 0) && !at(1, PIECE / PAGE - 1), "re-read piece unmapped again");
+        assert!(at(2, 0), "only the pieces the range overlaps");
+        map.unmap_done(0..len);
+        assert!(!at(0, 0) && !at(2, 0) && !at(3, 0));
+        // The bytes read the same after all of it.
+        assert!(map[..] == bytes[..] && other[..] == bytes[..]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
