@@ -132,7 +132,8 @@ impl<T> IoContext<T> for std::io::Result<T> {
 }
 
 /// The one place that prints errors and exits: binaries call this with their library entry point
-/// (after raising the open-file limit, [`crate::fsio::raise_open_file_limit`]).
+/// (after raising the open-file limit, [`crate::fsio::raise_open_file_limit`], and installing
+/// the handler that reports a SIGBUS on an input map as an error, [`crate::inputmap::guard_sigbus`]).
 pub fn run_main(program: &'static str, f: impl FnOnce() -> Result<()>) -> ! {
     crate::fsio::raise_open_file_limit();
     crate::inputmap::guard_sigbus(program);
