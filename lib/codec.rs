@@ -14,6 +14,7 @@
 use crate::version::Encoding;
 use crate::zstd_decode::xor_bytes;
 use std::io::{self, Read, Write};
+use std::ops::Range;
 
 /// Streaming granularity: small enough that a chunk of the tensor, the decoded payload and
 /// the decoder's window stay in L2 together (5 % faster applies than 1 MiB).
@@ -128,33 +129,32 @@ impl<'a> MappedPair<'a> {
         MappedPair { old, new, released: 0, last_at: 0, swept: 0 }
     }
 
-    /// Hand `[released, to)` back to the maps: read for the last time by this pair's first pass.
-    fn release_to(&mut self, to: usize) {
-        if to <= self.released {
-            return;
-        }
+    /// Call `f` with the map of OLD and of NEW (where they are maps) and where the tensor's
+    /// bytes `range` lie in it.
+    fn each_map(&self, range: Range<usize>, f: impl Fn(&crate::inputmap::InputMap, Range<usize>)) {
         for t in [self.old, self.new] {
             if let Some(map) = t.map {
                 let at = t.offset as usize;
-                map.done_with(at + self.released..at + to);
+                f(map, at + range.start..at + range.end);
             }
         }
-        self.released = to;
+    }
+
+    /// Hand `[released, to)` back to the maps: read for the last time by this pair's first pass.
+    fn release_to(&mut self, to: usize) {
+        if to > self.released {
+            self.each_map(self.released..to, |m, r| m.done_with(r));
+            self.released = to;
+        }
     }
 
     /// A later pass has read `[swept, to)` (within what was handed back) again: unmap it again.
     fn sweep_to(&mut self, to: usize) {
         let to = to.min(self.released);
-        if to <= self.swept {
-            return;
+        if to > self.swept {
+            self.each_map(self.swept..to, |m, r| m.unmap_done(r));
+            self.swept = to;
         }
-        for t in [self.old, self.new] {
-            if let Some(map) = t.map {
-                let at = t.offset as usize;
-                map.unmap_done(at + self.swept..at + to);
-            }
-        }
-        self.swept = to;
     }
 }
 
