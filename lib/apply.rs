@@ -215,6 +215,24 @@ impl LocalCheckpoint {
         fsio::write_atomic(self.intent_path(), serde_json::to_string(&i).expect("plain JSON").as_bytes())
     }
 
+    /// Bring LOCAL from version `from` to `to` by `change` (a seed or a patch, `op`) under the
+    /// protocol that makes it crash-safe: the intent first; then, for a `--no-fsync` run
+    /// (`durable` false), the boot mark; the change; for a durable run, every earlier unsynced
+    /// byte settled; then the state, and the intent cleared.
+    fn mutate<T>(&self, op: &str, from: Option<u64>, to: u64, run_id: &Option<String>, durable: bool, change: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.write_intent(op, from, to, run_id)?;
+        if !durable {
+            self.mark_unsynced()?;
+        }
+        let r = change()?;
+        if durable {
+            self.settle_unsynced()?;
+        }
+        self.write_state(to, run_id)?;
+        self.clear_intent()?;
+        Ok(r)
+    }
+
     fn clear_intent(&self) -> Result<()> {
         crate::failpoint!("apply.before_clear_intent");
         fsio::remove_durable(&self.intent_path())
@@ -469,18 +487,11 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
             steps.next().expect("seed version is first in the chain").0.path.clone()
         };
         let t = Instant::now();
-        local.write_intent("seed", version_now, s, &run_id)?;
-        if !durable {
-            local.mark_unsynced()?;
-        }
-        local.seed_from(&seed_dir, durable)?;
-        // The seed must be a loadable checkpoint before we call it a version.
-        Checkpoint::open(&opts.local)?;
-        if durable {
-            local.settle_unsynced()?;
-        }
-        local.write_state(s, &run_id)?;
-        local.clear_intent()?;
+        local.mutate("seed", version_now, s, &run_id, durable, || {
+            local.seed_from(&seed_dir, durable)?;
+            // The seed must be a loadable checkpoint before we call it a version.
+            Checkpoint::open(&opts.local).map(|_| ())
+        })?;
         report.seeded_from = Some(s);
         report.seconds_seed = t.elapsed().as_secs_f64();
         version_now = Some(s);
@@ -497,16 +508,7 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     }
     if let Some(last) = deltas.last().map(|(v, _, _)| v.number) {
         crate::stop::check()?;
-        local.write_intent("apply", version_now, last, &run_id)?;
-        if !durable {
-            local.mark_unsynced()?;
-        }
-        report.tensors_patched += local.apply_chain(&deltas, durable)?;
-        if durable {
-            local.settle_unsynced()?;
-        }
-        local.write_state(last, &run_id)?;
-        local.clear_intent()?;
+        report.tensors_patched += local.mutate("apply", version_now, last, &run_id, durable, || local.apply_chain(&deltas, durable))?;
         report.applied = deltas.iter().map(|(v, _, _)| v.number).collect();
         report.folded = deltas.len() > 1;
     }
