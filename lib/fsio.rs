@@ -226,24 +226,24 @@ impl AtomicFile {
         let file = self.file.take().expect("AtomicFile committed twice");
         file.sync_all().at(&self.temp)?;
         drop(file);
-        if let Err(e) = fs::rename(&self.temp, &self.target) {
-            let _ = fs::remove_file(&self.temp);
-            return Err(Error::io(&self.target, e));
-        }
+        self.rename_into_place()?;
         dirs.add(parent_of(&self.target).to_path_buf());
         Ok(())
+    }
+
+    /// Rename the (closed) temp over the final name; on failure the temp goes.
+    fn rename_into_place(&self) -> Result<()> {
+        fs::rename(&self.temp, &self.target).map_err(|e| {
+            let _ = fs::remove_file(&self.temp);
+            Error::io(&self.target, e)
+        })
     }
 
     /// Rename over the final name without any fsync: the new name and bytes are at once what
     /// every process sees, but a crash of the host may lose or tear them.
     pub fn commit_unsynced(mut self) -> Result<()> {
-        let file = self.file.take().expect("AtomicFile committed twice");
-        drop(file);
-        if let Err(e) = fs::rename(&self.temp, &self.target) {
-            let _ = fs::remove_file(&self.temp);
-            return Err(Error::io(&self.target, e));
-        }
-        Ok(())
+        drop(self.file.take().expect("AtomicFile committed twice"));
+        self.rename_into_place()
     }
 
     /// fsync the data, rename over the final name, fsync the directory.
