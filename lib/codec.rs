@@ -227,7 +227,7 @@ impl PairSource for PreadPair<'_> {
 /// A read that ended early: the file is shorter than the header it was opened with said.
 fn shrunk(e: io::Error) -> io::Error {
     if e.kind() == io::ErrorKind::UnexpectedEof {
-        io::Error::new(e.kind(), "the file shrank while it was being read: it was truncated or rewritten in place; write a new file and rename it over the old one instead")
+        io::Error::new(e.kind(), format!("{}: {}", crate::inputmap::SHRANK, crate::inputmap::SHRANK_WHY))
     } else {
         e
     }
@@ -958,14 +958,6 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Whether the page holding `addr` is mapped in this process (/proc/self/pagemap bit 63).
-    fn page_mapped(addr: usize) -> Option<bool> {
-        use std::os::unix::fs::FileExt;
-        let mut e = [0u8; 8];
-        std::fs::File::open("/proc/self/pagemap").ok()?.read_exact_at(&mut e, (addr / 4096 * 8) as u64).ok()?;
-        Some(u64::from_le_bytes(e) >> 63 == 1)
-    }
-
     /// A mapped pair leaves nothing of its tensors mapped once done, however many passes the
     /// encoder made (the dense overwrite encoder makes four; the later ones map pages again).
     #[test]
@@ -989,8 +981,8 @@ mod tests {
             encode(Encoding::Overwrite, &old, &new, &mut want).unwrap();
             assert!(out == want, "{name}: frame differs");
             for m in [&mo, &mn] {
-                let mapped: Vec<usize> = (0..len).step_by(4096).filter(|&at| page_mapped(m.as_ptr() as usize + at) == Some(true)).collect();
-                if page_mapped(m.as_ptr() as usize).is_none() {
+                let mapped: Vec<usize> = (0..len).step_by(4096).filter(|&at| crate::inputmap::tests::mapped(m.as_ptr() as usize + at) == Some(true)).collect();
+                if crate::inputmap::tests::mapped(m.as_ptr() as usize).is_none() {
                     eprintln!("skipped: no /proc/self/pagemap");
                     return;
                 }

@@ -328,6 +328,11 @@ impl Slot {
     }
 }
 
+/// How every reader reports a file that got shorter under it (through a map here, with pread
+/// in crate::codec): what happened, then why and what to do instead.
+pub const SHRANK: &str = "the file shrank while it was being read";
+pub const SHRANK_WHY: &str = "it was truncated or rewritten in place; write a new file and rename it over the old one instead";
+
 static PROGRAM: OnceLock<&'static str> = OnceLock::new();
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
@@ -363,9 +368,13 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         for b in &slot.path[..n] {
             msg.push(&[b.load(Ordering::Relaxed)]);
         }
-        msg.push(b": the file shrank while it was being read (SIGBUS at byte ");
+        msg.push(b": ");
+        msg.push(SHRANK.as_bytes());
+        msg.push(b" (SIGBUS at byte ");
         msg.push_number(offset as u64);
-        msg.push(b" of its map): it was truncated or rewritten in place; write a new file and rename it over the old one instead\n");
+        msg.push(b" of its map): ");
+        msg.push(SHRANK_WHY.as_bytes());
+        msg.push(b"\n");
         // SAFETY: write(2) and _exit(2) are async-signal-safe.
         unsafe {
             libc::write(2, msg.buf.as_ptr().cast(), msg.len);
@@ -429,13 +438,13 @@ impl SignalMessage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
     /// Whether the page holding `addr` is mapped in this process (/proc/self/pagemap bit 63,
     /// readable without privileges); `None` where pagemap cannot be read.
-    fn mapped(addr: usize) -> Option<bool> {
+    pub(crate) fn mapped(addr: usize) -> Option<bool> {
         let f = File::open("/proc/self/pagemap").ok()?;
         let mut e = [0u8; 8];
         f.read_exact_at(&mut e, (addr / PAGE * 8) as u64).ok()?;
