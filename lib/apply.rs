@@ -286,6 +286,7 @@ impl LocalCheckpoint {
         if names.is_empty() {
             return Err(Error::not_found(seed, "seed checkpoint directory holds no files"));
         }
+        self.check_room_for(seed, &names)?;
         names.par_iter().try_for_each(|n| {
             // Stopping between files leaves the seed intent, so the next run reseeds: what a
             // kill here costs too, but without waiting for the rest of the copy.
@@ -307,6 +308,37 @@ impl LocalCheckpoint {
             if a != b {
                 return Err(Error::Io { path: self.dir.join(n), source: std::io::Error::other(format!("copied {b} bytes of {a}")) });
             }
+        }
+        Ok(())
+    }
+
+    /// Refuse a seed that cannot fit before copying any of it, rather than fill the host's disk
+    /// (under the engine and everything else on it) and fail part way. What the copy adds is
+    /// the seed's bytes less those of the LOCAL files it replaces (each is freed as its copy is
+    /// renamed over it; files the seed lacks go only after the copy), so a refusal is certain
+    /// to be right; passing does not promise the copy fits. Skipped where the file system does
+    /// not report its size, or where the copy may clone extents and need no room at all.
+    fn check_room_for(&self, seed: &Path, names: &[String]) -> Result<()> {
+        let Some(free) = fsio::free_space(&self.dir) else { return Ok(()) };
+        if fsio::copy_may_clone(seed, &self.dir) {
+            return Ok(());
+        }
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let (adds, frees) = names.iter().fold((0u64, 0u64), |(a, f), n| (a + size(&seed.join(n)), f + size(&self.dir.join(n))));
+        let needed = adds.saturating_sub(frees);
+        if needed > free {
+            return Err(Error::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!(
+                        "not enough free space to seed from {}: the copy needs {} more ({needed} bytes), the file system has {} free",
+                        seed.display(),
+                        indicatif::HumanBytes(needed),
+                        indicatif::HumanBytes(free)
+                    ),
+                ),
+            });
         }
         Ok(())
     }

@@ -115,6 +115,38 @@ pub fn raise_open_file_limit() {
     }
 }
 
+/// Bytes an unprivileged writer can still put on the file system holding `dir`, or `None` where
+/// the file system does not say: statfs failed, or it reports no size at all (many FUSE file
+/// systems answer zeros).
+// statfs's field types differ across targets (the casts are no-ops on x86-64 Linux only).
+#[allow(clippy::unnecessary_cast)]
+pub fn free_space(dir: &Path) -> Option<u64> {
+    let st = statfs(dir)?;
+    (st.f_blocks > 0).then(|| (st.f_bavail as u64).saturating_mul(st.f_bsize as u64))
+}
+
+/// Whether copying `src` into `dst_dir` may share extents instead of writing bytes: both on one
+/// file system whose copy_file_range clones (XFS, btrfs, bcachefs, ZFS, OCFS2), where a copy
+/// can take no space and a free-space count says nothing about it.
+#[allow(clippy::unnecessary_cast)]
+pub fn copy_may_clone(src: &Path, dst_dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    const CLONING: [i64; 5] = [0x5846_5342, 0x9123_683e, 0xca45_1a4e, 0x2fc1_2fc1, 0x7461_636f];
+    let same_device = match (fs::metadata(src), fs::metadata(dst_dir)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => return false,
+    };
+    same_device && statfs(dst_dir).is_some_and(|st| CLONING.contains(&(st.f_type as i64)))
+}
+
+fn statfs(dir: &Path) -> Option<libc::statfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: a NUL-terminated path and a struct of the size the call writes.
+    (unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } == 0).then(|| unsafe { st.assume_init() })
+}
+
 /// The soft open-file limit this process started with, if [`raise_open_file_limit`] ran.
 static STARTING_OPEN_FILE_LIMIT: std::sync::OnceLock<libc::rlim_t> = std::sync::OnceLock::new();
 
@@ -311,13 +343,24 @@ pub fn copy_atomic_with(src: &Path, dst: &Path, durable: bool) -> Result<u64> {
     let f = AtomicFile::create(dst)?;
     let mut input = File::open(src).at(src)?;
     let mut out = f.file();
-    let n = io::copy(&mut input, &mut out).at(src)?;
+    let n = io::copy(&mut input, &mut out).map_err(|e| copy_failed(src, f.temp_path(), e))?;
     if durable {
         f.commit()?;
     } else {
         f.commit_unsynced()?;
     }
     Ok(n)
+}
+
+/// The error of a copy from `src` into `dst`, on the side it came from. `io::copy` moves the
+/// bytes in the kernel (copy_file_range, sendfile), so one errno stands for both ends; the ones
+/// only a destination raises (full disk or quota, file too large, read-only file system) name
+/// `dst`, so a full LOCAL disk is not reported as a problem of the shared BASE it was seeded from.
+fn copy_failed(src: &Path, dst: &Path, e: io::Error) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG | libc::EROFS) => Error::io(dst, e),
+        _ => Error::io(src, e),
+    }
 }
 
 /// Directory fsyncs owed by a batch of [`AtomicFile::commit_deferred`] calls and directory

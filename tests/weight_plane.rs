@@ -589,6 +589,87 @@ fn under_ulimit(limit: &str, cmd: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// Run the shell command `cmd` with writes capped at `kib` KiB per file (`ulimit -f`, SIGXFSZ
+/// ignored, so a write past the cap fails with EFBIG): a full disk on the writing side only,
+/// without mounting one. It must fail; its output.
+#[track_caller]
+fn with_a_full_disk(kib: u32, cmd: &str) -> std::process::Output {
+    let out = std::process::Command::new("bash").arg("-c").arg(format!("trap '' XFSZ; ulimit -f {kib} && exec {cmd}")).output().unwrap();
+    assert!(!out.status.success(), "{cmd} with writes capped at {kib} KiB succeeded");
+    out
+}
+
+/// A LOCAL disk that fills during the seed: the error names LOCAL's file, not the BASE file the
+/// bytes came from (the kernel copy reports one errno for both ends, and it used to be pinned on
+/// the source, pointing users at the shared BASE), nothing is recorded, no temp is left, and a
+/// run with room seeds and applies.
+#[test]
+fn a_local_disk_that_fills_during_the_seed_is_named_and_the_next_run_seeds() {
+    let t = TestDir::new("local_full");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    let out = with_a_full_disk(32, &format!("{APPLY} --local {} --base {} --source {} --target 1", local.s(), c.ckpts[0].s(), src.s()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(err.contains(local.s()) && err.contains("File too large"), "{err}");
+    assert!(!err.contains(c.ckpts[0].s()), "the error blames BASE: {err}");
+    assert!(!local.join(".weight_sync/state.json").exists(), "a version was recorded");
+    assert_no_temp_files(&local);
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+}
+
+/// A seed that cannot fit in LOCAL's free space is refused before anything is copied (a sparse
+/// file in BASE, larger than the free space, stands in for a checkpoint larger than the disk),
+/// so the host's disk is not filled under its engine; once it fits, the next run seeds.
+#[test]
+fn a_seed_larger_than_the_free_space_is_refused_before_any_copy() {
+    let t = TestDir::new("seed_room");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    fs::create_dir_all(&local).unwrap();
+    if disagg::fsio::copy_may_clone(&c.ckpts[0], &local) {
+        eprintln!("skipped: the test dir's file system clones copies, so the check does not apply");
+        return;
+    }
+    let Some(free) = disagg::fsio::free_space(&local) else {
+        eprintln!("skipped: the test dir's file system reports no free space");
+        return;
+    };
+    let huge = c.ckpts[0].join("optimizer.bin");
+    fs::File::create(&huge).unwrap().set_len(free + (1 << 30)).unwrap();
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "1", &[]);
+    r.code(10).stderr_contains(local.s()).stderr_contains("not enough free space");
+    assert!(!local.join(SINGLE).exists() && !local.join("optimizer.bin").exists(), "the seed was copied: {:?}", file_names(&local));
+    assert!(!local.join(".weight_sync/state.json").exists(), "a version was recorded");
+    fs::remove_file(&huge).unwrap();
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+}
+
+/// The same for a full version whose publish dir fills: the error names the version dir's file,
+/// not NEW's, and the incomplete version is taken back, so a rerun with room publishes.
+#[test]
+fn a_publish_disk_that_fills_during_a_full_copy_is_named_and_the_version_taken_back() {
+    let t = TestDir::new("publish_full");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    let out = with_a_full_disk(32, &format!("{DIFF} {} {} --publish {} --version 1 --full", c.ckpts[0].s(), c.ckpts[1].s(), src.s()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(err.contains(vdir(&src, 1).s()) && err.contains("File too large"), "{err}");
+    assert!(!err.contains(c.ckpts[1].s()), "the error blames NEW: {err}");
+    assert!(!vdir(&src, 1).exists(), "an incomplete version dir is left");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--full"]);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+}
+
 /// A MoE-like model: thousands of small tensors, every payload spilled, under a descriptor limit
 /// far below the tensor count. Each spilled payload used to hold a scratch file of its own until
 /// its turn to be written (EMFILE on a 60 000-tensor model); they now share one per worker.
