@@ -255,16 +255,22 @@ impl AtomicFile {
     /// for batches, where one fsync per directory (in [`DirSync::sync`], before anything
     /// reports the new names) replaces one per file.
     pub fn commit_deferred(mut self, dirs: &DirSync) -> Result<()> {
-        let file = self.file.take().expect("AtomicFile committed twice");
-        file.sync_all().at(&self.temp)?;
-        drop(file);
+        self.sync()?;
         self.rename_into_place()?;
         dirs.add(parent_of(&self.target).to_path_buf());
         Ok(())
     }
 
-    /// Rename the (closed) temp over the final name; on failure the temp goes.
-    fn rename_into_place(&self) -> Result<()> {
+    /// fsync the temp's data. On failure (EIO, a full disk on a file system that allocates at
+    /// writeback) the file is still ours, so dropping `self` removes the temp.
+    fn sync(&self) -> Result<()> {
+        self.file.as_ref().expect("AtomicFile committed twice").sync_all().at(&self.temp)
+    }
+
+    /// Close the temp and rename it over the final name; on failure the temp goes.
+    fn rename_into_place(&mut self) -> Result<()> {
+        // Closed first: on NFS the close is what sends an unsynced file's data to the server.
+        drop(self.file.take().expect("AtomicFile committed twice"));
         fs::rename(&self.temp, &self.target).map_err(|e| {
             let _ = fs::remove_file(&self.temp);
             Error::io(&self.target, e)
@@ -274,18 +280,16 @@ impl AtomicFile {
     /// Rename over the final name without any fsync: the new name and bytes are at once what
     /// every process sees, but a crash of the host may lose or tear them.
     pub fn commit_unsynced(mut self) -> Result<()> {
-        drop(self.file.take().expect("AtomicFile committed twice"));
         self.rename_into_place()
     }
 
-    /// fsync the data, rename over the final name, fsync the directory.
+    /// fsync the data, rename over the final name, fsync the directory. Any failure before the
+    /// rename removes the temp.
     pub fn commit(mut self) -> Result<()> {
-        let file = self.file.take().expect("AtomicFile committed twice");
         crate::failpoint!("fsio.before_fsync");
-        file.sync_all().at(&self.temp)?;
-        drop(file);
+        self.sync()?;
         crate::failpoint!("fsio.before_rename");
-        fs::rename(&self.temp, &self.target).at(&self.target)?;
+        self.rename_into_place()?;
         crate::failpoint!("fsio.before_dir_fsync");
         fsync_dir(parent_of(&self.target))
     }
@@ -486,12 +490,15 @@ impl RefLock {
     }
 
     /// Write the new value into the lock, fsync, rename over the target, fsync the directory.
+    /// Any failure before the rename (a full disk, EIO) removes the lock, as git's does: a lock
+    /// left by an error would block every later writer until someone removed it by hand.
     pub fn commit(mut self, contents: &[u8]) -> Result<()> {
-        let mut file = self.file.take().expect("RefLock committed twice");
+        let file = self.file.as_mut().expect("RefLock committed twice");
         file.write_all(contents).at(&self.lock)?;
         file.sync_all().at(&self.lock)?;
-        drop(file);
         crate::failpoint!("reflock.before_rename");
+        // Closed before the rename (until here, dropping `self` removes the lock).
+        drop(self.file.take());
         let res = fs::rename(&self.lock, &self.target).at(&self.target);
         if res.is_err() {
             let _ = fs::remove_file(&self.lock);

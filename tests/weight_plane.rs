@@ -651,6 +651,24 @@ fn a_seed_larger_than_the_free_space_is_refused_before_any_copy() {
     assert_local_is(&local, &c.ckpts[1], &c.models[1]);
 }
 
+/// A copy whose fsync fails (a failpoint standing in for EIO) leaves no temp file in LOCAL: the
+/// temp used to be closed before the fsync, so the error path no longer owned it.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_seed_copy_whose_fsync_fails_leaves_no_temp() {
+    let t = TestDir::new("seed_fsync_fails");
+    let c = make_chain(&t.path, 1, 2);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    let args = ["--local", local.s(), "--base", c.ckpts[0].s(), "--source", src.s(), "--target", "1"];
+    let r = run_env(APPLY, args, &[("DISAGG_FAILPOINT", "fsio.before_fsync:error")]);
+    assert!(!r.out.status.success(), "{}", r.stderr());
+    assert_no_temp_files(&local);
+    run(APPLY, args).ok();
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+}
+
 /// The same for a full version whose publish dir fills: the error names the version dir's file,
 /// not NEW's, and the incomplete version is taken back, so a rerun with room publishes.
 #[test]
@@ -926,6 +944,25 @@ fn pointer_stale_lock_times_out() {
     assert!(took >= Duration::from_millis(9500), "gave up after {took:?}, before the 10 s timeout");
     assert_eq!(latest(&src), None);
     assert!(src.join("latest.lock").exists(), "someone else's lock is not removed");
+}
+
+/// A pointer move that cannot write its new value (a full disk: writes capped at 0 bytes)
+/// fails with exit 10 and takes its lock back, as git's update-ref does; the lock used to stay,
+/// so every later move waited 10 s and failed "lock busy" until someone removed it by hand.
+#[test]
+fn pointer_advance_that_cannot_write_removes_its_lock() {
+    let t = TestDir::new("ptr_full_disk");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let out = with_a_full_disk(0, &format!("{ADVANCE} {} 1", src.s()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(err.contains("latest.lock") && err.contains("File too large"), "{err}");
+    assert!(!src.join("latest.lock").exists(), "the failed move left its lock");
+    assert_eq!(latest(&src), None);
+    run(ADVANCE, [src.s(), "1"]).ok();
+    assert_eq!(latest(&src).as_deref(), Some("weight_v000001\n"));
 }
 
 // ================================================================================================
