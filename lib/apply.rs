@@ -123,6 +123,21 @@ fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
+/// The files a seed copies into LOCAL: the plain files of the seed directory.
+fn seed_files(seed: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(seed).at(seed)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().map(|t| t.is_file()).unwrap_or(false) && is_plain_file_name(&name) {
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        return Err(Error::not_found(seed, "seed checkpoint directory holds no files"));
+    }
+    Ok(names)
+}
+
 /// A host-local full checkpoint plus its sync state.
 pub struct LocalCheckpoint {
     dir: PathBuf,
@@ -273,20 +288,10 @@ impl LocalCheckpoint {
         Ok(LocalStatus::Clean(v))
     }
 
-    /// Reset LOCAL to a copy of `seed`: copy every file, delete files the seed lacks, check
-    /// sizes. `durable`: each copy is fsynced before it is renamed into place.
-    fn seed_from(&self, seed: &Path, durable: bool) -> Result<()> {
-        let mut names = Vec::new();
-        for e in std::fs::read_dir(seed).at(seed)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if e.file_type().map(|t| t.is_file()).unwrap_or(false) && is_plain_file_name(&name) {
-                names.push(name);
-            }
-        }
-        if names.is_empty() {
-            return Err(Error::not_found(seed, "seed checkpoint directory holds no files"));
-        }
-        self.check_room_for(seed, &names)?;
+    /// Reset LOCAL to a copy of `seed`, whose files are `names` ([`seed_files`]): copy every
+    /// file, delete files the seed lacks, check sizes. `durable`: each copy is fsynced before
+    /// it is renamed into place.
+    fn seed_from(&self, seed: &Path, names: &[String], durable: bool) -> Result<()> {
         names.par_iter().try_for_each(|n| {
             // Stopping between files leaves the seed intent, so the next run reseeds: what a
             // kill here costs too, but without waiting for the rest of the copy.
@@ -303,7 +308,7 @@ impl LocalCheckpoint {
                 fsio::remove_durable(&e.path())?;
             }
         }
-        for n in &names {
+        for n in names {
             let (a, b) = (std::fs::metadata(seed.join(n)).at(seed.join(n))?.len(), std::fs::metadata(self.dir.join(n)).at(self.dir.join(n))?.len());
             if a != b {
                 return Err(Error::Io { path: self.dir.join(n), source: std::io::Error::other(format!("copied {b} bytes of {a}")) });
@@ -312,8 +317,9 @@ impl LocalCheckpoint {
         Ok(())
     }
 
-    /// Refuse a seed that cannot fit before copying any of it, rather than fill the host's disk
-    /// (under the engine and everything else on it) and fail part way. What the copy adds is
+    /// Refuse a seed that cannot fit before LOCAL is touched (no intent written, so a clean
+    /// LOCAL stays clean), rather than fill the host's disk under the engine and everything
+    /// else on it and fail part way. What the copy adds is
     /// the seed's bytes less those of the LOCAL files it replaces (each is freed as its copy is
     /// renamed over it; files the seed lacks go only after the copy), so a refusal is certain
     /// to be right; passing does not promise the copy fits. Skipped where the file system does
@@ -519,8 +525,10 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
             steps.next().expect("seed version is first in the chain").0.path.clone()
         };
         let t = Instant::now();
+        let names = seed_files(&seed_dir)?;
+        local.check_room_for(&seed_dir, &names)?;
         local.mutate("seed", version_now, s, &run_id, durable, || {
-            local.seed_from(&seed_dir, durable)?;
+            local.seed_from(&seed_dir, &names, durable)?;
             // The seed must be a loadable checkpoint before we call it a version.
             Checkpoint::open(&opts.local).map(|_| ())
         })?;

@@ -271,10 +271,7 @@ impl AtomicFile {
     fn rename_into_place(&mut self) -> Result<()> {
         // Closed first: on NFS the close is what sends an unsynced file's data to the server.
         drop(self.file.take().expect("AtomicFile committed twice"));
-        fs::rename(&self.temp, &self.target).map_err(|e| {
-            let _ = fs::remove_file(&self.temp);
-            Error::io(&self.target, e)
-        })
+        rename_or_remove(&self.temp, &self.target)
     }
 
     /// Rename over the final name without any fsync: the new name and bytes are at once what
@@ -310,6 +307,15 @@ impl Drop for AtomicFile {
             let _ = fs::remove_file(&self.temp);
         }
     }
+}
+
+/// Rename `from` (a temp or lock file of ours) over `to`; if that fails, remove `from`, so an
+/// error leaves neither a stray temp nor a lock that blocks the next writer.
+fn rename_or_remove(from: &Path, to: &Path) -> Result<()> {
+    fs::rename(from, to).map_err(|e| {
+        let _ = fs::remove_file(from);
+        Error::io(to, e)
+    })
 }
 
 /// Ask the kernel to start writing `len` bytes at `offset` of `file` back to disk now, without
@@ -499,11 +505,7 @@ impl RefLock {
         crate::failpoint!("reflock.before_rename");
         // Closed before the rename (until here, dropping `self` removes the lock).
         drop(self.file.take());
-        let res = fs::rename(&self.lock, &self.target).at(&self.target);
-        if res.is_err() {
-            let _ = fs::remove_file(&self.lock);
-        }
-        res?;
+        rename_or_remove(&self.lock, &self.target)?;
         fsync_dir(parent_of(&self.target))
     }
 }

@@ -621,18 +621,21 @@ fn a_local_disk_that_fills_during_the_seed_is_named_and_the_next_run_seeds() {
     assert_local_is(&local, &c.ckpts[1], &c.models[1]);
 }
 
-/// A seed that cannot fit in LOCAL's free space is refused before anything is copied (a sparse
-/// file in BASE, larger than the free space, stands in for a checkpoint larger than the disk),
-/// so the host's disk is not filled under its engine; once it fits, the next run seeds.
+/// A seed that cannot fit in LOCAL's free space is refused before LOCAL is touched (a sparse
+/// file in a new full version, larger than the free space, stands in for a checkpoint larger
+/// than the disk): nothing is copied, so the host's disk is not filled under its engine, and no
+/// intent is written, so LOCAL stays clean at its version (going back to it is a no-op, not a
+/// reseed). Once the seed fits, the next run takes it.
 #[test]
-fn a_seed_larger_than_the_free_space_is_refused_before_any_copy() {
+fn a_seed_larger_than_the_free_space_is_refused_before_local_is_touched() {
     let t = TestDir::new("seed_room");
-    let c = make_chain(&t.path, 1, 1);
+    let c = make_chain(&t.path, 2, 1);
     let src = t.join("src");
-    publish_chain(&c, &src);
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 2, &["--full"]);
     let local = t.join("local");
-    fs::create_dir_all(&local).unwrap();
-    if disagg::fsio::copy_may_clone(&c.ckpts[0], &local) {
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    if disagg::fsio::copy_may_clone(&vdir(&src, 2), &local) {
         eprintln!("skipped: the test dir's file system clones copies, so the check does not apply");
         return;
     }
@@ -640,15 +643,17 @@ fn a_seed_larger_than_the_free_space_is_refused_before_any_copy() {
         eprintln!("skipped: the test dir's file system reports no free space");
         return;
     };
-    let huge = c.ckpts[0].join("optimizer.bin");
+    let huge = vdir(&src, 2).join("optimizer.bin");
     fs::File::create(&huge).unwrap().set_len(free + (1 << 30)).unwrap();
-    let r = apply(&local, Some(&c.ckpts[0]), &src, "1", &[]);
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &[]);
     r.code(10).stderr_contains(local.s()).stderr_contains("not enough free space");
-    assert!(!local.join(SINGLE).exists() && !local.join("optimizer.bin").exists(), "the seed was copied: {:?}", file_names(&local));
-    assert!(!local.join(".weight_sync/state.json").exists(), "a version was recorded");
+    assert!(!local.join("optimizer.bin").exists(), "the seed was copied: {:?}", file_names(&local));
+    assert!(!intent_exists(&local), "the refusal left an intent: LOCAL would be reseeded for nothing");
+    assert_eq!(state_version(&local), "000001");
+    assert_eq!(apply(&local, Some(&c.ckpts[0]), &src, "1", &["--json"]).ok().json()["noop"], true);
     fs::remove_file(&huge).unwrap();
-    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
-    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+    apply(&local, Some(&c.ckpts[0]), &src, "2", &[]).ok();
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
 }
 
 /// A copy whose fsync fails (a failpoint standing in for EIO) leaves no temp file in LOCAL: the
