@@ -136,6 +136,9 @@ pub fn glob_files(pattern: &str) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// How far a follower's own clock may disagree with its status file's mtime before GC warns.
+const CLOCK_SKEW_WARNING_SECS: f64 = 60.0;
+
 fn mtime_age(meta: &std::fs::Metadata, now: SystemTime) -> f64 {
     meta.modified().ok().and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
@@ -323,8 +326,23 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
             }
             let st = FollowerStatus::read(&path)?;
             let who = format!("{} ({})", st.host, path.display());
-            if st.age_secs() > opts.stale_after.as_secs_f64() {
-                let w = format!("ignoring follower {who}: status not updated for {:.0}s (dead?)", st.age_secs());
+            // Two clocks date the status: the follower's (`updated_at`) and the file's mtime,
+            // stamped by the file system (the NFS server, or this host). A follower whose clock
+            // runs behind this host's would look dead by the first and lose the versions it is
+            // reading; the younger age keeps it, and a real death ages both.
+            let by_clock = st.age_secs();
+            let by_mtime = std::fs::metadata(&path).map(|m| mtime_age(&m, now)).unwrap_or(by_clock);
+            if (by_clock - by_mtime).abs() > CLOCK_SKEW_WARNING_SECS {
+                let w = format!(
+                    "follower {who}: its clock and the status file's mtime disagree by {:.0}s (clock skew between hosts?); using the younger age",
+                    by_clock - by_mtime
+                );
+                eprintln!("delta-gc: warning: {w}");
+                report.warnings.push(w);
+            }
+            let age = by_clock.min(by_mtime);
+            if age > opts.stale_after.as_secs_f64() {
+                let w = format!("ignoring follower {who}: status not updated for {age:.0}s (dead?)");
                 eprintln!("delta-gc: warning: {w}");
                 report.warnings.push(w);
                 report.followers_ignored.push(who);

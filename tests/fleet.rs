@@ -109,14 +109,22 @@ fn gc(src: &Path, extra: &[&str]) -> Value {
     run(GC, &a).ok().json()
 }
 
+/// A status file `age_secs` old by both clocks: the follower's `updated_at` and the mtime.
 fn write_status(path: &Path, host: &str, needs: u64, age_secs: f64) {
+    write_status_skewed(path, host, needs, age_secs, age_secs);
+}
+
+/// A status file whose follower's clock says it is `clock_age` old and whose mtime says `mtime_age`.
+fn write_status_skewed(path: &Path, host: &str, needs: u64, clock_age: f64, mtime_age: f64) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     let st = serde_json::json!({
         "schema_version": 1, "host": host, "pid": 1, "local": "/l", "source": "/s", "run_id": null,
         "state": "idle", "applied": needs, "reloaded": needs, "target": needs, "needs": needs,
-        "updated_at": unix_now() - age_secs, "last_error": null, "errors": 0
+        "updated_at": unix_now() - clock_age, "last_error": null, "errors": 0
     });
     fs::write(path, st.to_string()).unwrap();
+    let f = fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(SystemTime::now() - Duration::from_secs_f64(mtime_age)).unwrap();
 }
 
 // ================================================================================================
@@ -336,6 +344,13 @@ fn gc_keeps_what_live_followers_need_and_ignores_dead_ones() {
     let r = run(GC, [src.s(), "--keep", "0", "--dry-run", "--json"]);
     r.ok().stderr_contains("ignoring follower slow");
     assert_eq!(ids(&r.json()["deleted"]), vec![1, 2, 3]);
+    // A live follower whose clock runs 2 h behind GC's (its file was just written): kept, with a
+    // warning naming the skew. By its clock alone it looked dead and lost versions 2 and 3.
+    write_status_skewed(&fdir.join("slow.json"), "slow", 2, 7200.0, 1.0);
+    let r = run(GC, [src.s(), "--keep", "0", "--dry-run", "--json"]);
+    r.ok().stderr_contains("clock skew");
+    assert_eq!(ids(&r.json()["deleted"]), vec![1], "a live follower with a slow clock still reads 2..");
+    write_status(&fdir.join("slow.json"), "slow", 2, 7200.0);
     // Explicit globs; wildcards only in the file name.
     write_status(&t.join("elsewhere/h1.json"), "h1", 3, 1.0);
     let glob = format!("{}/h*.json", t.join("elsewhere").display());
