@@ -22,7 +22,7 @@
 //! patched by all of its payloads in one pass and checked against its final checksum. Patched
 //! files are fsync'ed before `state.json` names the new version.
 
-use crate::checkpoint::{is_plain_file_name, Checkpoint, SafetensorsFile};
+use crate::checkpoint::{Checkpoint, SafetensorsFile};
 use crate::codec::{self, PayloadError};
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{self, HostLock};
@@ -125,13 +125,7 @@ fn boot_id() -> Option<String> {
 
 /// The files a seed copies into LOCAL: the plain files of the seed directory.
 fn seed_files(seed: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for e in std::fs::read_dir(seed).at(seed)?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if e.file_type().map(|t| t.is_file()).unwrap_or(false) && is_plain_file_name(&name) {
-            names.push(name);
-        }
-    }
+    let names = crate::checkpoint::plain_files(seed)?;
     if names.is_empty() {
         return Err(Error::not_found(seed, "seed checkpoint directory holds no files"));
     }

@@ -154,6 +154,39 @@ pub struct Checkpoint {
     by_name: BTreeMap<String, TensorLoc>,
 }
 
+/// Names of the plain files of a checkpoint directory, sorted: regular files, and symbolic links
+/// to regular files, which is how the Hugging Face hub cache lays out a snapshot (every file a
+/// link into `blobs/`); they are read through the link, and copies of them are regular files.
+/// A link to nothing (a download cut short) is an error naming it, not a file left out: a
+/// checkpoint copied without its `config.json` would not load.
+pub fn plain_files(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let e = e.at(dir)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !is_plain_file_name(&name) {
+            continue;
+        }
+        let kind = e.file_type().at(e.path())?;
+        let is_file = if kind.is_symlink() {
+            match std::fs::metadata(e.path()) {
+                Ok(m) => m.is_file(),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::not_found(e.path(), "a symbolic link to a file that does not exist"));
+                }
+                Err(err) => return Err(Error::io(e.path(), err)),
+            }
+        } else {
+            kind.is_file()
+        };
+        if is_file {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// A parsed `model.safetensors.index.json`.
 #[derive(Debug, Clone)]
 pub struct IndexFile {
@@ -233,13 +266,7 @@ impl Checkpoint {
         if single.exists() {
             return Self::from_files(path.to_path_buf(), None, vec![SafetensorsFile::open(&single)?]);
         }
-        let mut names: Vec<String> = std::fs::read_dir(path)
-            .at(path)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".safetensors") && is_plain_file_name(n))
-            .collect();
-        names.sort();
+        let names: Vec<String> = plain_files(path)?.into_iter().filter(|n| n.ends_with(".safetensors")).collect();
         if names.is_empty() {
             return Err(Error::not_found(path, format!("no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file: not a checkpoint directory")));
         }

@@ -13,7 +13,7 @@
 //! and most of the final fsync overlap the encode. The files are fsynced and renamed at the
 //! end; the index goes last and is the version's commit marker.
 
-use crate::checkpoint::{is_plain_file_name, Checkpoint, INDEX_NAME, SINGLE_NAME};
+use crate::checkpoint::{Checkpoint, INDEX_NAME, SINGLE_NAME};
 use crate::checksum::ChecksumAlg;
 use crate::codec::PayloadError;
 use crate::error::{Error, IoContext, Result};
@@ -806,11 +806,9 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
         .collect();
     if !single_path {
         // Config and tokenizer files ride along, so the version is a loadable HF checkpoint.
-        for e in std::fs::read_dir(&opts.new).at(&opts.new)?.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
-            if is_file && is_plain_file_name(&name) && name != INDEX_NAME && !copies.iter().any(|(_, n)| *n == name) {
-                copies.push((e.path(), name));
+        for name in crate::checkpoint::plain_files(&opts.new)? {
+            if name != INDEX_NAME && !copies.iter().any(|(_, n)| *n == name) {
+                copies.push((opts.new.join(&name), name));
             }
         }
     }

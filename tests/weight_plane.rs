@@ -589,6 +589,56 @@ fn under_ulimit(limit: &str, cmd: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// `ckpt` laid out as the Hugging Face hub cache does: its files under `blobs/`, and a snapshot
+/// directory of symbolic links to them (what `snapshot_download` returns and engines load).
+fn hf_cache_snapshot(root: &Path, ckpt: &Path) -> std::path::PathBuf {
+    let (blobs, snap) = (root.join("blobs"), root.join("snapshots/0123abcd"));
+    fs::create_dir_all(&blobs).unwrap();
+    fs::create_dir_all(&snap).unwrap();
+    for (i, n) in file_names(ckpt).iter().enumerate() {
+        fs::copy(ckpt.join(n), blobs.join(format!("blob{i}"))).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob{i}"), snap.join(n)).unwrap();
+    }
+    snap
+}
+
+/// A BASE and a NEW in the Hugging Face cache layout (every file a symlink into `blobs/`): the
+/// seed copied none of the links ("seed checkpoint directory holds no files") and `--full` left
+/// out config.json and tokenizer.json. Now they are read through the links, LOCAL and the
+/// version hold regular files, the cache is never written, and a link to a missing blob is an
+/// error naming it.
+#[test]
+fn checkpoints_in_the_hugging_face_cache_layout_seed_and_publish() {
+    let t = TestDir::new("hf_cache");
+    let c = make_chain(&t.path, 2, 2);
+    let base = hf_cache_snapshot(&t.join("hub/models--base"), &c.ckpts[0]);
+    let new = hf_cache_snapshot(&t.join("hub/models--new"), &c.ckpts[2]);
+    let hub_before = snapshot(&t.join("hub"));
+    let src = t.join("src");
+    publish(&base, &c.ckpts[1], &src, 1, &[]);
+    publish(&c.ckpts[1], &new, &src, 2, &["--full"]);
+    for n in file_names(&c.ckpts[2]) {
+        let copy = vdir(&src, 2).join(&n);
+        assert!(fs::symlink_metadata(&copy).is_ok_and(|m| m.is_file()), "full version lacks {n} as a regular file");
+        if n != INDEX {
+            assert_eq!(fs::read(&copy).unwrap(), fs::read(c.ckpts[2].join(&n)).unwrap(), "{n}");
+        }
+    }
+    let local = t.join("local");
+    apply(&local, Some(&base), &src, "1", &[]).ok();
+    assert_local_is(&local, &c.ckpts[1], &c.models[1]);
+    for n in file_names(&local) {
+        assert!(!fs::symlink_metadata(local.join(&n)).unwrap().is_symlink(), "LOCAL/{n} is a link into the cache");
+    }
+    apply(&local, Some(&base), &src, "2", &[]).ok();
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+    assert!(snapshot(&t.join("hub")) == hub_before, "the cache was written");
+    // A download cut short: config.json links to a blob that is not there.
+    let config_blob = fs::canonicalize(base.join("config.json")).unwrap();
+    fs::remove_file(&config_blob).unwrap();
+    apply(&t.join("local2"), Some(&base), &src, "1", &[]).code(6).stderr_contains("config.json").stderr_contains("symbolic link");
+}
+
 /// Run the shell command `cmd` with writes capped at `kib` KiB per file (`ulimit -f`, SIGXFSZ
 /// ignored, so a write past the cap fails with EFBIG): a full disk on the writing side only,
 /// without mounting one. It must fail; its output.
