@@ -697,6 +697,44 @@ fn ingest_link_and_move_cost_no_extra_disk() {
     assert!(!ckpt.exists(), "moved");
 }
 
+/// Feature files reached through symbolic links (a staging dir linking into where the producer
+/// wrote them) were skipped without a word: the walk only took regular files. Copy and link
+/// take the files the links name (a hard link of the file, not of the link); move refuses
+/// them, per file, and leaves them where they are.
+#[test]
+fn ingest_takes_feature_files_through_symbolic_links() {
+    use std::os::unix::fs::MetadataExt;
+    let d = temp_dir("ingest-links");
+    let real = copy_fixtures_from(&d, "testdata/features_torch");
+    let linked = d.join("linked/rows_0-2000");
+    fs::create_dir_all(&linked).unwrap();
+    let mut targets = Vec::new();
+    for e in fs::read_dir(real.join("rows_0-2000")).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), linked.join(e.file_name())).unwrap();
+        targets.push(e.path());
+    }
+    let n = expected_in("testdata/features_torch").as_object().unwrap().len() as u64;
+    let manifest = d.join("refs.json");
+    let s: Value = serde_json::from_str(&ok(&run(INGEST, &[p(&d.join("linked")), "--store", p(&d.join("store")), "--manifest", p(&manifest), "--strict", "--json"], ""))).unwrap();
+    assert_eq!(s["ingested"].as_u64(), Some(n), "{s}");
+    let m: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(compare_stored_tensors(&m, expected_in("testdata/features_torch").as_object().unwrap()), 27);
+    // Link mode on a linked .safetensors file: the store holds a hard link of the file itself.
+    let st = d.join("data_9.safetensors");
+    let st_real = copy_fixtures(&d.join("plain")).join("rows_0-2000/data_3.safetensors");
+    std::os::unix::fs::symlink(&st_real, &st).unwrap();
+    let s: Value = serde_json::from_str(&ok(&run(INGEST, &[p(&st), "--store", p(&d.join("store2")), "--mode", "link", "--json"], ""))).unwrap();
+    assert_eq!(s["ingested"], 1, "{s}");
+    assert_eq!(fs::metadata(&st_real).unwrap().nlink(), 2, "the file is linked into the store, not the symlink");
+    // Move mode: refused per file, nothing moved.
+    let o = run(INGEST, &[p(&d.join("linked")), "--store", p(&d.join("store3")), "--mode", "move", "--json"], "");
+    let s: Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!((s["ingested"].as_u64(), s["invalid"].as_u64()), (Some(0), Some(n)), "{s}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--mode move takes files, not links"));
+    assert!(targets.iter().all(|t| t.exists()), "a linked file was moved");
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -83,11 +83,40 @@ pub fn sample_id_for(rel: &str) -> String {
     id
 }
 
-fn list_inputs(input: &Path) -> Result<Vec<(PathBuf, String)>> {
+/// An input file: the path it was found at (what messages name), where its bytes are (a
+/// symbolic link's target, so a copy or a hard link takes the file, not the link), its path
+/// relative to INPUT (the sample id's source), and whether it was reached through a link.
+struct InputFile {
+    found: PathBuf,
+    path: PathBuf,
+    rel: String,
+    linked: bool,
+}
+
+/// `path` if it is a regular file, its target if it is a link to one (a link to nothing, or to
+/// a directory, is not an input file: directories are walked only where they really are).
+fn resolve_input(path: &Path, kind: fs::FileType) -> Result<Option<(PathBuf, bool)>> {
+    if kind.is_file() {
+        return Ok(Some((path.to_path_buf(), false)));
+    }
+    if !kind.is_symlink() {
+        return Ok(None);
+    }
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(Some((fs::canonicalize(path).at(path)?, true))),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::not_found(path, "a symbolic link to a file that does not exist")),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+fn list_inputs(input: &Path) -> Result<Vec<InputFile>> {
     let meta = fs::metadata(input).at(input)?;
     if meta.is_file() {
         let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        return Ok(vec![(input.to_path_buf(), name)]);
+        let kind = fs::symlink_metadata(input).at(input)?.file_type();
+        let (path, linked) = resolve_input(input, kind)?.expect("a file or a link to one");
+        return Ok(vec![InputFile { found: input.to_path_buf(), path, rel: name, linked }]);
     }
     let mut out = Vec::new();
     let mut dirs = vec![input.to_path_buf()];
@@ -101,13 +130,15 @@ fn list_inputs(input: &Path) -> Result<Vec<(PathBuf, String)>> {
             let ft = ent.file_type().at(ent.path())?;
             if ft.is_dir() {
                 dirs.push(ent.path());
-            } else if ft.is_file() && EXTENSIONS.iter().any(|e| name.ends_with(e)) {
-                let rel = ent.path().strip_prefix(input).map(|p| p.to_string_lossy().into_owned()).unwrap_or(name);
-                out.push((ent.path(), rel));
+            } else if EXTENSIONS.iter().any(|e| name.ends_with(e)) {
+                if let Some((path, linked)) = resolve_input(&ent.path(), ft)? {
+                    let rel = ent.path().strip_prefix(input).map(|p| p.to_string_lossy().into_owned()).unwrap_or(name);
+                    out.push(InputFile { found: ent.path(), path, rel, linked });
+                }
             }
         }
     }
-    out.sort_by(|a, b| a.1.cmp(&b.1));
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(out)
 }
 
@@ -343,13 +374,13 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
     let results: Vec<std::result::Result<Outcome, Failure>> = pool.install(|| inputs
         .iter()
-        .map(|(_, rel)| seen.insert(sample_id_for(rel), rel.clone()))
+        .map(|f| seen.insert(sample_id_for(&f.rel), f.rel.clone()))
         .collect::<Vec<_>>()
         .into_iter()
         .zip(&inputs)
         .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|(dup, (src, rel))| {
+        .map(|(dup, InputFile { path: src, rel, linked, .. })| {
             if let Err(e) = crate::failpoint::hit("ingest.file") {
                 return Err(Failure::Fatal(Error::Internal(e.to_string())));
             }
@@ -359,6 +390,11 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
             }
             let r = match dup {
                 Some(other) if other != *rel => Err(Failure::Invalid(format!("sample id {} is also derived from {other}", sample_id_for(rel)))),
+                // Moving the link's target would take a file from wherever it lives, outside
+                // INPUT perhaps; moving the link would store a link.
+                _ if *linked && opts.mode == PlaceMode::Move => {
+                    Err(Failure::Invalid("a symbolic link: --mode move takes files, not links (use --mode copy or link)".into()))
+                }
                 _ => ingest_one(&store, src, rel, opts, &dirs),
             };
             if let Some(b) = &bar {
@@ -389,7 +425,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         refs: 0,
         published: 0,
     };
-    for ((src, _), r) in inputs.iter().zip(results) {
+    for (InputFile { found: src, .. }, r) in inputs.iter().zip(results) {
         match r {
             Ok(Outcome::Ingested(r, n)) => {
                 summary.ingested += 1;
