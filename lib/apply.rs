@@ -313,11 +313,11 @@ impl LocalCheckpoint {
 
     /// Refuse a seed that cannot fit before LOCAL is touched (no intent written, so a clean
     /// LOCAL stays clean), rather than fill the host's disk under the engine and everything
-    /// else on it and fail part way. What the copy adds is
-    /// the seed's bytes less those of the LOCAL files it replaces (each is freed as its copy is
-    /// renamed over it; files the seed lacks go only after the copy), so a refusal is certain
-    /// to be right; passing does not promise the copy fits. Skipped where the file system does
-    /// not report its size, or where the copy may clone extents and need no room at all.
+    /// else on it and fail part way. What the copy adds is the seed's bytes less those of the
+    /// LOCAL files it replaces (each is freed as its copy is renamed over it; files the seed
+    /// lacks go only after the copy), so a refusal is certain to be right; passing does not
+    /// promise the copy fits. Skipped where the file system does not report its size, or where
+    /// the copy may clone extents and need no room at all.
     fn check_room_for(&self, seed: &Path, names: &[String]) -> Result<()> {
         let Some(free) = fsio::free_space(&self.dir) else { return Ok(()) };
         if fsio::copy_may_clone(seed, &self.dir) {

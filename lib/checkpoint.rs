@@ -168,18 +168,7 @@ pub fn plain_files(dir: &Path) -> Result<Vec<String>> {
             continue;
         }
         let kind = e.file_type().at(e.path())?;
-        let is_file = if kind.is_symlink() {
-            match std::fs::metadata(e.path()) {
-                Ok(m) => m.is_file(),
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(Error::not_found(e.path(), "a symbolic link to a file that does not exist"));
-                }
-                Err(err) => return Err(Error::io(e.path(), err)),
-            }
-        } else {
-            kind.is_file()
-        };
-        if is_file {
+        if crate::fsio::regular_file_through_links(&e.path(), kind)?.is_some() {
             names.push(name);
         }
     }

@@ -115,6 +115,21 @@ pub fn raise_open_file_limit() {
     }
 }
 
+/// What a directory entry `path` of type `kind` (as read_dir gives it, links not followed) is
+/// for a reader of files: `Some(false)` a regular file, `Some(true)` a symbolic link to one,
+/// `None` anything else (a directory, a link to one, a device). A link to nothing is an error
+/// naming it (a download or a copy cut short), so callers never leave a file out silently.
+pub fn regular_file_through_links(path: &Path, kind: fs::FileType) -> Result<Option<bool>> {
+    if !kind.is_symlink() {
+        return Ok(kind.is_file().then_some(false));
+    }
+    match fs::metadata(path) {
+        Ok(m) => Ok(m.is_file().then_some(true)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::not_found(path, "a symbolic link to a file that does not exist")),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// Bytes an unprivileged writer can still put on the file system holding `dir`, or `None` where
 /// the file system does not say: statfs failed, or it reports no size at all (many FUSE file
 /// systems answer zeros).

@@ -96,18 +96,11 @@ struct InputFile {
 /// `path` if it is a regular file, its target if it is a link to one (a link to nothing, or to
 /// a directory, is not an input file: directories are walked only where they really are).
 fn resolve_input(path: &Path, kind: fs::FileType) -> Result<Option<(PathBuf, bool)>> {
-    if kind.is_file() {
-        return Ok(Some((path.to_path_buf(), false)));
-    }
-    if !kind.is_symlink() {
-        return Ok(None);
-    }
-    match fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(Some((fs::canonicalize(path).at(path)?, true))),
-        Ok(_) => Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::not_found(path, "a symbolic link to a file that does not exist")),
-        Err(e) => Err(Error::io(path, e)),
-    }
+    Ok(match fsio::regular_file_through_links(path, kind)? {
+        Some(false) => Some((path.to_path_buf(), false)),
+        Some(true) => Some((fs::canonicalize(path).at(path)?, true)),
+        None => None,
+    })
 }
 
 fn list_inputs(input: &Path) -> Result<Vec<InputFile>> {
