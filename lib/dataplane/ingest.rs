@@ -108,7 +108,7 @@ fn list_inputs(input: &Path) -> Result<Vec<InputFile>> {
     if meta.is_file() {
         let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let kind = fs::symlink_metadata(input).at(input)?.file_type();
-        let (path, linked) = resolve_input(input, kind)?.expect("a file or a link to one");
+        let (path, linked) = resolve_input(input, kind)?.ok_or_else(|| Error::not_found(input, "no longer a file"))?;
         return Ok(vec![InputFile { found: input.to_path_buf(), path, rel: name, linked }]);
     }
     let mut out = Vec::new();
