@@ -700,7 +700,7 @@ fn ingest_link_and_move_cost_no_extra_disk() {
 /// Feature files reached through symbolic links (a staging dir linking into where the producer
 /// wrote them) were skipped without a word: the walk only took regular files. Copy and link
 /// take the files the links name (a hard link of the file, not of the link); move refuses
-/// them, per file, and leaves them where they are.
+/// them, per file, and leaves them where they are; a dangling link is one invalid file.
 #[test]
 fn ingest_takes_feature_files_through_symbolic_links() {
     use std::os::unix::fs::MetadataExt;
@@ -733,6 +733,16 @@ fn ingest_takes_feature_files_through_symbolic_links() {
     assert_eq!((s["ingested"].as_u64(), s["invalid"].as_u64()), (Some(0), Some(n)), "{s}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("--mode move takes files, not links"));
     assert!(targets.iter().all(|t| t.exists()), "a linked file was moved");
+    // A link to nothing is one invalid file, reported and skipped (fatal with --strict), not
+    // the end of the whole ingest.
+    std::os::unix::fs::symlink(d.join("gone.ckpt"), linked.join("data_9.ckpt")).unwrap();
+    let o = run(INGEST, &[p(&d.join("linked")), "--store", p(&d.join("store4")), "--json"], "");
+    let s: Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!((s["ingested"].as_u64(), s["invalid"].as_u64()), (Some(n), Some(1)), "{s}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("data_9.ckpt") && err.contains("symbolic link"), "{err}");
+    let o = run(INGEST, &[p(&d.join("linked")), "--store", p(&d.join("store5")), "--strict"], "");
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 fn hex(b: &[u8]) -> String {

@@ -91,6 +91,9 @@ struct InputFile {
     path: PathBuf,
     rel: String,
     linked: bool,
+    /// Why it cannot be read at all (a link to nothing): reported and skipped like any invalid
+    /// file, or fatal with `--strict`, rather than ending the whole ingest.
+    broken: Option<String>,
 }
 
 /// `path` if it is a regular file, its target if it is a link to one (a link to nothing, or to
@@ -109,7 +112,7 @@ fn list_inputs(input: &Path) -> Result<Vec<InputFile>> {
         let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let kind = fs::symlink_metadata(input).at(input)?.file_type();
         let (path, linked) = resolve_input(input, kind)?.ok_or_else(|| Error::not_found(input, "no longer a file"))?;
-        return Ok(vec![InputFile { found: input.to_path_buf(), path, rel: name, linked }]);
+        return Ok(vec![InputFile { found: input.to_path_buf(), path, rel: name, linked, broken: None }]);
     }
     let mut out = Vec::new();
     let mut dirs = vec![input.to_path_buf()];
@@ -124,9 +127,12 @@ fn list_inputs(input: &Path) -> Result<Vec<InputFile>> {
             if ft.is_dir() {
                 dirs.push(ent.path());
             } else if EXTENSIONS.iter().any(|e| name.ends_with(e)) {
-                if let Some((path, linked)) = resolve_input(&ent.path(), ft)? {
-                    let rel = ent.path().strip_prefix(input).map(|p| p.to_string_lossy().into_owned()).unwrap_or(name);
-                    out.push(InputFile { found: ent.path(), path, rel, linked });
+                let rel = ent.path().strip_prefix(input).map(|p| p.to_string_lossy().into_owned()).unwrap_or(name);
+                match resolve_input(&ent.path(), ft) {
+                    Ok(Some((path, linked))) => out.push(InputFile { found: ent.path(), path, rel, linked, broken: None }),
+                    Ok(None) => {}
+                    Err(Error::NotFound { reason, .. }) => out.push(InputFile { found: ent.path(), path: ent.path(), rel, linked: true, broken: Some(reason) }),
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -373,7 +379,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         .zip(&inputs)
         .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|(dup, InputFile { path: src, rel, linked, .. })| {
+        .map(|(dup, InputFile { path: src, rel, linked, broken, .. })| {
             if let Err(e) = crate::failpoint::hit("ingest.file") {
                 return Err(Failure::Fatal(Error::Internal(e.to_string())));
             }
@@ -381,8 +387,9 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
             if let Some(signal) = crate::stop::requested() {
                 return Err(Failure::Fatal(Error::Interrupted { signal }));
             }
-            let r = match dup {
-                Some(other) if other != *rel => Err(Failure::Invalid(format!("sample id {} is also derived from {other}", sample_id_for(rel)))),
+            let r = match (dup, broken) {
+                (_, Some(reason)) => Err(Failure::Invalid(reason.clone())),
+                (Some(other), _) if other != *rel => Err(Failure::Invalid(format!("sample id {} is also derived from {other}", sample_id_for(rel)))),
                 // Moving the link's target would take a file from wherever it lives, outside
                 // INPUT perhaps; moving the link would store a link.
                 _ if *linked && opts.mode == PlaceMode::Move => {
