@@ -584,9 +584,14 @@ fn a_file_truncated_while_it_is_read_is_an_io_error_naming_it() {
 /// Run the shell command `cmd` after `ulimit LIMIT` (e.g. `-n 64`); it must succeed. Its stdout.
 #[track_caller]
 fn under_ulimit(limit: &str, cmd: &str) -> Vec<u8> {
-    let out = std::process::Command::new("bash").arg("-c").arg(format!("ulimit {limit} && exec {cmd}")).output().unwrap();
+    let out = bash_with(&format!("ulimit {limit}"), cmd);
     assert!(out.status.success(), "{cmd} under ulimit {limit}: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
+}
+
+/// Run the shell command `cmd` after the shell commands `setup` (limits, traps), in one bash.
+fn bash_with(setup: &str, cmd: &str) -> std::process::Output {
+    std::process::Command::new("bash").arg("-c").arg(format!("{setup} && exec {cmd}")).output().unwrap()
 }
 
 /// `ckpt` laid out as the Hugging Face hub cache does: its files under `blobs/`, and a snapshot
@@ -641,12 +646,13 @@ fn checkpoints_in_the_hugging_face_cache_layout_seed_and_publish() {
 
 /// Run the shell command `cmd` with writes capped at `kib` KiB per file (`ulimit -f`, SIGXFSZ
 /// ignored, so a write past the cap fails with EFBIG): a full disk on the writing side only,
-/// without mounting one. It must fail; its output.
+/// without mounting one. It must fail with the I/O exit code (10); its stderr.
 #[track_caller]
-fn with_a_full_disk(kib: u32, cmd: &str) -> std::process::Output {
-    let out = std::process::Command::new("bash").arg("-c").arg(format!("trap '' XFSZ; ulimit -f {kib} && exec {cmd}")).output().unwrap();
-    assert!(!out.status.success(), "{cmd} with writes capped at {kib} KiB succeeded");
-    out
+fn with_a_full_disk(kib: u32, cmd: &str) -> String {
+    let out = bash_with(&format!("trap '' XFSZ; ulimit -f {kib}"), cmd);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(10), "{cmd} with writes capped at {kib} KiB: {err}");
+    err
 }
 
 /// A LOCAL disk that fills during the seed: the error names LOCAL's file, not the BASE file the
@@ -660,9 +666,7 @@ fn a_local_disk_that_fills_during_the_seed_is_named_and_the_next_run_seeds() {
     let src = t.join("src");
     publish_chain(&c, &src);
     let local = t.join("local");
-    let out = with_a_full_disk(32, &format!("{APPLY} --local {} --base {} --source {} --target 1", local.s(), c.ckpts[0].s(), src.s()));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(10), "{err}");
+    let err = with_a_full_disk(32, &format!("{APPLY} --local {} --base {} --source {} --target 1", local.s(), c.ckpts[0].s(), src.s()));
     assert!(err.contains(local.s()) && err.contains("File too large"), "{err}");
     assert!(!err.contains(c.ckpts[0].s()), "the error blames BASE: {err}");
     assert!(!local.join(".weight_sync/state.json").exists(), "a version was recorded");
@@ -731,9 +735,7 @@ fn a_publish_disk_that_fills_during_a_full_copy_is_named_and_the_version_taken_b
     let t = TestDir::new("publish_full");
     let c = make_chain(&t.path, 1, 1);
     let src = t.join("src");
-    let out = with_a_full_disk(32, &format!("{DIFF} {} {} --publish {} --version 1 --full", c.ckpts[0].s(), c.ckpts[1].s(), src.s()));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(10), "{err}");
+    let err = with_a_full_disk(32, &format!("{DIFF} {} {} --publish {} --version 1 --full", c.ckpts[0].s(), c.ckpts[1].s(), src.s()));
     assert!(err.contains(vdir(&src, 1).s()) && err.contains("File too large"), "{err}");
     assert!(!err.contains(c.ckpts[1].s()), "the error blames NEW: {err}");
     assert!(!vdir(&src, 1).exists(), "an incomplete version dir is left");
@@ -1010,9 +1012,7 @@ fn pointer_advance_that_cannot_write_removes_its_lock() {
     let c = make_chain(&t.path, 1, 1);
     let src = t.join("src");
     publish_chain(&c, &src);
-    let out = with_a_full_disk(0, &format!("{ADVANCE} {} 1", src.s()));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(10), "{err}");
+    let err = with_a_full_disk(0, &format!("{ADVANCE} {} 1", src.s()));
     assert!(err.contains("latest.lock") && err.contains("File too large"), "{err}");
     assert!(!src.join("latest.lock").exists(), "the failed move left its lock");
     assert_eq!(latest(&src), None);
