@@ -62,8 +62,8 @@ struct Args {
     #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(["auto", "cpu", "cuda"]))]
     device: String,
     /// How the CPU reads OLD's and NEW's tensors: through their maps (`mmap`), into buffers
-    /// (`pread`), or `auto`: whichever is cheaper on this kernel and file system, measured on
-    /// the inputs' page faults (`input_read` in --json says which).
+    /// (`pread`), or `auto`: whichever is cheaper on this kernel and file system,
+    /// timed on the inputs themselves (`input_read` in --json says which).
     #[arg(long, default_value = "auto", value_name = "MODE", value_parser = clap::builder::PossibleValuesParser::new(["auto", "mmap", "pread"]))]
     input_read: String,
     /// Print the result as one JSON object on stdout.

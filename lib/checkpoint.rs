@@ -131,9 +131,12 @@ impl SafetensorsFile {
     pub fn input<'a>(&'a self, t: &'a TensorEntry) -> crate::codec::TensorFile<'a> {
         crate::codec::TensorFile { mapped: self.bytes(t), map: Some(&self.map), file: &self.file, path: &self.path, offset: t.offset as u64 }
     }
-    /// The file's map (for [`crate::inputmap::faults_per_mib`]).
+    /// The file's map and the open file (for [`crate::inputmap::probe_reads`]).
     pub fn map(&self) -> &InputMap {
         &self.map
+    }
+    pub fn file(&self) -> &File {
+        &self.file
     }
 }
 

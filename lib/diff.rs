@@ -385,17 +385,18 @@ struct Encoded<'a> {
 }
 
 /// What `mode` comes to for this pair: `auto` probes the largest data file of NEW and of OLD
-/// ([`crate::inputmap::faults_per_mib`]) and reads through the maps only if both fault rarely.
+/// ([`crate::inputmap::probe_reads`]) and reads through the maps only if, for both, faulting
+/// pages in costs well under what copying them does.
 pub fn resolve_input_read(mode: InputRead, old: &Checkpoint, new: &Checkpoint) -> InputRead {
     if mode != InputRead::Auto {
         return mode;
     }
-    let faults = |c: &Checkpoint| {
+    let probe = |c: &Checkpoint| {
         let f = c.files().iter().max_by_key(|f| f.len())?;
-        crate::inputmap::faults_per_mib(f.map(), f.tensors().first()?.offset..f.len())
+        crate::inputmap::probe_reads(f.map(), f.file(), f.tensors().first()?.offset..f.len())
     };
-    match (faults(new), faults(old)) {
-        (Some(n), Some(o)) if n.max(o) <= crate::inputmap::MAX_FAULTS_PER_MIB_FOR_MMAP => InputRead::Mmap,
+    match (probe(new), probe(old)) {
+        (Some(n), Some(o)) if n.prefers_map() && o.prefers_map() => InputRead::Mmap,
         _ => InputRead::Pread,
     }
 }

@@ -7,8 +7,8 @@
 //! almost 2× on an earlier host of this project (its kernel not recorded); where it holds large folios (ext4 since Linux
 //! 6.16, XFS since 5.18), a fault maps a whole folio, and the map is almost 2× faster
 //! (0.035 s vs 0.066 s to scan a 1.1 GB pair on 2 cores, Linux 6.18, ext4). [`InputRead::Auto`]
-//! measures it on the inputs themselves: [`faults_per_mib`] touches the first MiBs of a map and
-//! counts this thread's page faults.
+//! measures it on the inputs themselves: [`probe_reads`] times faulting the first MiBs of a map
+//! against reading the same bytes with `pread`.
 //!
 //! A map of a file that shrinks while it is read raises SIGBUS on the next access past the new
 //! end. [`guard_sigbus`] turns that into the toolkit's usual error (the path, the reason, exit
@@ -65,37 +65,82 @@ impl std::fmt::Display for InputRead {
     }
 }
 
-/// Read through the maps if touching them takes fewer faults per MiB than this. With 4 KiB
-/// folios a fault maps the 64 KiB fault-around window at most, 16 faults per MiB (or 256
-/// without fault-around), and on an earlier host `pread` was 1.8× faster in the scan; fewer
-/// faults means the page cache holds large folios. On Linux 6.18 (ext4) the maps won in every
-/// state measured: 1–2 faults per MiB for files written or read sequentially, 11 for files
-/// first read through a map (scan 0.088 s mapped vs 0.127 s read), and even 16 (diff 9 %
-/// faster); the cut keeps `pread` wherever only small folios may be behind the faults.
-pub const MAX_FAULTS_PER_MIB_FOR_MMAP: f64 = 12.0;
-/// How much of a map [`faults_per_mib`] touches.
-pub const PROBE_BYTES: usize = 16 << 20;
+/// Read through the maps if faulting a MiB into a map takes at most this fraction of the time
+/// `pread` takes to copy it. The probe times the fault alone; the map costs more later (the
+/// unmap of scanned pieces, [`InputMap::done_with`], TLB misses on 4 KiB pages), so the cut is
+/// below 1: on Linux 6.18 (ext4, 2 vCPUs) the probe read 0.51–0.80 (median of 8 steps; one
+/// run 1.06) and the maps still saved 7 % of the diff's CPU time (bench pair, 15 interleaved
+/// runs each, files in the page cache with 4 KiB folios: 16 faults per MiB).
+///
+/// The probe used to count faults instead, and map below 12 per MiB, which took `pread` on that
+/// host: the count cannot tell it from an earlier host with 4 KiB folios (so, presumably, the
+/// same count) where `pread` was 1.8× faster. What differs between them is what a fault costs.
+pub const MAX_MAP_OVER_PREAD: f64 = 0.75;
+/// How much of a map [`probe_reads`] touches, in [`PROBE_STEP`]s.
+pub const PROBE_BYTES: usize = 8 << 20;
+/// The probe alternates a fault pass and a `pread` pass over each step of this size, so that a
+/// stall (the VM preempted, an interrupt) hits one step of one side and the median drops it.
+pub const PROBE_STEP: usize = 1 << 20;
 /// Below this much to touch, the probe says nothing (and small inputs cost little either way).
-const MIN_PROBE_BYTES: usize = 1 << 20;
+const MIN_PROBE_BYTES: usize = 2 * PROBE_STEP;
 const PAGE: usize = 4096;
 
-/// Page faults this thread took to touch `map[range]` one byte per 4 KiB page (at most
-/// [`PROBE_BYTES`] of it), per MiB touched; `None` if the range is under 1 MiB. The pages stay
-/// mapped: the diff reads them next anyway.
-pub fn faults_per_mib(map: &InputMap, range: Range<usize>) -> Option<f64> {
+/// What reading the start of a file costs through its map and with `pread`, measured on the
+/// file itself by [`probe_reads`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadProbe {
+    /// Page faults per MiB touched (minor and major): 1–2 with large folios, 16 with 4 KiB
+    /// folios and fault-around.
+    pub faults_per_mib: f64,
+    /// Median over the probed steps of (time to touch a step through the map, one byte per
+    /// page) / (time to `pread` the same step in [`crate::codec::CHUNK`] reads).
+    pub map_over_pread: f64,
+}
+
+impl ReadProbe {
+    /// Whether the maps are the cheaper way to read this file ([`MAX_MAP_OVER_PREAD`]).
+    pub fn prefers_map(&self) -> bool {
+        self.map_over_pread <= MAX_MAP_OVER_PREAD
+    }
+}
+
+/// Times touching `map[range]` (at most [`PROBE_BYTES`] of it) against reading the same bytes
+/// from `file` with `pread`, step by step; `None` if the range is under 2 MiB or a read fails.
+/// The pages stay mapped: the diff reads them next anyway. Touching comes first in each step, so
+/// a file not yet in the page cache is read from disk by the faults (a costly map, and `pread`,
+/// with its readahead, is then the better choice for such files anyway).
+pub fn probe_reads(map: &InputMap, file: &File, range: Range<usize>) -> Option<ReadProbe> {
+    use std::os::unix::fs::FileExt;
+    use std::time::Instant;
     let end = range.end.min(map.len()).min(range.start.saturating_add(PROBE_BYTES));
     if end.saturating_sub(range.start) < MIN_PROBE_BYTES {
         return None;
     }
+    // Touched before timing, so that its own first-use faults are not counted against pread.
+    let mut buf = vec![1u8; crate::codec::CHUNK];
     let before = thread_faults()?;
+    let mut ratios = Vec::new();
     let mut x = 0u8;
-    for at in (range.start..end).step_by(PAGE) {
-        // SAFETY: `at` is inside the map; a volatile read so the touch is not optimised away.
-        x ^= unsafe { std::ptr::read_volatile(map.as_ptr().add(at)) };
+    for step in (range.start..end - PROBE_STEP + 1).step_by(PROBE_STEP) {
+        let t0 = Instant::now();
+        for at in (step..step + PROBE_STEP).step_by(PAGE) {
+            // SAFETY: `at` is inside the map; a volatile read so the touch is not optimised away.
+            x ^= unsafe { std::ptr::read_volatile(map.as_ptr().add(at)) };
+        }
+        let t1 = Instant::now();
+        for at in (step..step + PROBE_STEP).step_by(buf.len()) {
+            let n = buf.len().min(step + PROBE_STEP - at);
+            file.read_exact_at(&mut buf[..n], at as u64).ok()?;
+        }
+        x ^= buf[0];
+        let t2 = Instant::now();
+        ratios.push((t1 - t0).as_secs_f64() / (t2 - t1).as_secs_f64().max(1e-9));
     }
     std::hint::black_box(x);
+    let touched = ratios.len() * PROBE_STEP;
     let faults = thread_faults()?.saturating_sub(before);
-    Some(faults as f64 * (1 << 20) as f64 / (end - range.start) as f64)
+    ratios.sort_by(f64::total_cmp);
+    Some(ReadProbe { faults_per_mib: faults as f64 * (1 << 20) as f64 / touched as f64, map_over_pread: ratios[ratios.len() / 2] })
 }
 
 /// Minor plus major page faults of the calling thread so far.
@@ -542,18 +587,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_probe_counts_faults_of_pages_not_yet_mapped() {
+    fn the_probe_times_both_reads_and_counts_faults_of_pages_not_yet_mapped() {
         let dir = temp("probe");
         let path = dir.join("f");
         std::fs::write(&path, vec![1u8; 4 << 20]).unwrap();
         let file = File::open(&path).unwrap();
         let map = InputMap::new(&file, &path).unwrap();
-        assert_eq!(faults_per_mib(&map, 0..(1 << 20) - 1), None, "under 1 MiB says nothing");
-        let first = faults_per_mib(&map, 0..map.len()).unwrap();
-        assert!(first > 0.0, "touching a fresh map faults");
-        // Touched once, the pages stay mapped: a second probe faults (almost) never.
-        let second = faults_per_mib(&map, 0..map.len()).unwrap();
-        assert!(second < first && second <= 1.0, "{first} then {second}");
+        assert_eq!(probe_reads(&map, &file, 0..(2 << 20) - 1), None, "under 2 MiB says nothing");
+        let first = probe_reads(&map, &file, 0..map.len()).unwrap();
+        assert!(first.faults_per_mib > 0.0, "touching a fresh map faults");
+        assert!(first.map_over_pread > 0.0 && first.map_over_pread.is_finite(), "{first:?}");
+        // Touched once, the pages stay mapped: a second probe faults (almost) never, and
+        // touching what is mapped is far cheaper than copying it.
+        let second = probe_reads(&map, &file, 0..map.len()).unwrap();
+        assert!(second.faults_per_mib < first.faults_per_mib && second.faults_per_mib <= 1.0, "{first:?} then {second:?}");
+        assert!(second.prefers_map(), "mapped pages read cheaper than a copy: {second:?}");
+        // A range past the end of the file is cut to it.
+        assert_eq!(probe_reads(&map, &file, (3 << 20)..(8 << 20)), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
