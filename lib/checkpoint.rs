@@ -155,6 +155,8 @@ pub struct Checkpoint {
     /// Parsed index, if the checkpoint has one.
     index: Option<IndexFile>,
     by_name: BTreeMap<String, TensorLoc>,
+    /// Opened from a directory, not from a lone `.safetensors` file given by path.
+    is_dir: bool,
 }
 
 /// Names of the plain files of a checkpoint directory, sorted: regular files, and symbolic links
@@ -246,27 +248,27 @@ impl Checkpoint {
         let meta = std::fs::metadata(path).at(path)?;
         if meta.is_file() {
             let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-            return Self::from_files(root, None, vec![SafetensorsFile::open(path)?]);
+            return Self::from_files(root, None, vec![SafetensorsFile::open(path)?], false);
         }
         let index_path = path.join(INDEX_NAME);
         if index_path.exists() {
             let index = IndexFile::read(&index_path)?;
             let files = index.files().iter().map(|f| SafetensorsFile::open(path.join(f))).collect::<Result<Vec<_>>>()?;
-            return Self::from_files(path.to_path_buf(), Some(index), files);
+            return Self::from_files(path.to_path_buf(), Some(index), files, true);
         }
         let single = path.join(SINGLE_NAME);
         if single.exists() {
-            return Self::from_files(path.to_path_buf(), None, vec![SafetensorsFile::open(&single)?]);
+            return Self::from_files(path.to_path_buf(), None, vec![SafetensorsFile::open(&single)?], true);
         }
         let names: Vec<String> = plain_files(path)?.into_iter().filter(|n| n.ends_with(".safetensors")).collect();
         if names.is_empty() {
             return Err(Error::not_found(path, format!("no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors file: not a checkpoint directory")));
         }
         let files = names.iter().map(|n| SafetensorsFile::open(path.join(n))).collect::<Result<Vec<_>>>()?;
-        Self::from_files(path.to_path_buf(), None, files)
+        Self::from_files(path.to_path_buf(), None, files, true)
     }
 
-    fn from_files(root: PathBuf, index: Option<IndexFile>, files: Vec<SafetensorsFile>) -> Result<Self> {
+    fn from_files(root: PathBuf, index: Option<IndexFile>, files: Vec<SafetensorsFile>, is_dir: bool) -> Result<Self> {
         let mut by_name = BTreeMap::new();
         for (fi, f) in files.iter().enumerate() {
             for (ei, t) in f.tensors.iter().enumerate() {
@@ -290,11 +292,28 @@ impl Checkpoint {
                 return Err(Error::bad_input(&index_path, format!("index lists {} tensors but its files hold {}", index.weight_map.len(), by_name.len())));
             }
         }
-        Ok(Checkpoint { root, files, index, by_name })
+        Ok(Checkpoint { root, files, index, by_name, is_dir })
+    }
+
+    /// The plain files of the checkpoint's directory besides its data files and index: config,
+    /// generation config, tokenizer, chat template. A full version carries them along; none for
+    /// a checkpoint opened from a lone file.
+    pub fn ride_along_files(&self) -> Result<Vec<String>> {
+        if !self.is_dir {
+            return Ok(Vec::new());
+        }
+        let data: Vec<&std::ffi::OsStr> = self.files.iter().filter_map(|f| f.path().file_name()).collect();
+        let mut names = plain_files(&self.root)?;
+        names.retain(|n| n != INDEX_NAME && !data.iter().any(|d| *d == n.as_str()));
+        Ok(names)
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+    /// Opened from a directory (else from a lone `.safetensors` file, whose directory is `root`).
+    pub fn is_dir(&self) -> bool {
+        self.is_dir
     }
     pub fn files(&self) -> &[SafetensorsFile] {
         &self.files

@@ -91,6 +91,11 @@ pub struct DiffReport {
     /// How the CPU read the tensors: `mmap` or `pread` (`--input-read`, what `auto` chose);
     /// `null` for a full version, whose files are copied.
     pub input_read: Option<&'static str>,
+    /// Ride-along files (config, tokenizer, …) NEW holds differently from OLD, which a delta
+    /// does not carry ([`ride_along_changes`]); empty for a full version.
+    pub ride_along_changed: Vec<String>,
+    /// What was printed to stderr as a warning.
+    pub warnings: Vec<String>,
 }
 
 /// Publish version `opts.version`; see the module docs.
@@ -112,8 +117,10 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
             return Err(Error::Usage(format!("--base-version {b} must be older than --version {}", opts.version)));
         }
     }
+    let mut ride_along_changed = Vec::new();
     if let Some(old) = &old {
         check_compatible(old, &new, &opts.old, &opts.new)?;
+        ride_along_changed = ride_along_changes(old, &new)?;
     }
     // GPU or CPU per tensor (lib/gpu); chosen before anything is written, `--device cuda` with no GPU is a usage error.
     let engine = if opts.full { crate::gpu::Engine::cpu() } else { crate::gpu::Engine::select(opts.device)? };
@@ -132,7 +139,86 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     report.seconds = start.elapsed().as_secs_f64();
     report.throughput_gbps = report.total_bytes as f64 / report.seconds.max(1e-9) / 1e9;
     report.threads = crate::cli::worker_threads();
+    if !ride_along_changed.is_empty() {
+        let w = format!(
+            "{} of NEW {} from OLD's, and a delta version carries tensors only: rollout hosts keep the copies of their last full version (publish a --full version to ship them)",
+            ride_along_changed.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "),
+            if ride_along_changed.len() == 1 { "differs" } else { "differ" },
+        );
+        eprintln!("delta-diff: warning: {w}");
+        report.warnings.push(w);
+    }
+    report.ride_along_changed = ride_along_changed.into_iter().map(|c| c.name).collect();
     Ok(report)
+}
+
+/// Ride-along files are compared byte for byte up to this size and by length above it: a
+/// trainer's directory may hold optimizer state of several times the model's size.
+pub const RIDE_ALONG_COMPARE_BYTES: u64 = 64 << 20;
+
+/// A ride-along file that NEW holds differently from OLD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RideAlongChange {
+    pub name: String,
+    /// `None`: in both, with other bytes; `Some(true)`: only in NEW; `Some(false)`: only in OLD.
+    pub only_in_new: Option<bool>,
+}
+
+impl std::fmt::Display for RideAlongChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.only_in_new {
+            None => write!(f, "{}", self.name),
+            Some(true) => write!(f, "{} (only in NEW)", self.name),
+            Some(false) => write!(f, "{} (only in OLD)", self.name),
+        }
+    }
+}
+
+/// The ride-along files (`Checkpoint::ride_along_files`) in which two checkpoint directories
+/// differ. A delta carries tensors only, so a changed `config.json` or tokenizer never reaches
+/// hosts that apply it; `publish` warns. Nothing when either side is a lone file.
+pub fn ride_along_changes(old: &Checkpoint, new: &Checkpoint) -> Result<Vec<RideAlongChange>> {
+    if !(old.is_dir() && new.is_dir()) {
+        return Ok(Vec::new());
+    }
+    let (olds, news) = (old.ride_along_files()?, new.ride_along_files()?);
+    let mut changes = Vec::new();
+    for name in &news {
+        if !olds.contains(name) {
+            changes.push(RideAlongChange { name: name.clone(), only_in_new: Some(true) });
+        } else if !same_bytes(&old.root().join(name), &new.root().join(name))? {
+            changes.push(RideAlongChange { name: name.clone(), only_in_new: None });
+        }
+    }
+    for name in olds.iter().filter(|n| !news.contains(n)) {
+        changes.push(RideAlongChange { name: name.clone(), only_in_new: Some(false) });
+    }
+    changes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(changes)
+}
+
+/// Whether two files hold the same bytes (length only above [`RIDE_ALONG_COMPARE_BYTES`]).
+fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
+    let (mut fa, mut fb) = (File::open(a).at(a)?, File::open(b).at(b)?);
+    let len = fa.metadata().at(a)?.len();
+    if len != fb.metadata().at(b)?.len() {
+        return Ok(false);
+    }
+    if len > RIDE_ALONG_COMPARE_BYTES {
+        return Ok(true);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+    let mut left = len as usize;
+    while left > 0 {
+        let n = left.min(ba.len());
+        fa.read_exact(&mut ba[..n]).at(a)?;
+        fb.read_exact(&mut bb[..n]).at(b)?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        left -= n;
+    }
+    Ok(true)
 }
 
 /// Tensor sets, dtypes and shapes must agree; lists the first differences.
@@ -502,6 +588,8 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         threads: 0,
         device: engine.device_used(),
         input_read: Some(read.as_str()),
+        ride_along_changed: Vec::new(),
+        warnings: Vec::new(),
     })
 }
 
@@ -805,13 +893,9 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
             (f.path().to_path_buf(), name)
         })
         .collect();
-    if !single_path {
-        // Config and tokenizer files ride along, so the version is a loadable HF checkpoint.
-        for name in crate::checkpoint::plain_files(&opts.new)? {
-            if name != INDEX_NAME && !copies.iter().any(|(_, n)| *n == name) {
-                copies.push((opts.new.join(&name), name));
-            }
-        }
+    // Config and tokenizer files ride along, so the version is a loadable HF checkpoint.
+    for name in new.ride_along_files()? {
+        copies.push((opts.new.join(&name), name));
     }
     let bar = crate::progress::bytes_bar(total_bytes, "copy");
     let wire: u64 = copies
@@ -866,6 +950,8 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
         threads: 0,
         device: "cpu",
         input_read: None,
+        ride_along_changed: Vec::new(),
+        warnings: Vec::new(),
     })
 }
 

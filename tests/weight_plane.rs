@@ -372,6 +372,59 @@ fn diff_identical_checkpoints_give_an_empty_delta() {
     assert_eq!(state_version(&local), "000001");
 }
 
+/// A delta carries tensors only: a config or tokenizer that changed between OLD and NEW never
+/// reaches the hosts that apply it. The delta is still published (trainers' directories hold
+/// per-step files), but the tool says which files differ, on stderr and in --json.
+#[test]
+fn diff_warns_about_ride_along_files_that_a_delta_does_not_carry() {
+    let t = TestDir::new("diff_ride_along");
+    let c = make_chain(&t.path, 1, 2);
+    let src = t.join("src");
+    let diff = |v: &str, old: &Path, new: &Path, extra: &[&str]| {
+        let mut args = vec![old.s(), new.s(), "--publish", src.s(), "--version", v, "--json"];
+        args.extend_from_slice(extra);
+        let r = run(DIFF, &args);
+        r.ok();
+        (r.json(), r.stderr())
+    };
+    // Same config and tokenizer on both sides: nothing to say.
+    let (r, err) = diff("1", &c.ckpts[0], &c.ckpts[1], &[]);
+    assert_eq!(r["ride_along_changed"], json!([]));
+    assert_eq!(r["warnings"], json!([]));
+    assert!(!err.contains("warning"), "{err}");
+
+    // NEW's config changed (same length, one byte), a chat template appeared, and the
+    // tokenizer is gone.
+    let new = t.join("new");
+    write_checkpoint(&new, &c.models[1], 2);
+    let config = fs::read(new.join("config.json")).unwrap();
+    let mut changed = config.clone();
+    let at = changed.iter().rposition(|b| b.is_ascii_digit() || b.is_ascii_lowercase()).unwrap();
+    changed[at] = if changed[at] == b'x' { b'y' } else { b'x' };
+    fs::write(new.join("config.json"), &changed).unwrap();
+    fs::write(new.join("chat_template.jinja"), "{{ messages }}").unwrap();
+    fs::remove_file(new.join("tokenizer.json")).unwrap();
+    let (r, err) = diff("2", &c.ckpts[0], &new, &[]);
+    assert_eq!(r["kind"], "delta", "the delta is still published");
+    assert_eq!(r["ride_along_changed"], json!(["chat_template.jinja", "config.json", "tokenizer.json"]));
+    let w = r["warnings"].as_array().unwrap();
+    assert_eq!(w.len(), 1, "{w:?}");
+    let w = w[0].as_str().unwrap();
+    for needle in ["chat_template.jinja (only in NEW)", "config.json", "tokenizer.json (only in OLD)", "--full"] {
+        assert!(w.contains(needle), "{needle:?} in {w:?}");
+    }
+    assert!(err.contains(&format!("delta-diff: warning: {w}")), "{err}");
+    assert_eq!(file_names(&vdir(&src, 2)).iter().filter(|n| !n.ends_with(".safetensors") && *n != INDEX).count(), 0, "a delta holds no config");
+
+    // A lone file on either side has no ride-along files to compare; a full version carries them.
+    let (r, _) = diff("3", &c.ckpts[0].join("model-00001-of-00002.safetensors"), &new.join("model-00001-of-00002.safetensors"), &[]);
+    assert_eq!(r["ride_along_changed"], json!([]));
+    let (r, err) = diff("4", &c.ckpts[0], &new, &["--full"]);
+    assert_eq!((r["ride_along_changed"].clone(), r["warnings"].clone()), (json!([]), json!([])));
+    assert!(!err.contains("warning"), "{err}");
+    assert_eq!(fs::read(vdir(&src, 4).join("config.json")).unwrap(), changed);
+}
+
 #[test]
 fn diff_refuses_incompatible_checkpoints() {
     let t = TestDir::new("diff_incompatible");
