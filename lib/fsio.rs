@@ -540,7 +540,7 @@ fn jitter_ms(scale: u64) -> u64 {
 
 /// An exclusive advisory lock (flock) on a host-local lock file; released on drop or process death.
 pub struct HostLock {
-    _file: File,
+    file: File,
     path: PathBuf,
 }
 
@@ -565,7 +565,7 @@ impl HostLock {
                 Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
             }
         }
-        Ok(HostLock { _file: file, path })
+        Ok(HostLock { file, path })
     }
 
     /// Take the lock if it is free right now.
@@ -573,7 +573,7 @@ impl HostLock {
         let path = path.as_ref().to_path_buf();
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&path).at(&path)?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(HostLock { _file: file, path })),
+            Ok(()) => Ok(Some(HostLock { file, path })),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
             Err(fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
         }
@@ -582,6 +582,24 @@ impl HostLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The file system's clock, read by stamping the lock file ([`file_system_now`]).
+    pub fn file_system_now(&self) -> Result<SystemTime> {
+        file_system_now(&self.file).at(&self.path)
+    }
+}
+
+/// What time it is by the clock that dates the files of the directory `file` is in: its times
+/// are set to "now" by whoever keeps them (this kernel; on NFS the server, as UTIME_NOW goes
+/// out as set-to-server-time) and read back. Ages of files that other hosts wrote are measured
+/// against it, not against this host's clock, which may be off by minutes.
+pub fn file_system_now(file: &File) -> io::Result<SystemTime> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a null `times` sets both times of the open file to the current time.
+    if unsafe { libc::futimens(file.as_raw_fd(), std::ptr::null()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    file.metadata()?.modified()
 }
 
 #[cfg(test)]
@@ -606,6 +624,22 @@ mod tests {
         let mut back = String::new();
         f.read_to_string(&mut back).unwrap();
         assert_eq!(back, "spilled payload");
+    }
+
+    #[test]
+    fn the_file_systems_clock_is_read_by_stamping_a_file() {
+        let d = scratch_dir("fsnow");
+        let lock = HostLock::try_acquire(d.join(".gc.lock")).unwrap().unwrap();
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        lock.file.set_modified(hour_ago).unwrap();
+        let before = SystemTime::now();
+        let now = lock.file_system_now().unwrap();
+        // Local file system: its clock is this kernel's (coarse-grained timestamps may lag a tick).
+        let lag = before.duration_since(now).unwrap_or_default();
+        assert!(lag < Duration::from_millis(50), "{lag:?}");
+        assert!(now.duration_since(hour_ago).unwrap() >= Duration::from_secs(3599));
+        assert_eq!(fs::metadata(d.join(".gc.lock")).unwrap().modified().unwrap(), now, "the stamp is the file's mtime");
+        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

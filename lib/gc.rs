@@ -8,9 +8,10 @@
 //! * `latest`'s chain (down to the newest full version, or 0) and every version newer than
 //!   `latest` (published, not yet announced);
 //! * the last `keep` complete versions, with their chains (a kept version stays reachable);
-//! * every version published less than `min_age` ago, and the chain of every version that may
-//!   have been `latest` during that window (the newest version older than `min_age` and all
-//!   newer ones), so a host that read the pointer just before it moved finishes its pull;
+//! * every version published less than `min_age` ago, and every version that may have been
+//!   `latest` during that window with its chain (the newest version older than `min_age` and
+//!   all newer ones), so a host that read the pointer just before it moved finishes its pull;
+//!   ages are measured by the file system's clock ([`file_system_now`]), not this host's;
 //! * for every live follower status (updated within `stale_after`, not `stopped`) of the same
 //!   run, every version at or above its `needs`;
 //! * anything that cannot be parsed is kept (a malformed status file is an error: exit 3).
@@ -136,8 +137,45 @@ pub fn glob_files(pattern: &str) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// How far a follower's own clock may disagree with its status file's mtime before GC warns.
+/// How far a follower's own clock may disagree with its status file's mtime, or this host's
+/// with the file system's, before GC warns.
 const CLOCK_SKEW_WARNING_SECS: f64 = 60.0;
+
+/// "Now" for the ages of the root's files: the file system's clock, which stamped their mtimes
+/// (the NFS server's, or the publisher's kernel), read by stamping the GC lock. Measured by
+/// this host's clock instead, a GC host running ten minutes ahead would see a version published
+/// a moment ago as past `--min-age`, and collect what a reader that resolved `latest` just
+/// before may still need. A disagreement over a minute is reported; a file system that will not
+/// be stamped leaves this host's clock, with a warning.
+fn file_system_now(lock: &HostLock, report: &mut GcReport) -> SystemTime {
+    let ahead = crate::failpoint::clock_ahead_secs("gc.host_clock");
+    let host_now = if ahead >= 0.0 { SystemTime::now() + Duration::from_secs_f64(ahead) } else { SystemTime::now() - Duration::from_secs_f64(-ahead) };
+    let mut warn = |w: String| {
+        eprintln!("delta-gc: warning: {w}");
+        report.warnings.push(w);
+    };
+    match lock.file_system_now() {
+        Ok(fs_now) => {
+            let skew = match host_now.duration_since(fs_now) {
+                Ok(d) => d.as_secs_f64(),
+                Err(e) => -e.duration().as_secs_f64(),
+            };
+            if skew.abs() > CLOCK_SKEW_WARNING_SECS {
+                warn(format!(
+                    "this host's clock runs {:.0}s {} the file system's (stamped on {}); version ages are measured by the file system's clock",
+                    skew.abs(),
+                    if skew > 0.0 { "ahead of" } else { "behind" },
+                    lock.path().display()
+                ));
+            }
+            fs_now
+        }
+        Err(e) => {
+            warn(format!("cannot read the file system's clock ({e}); version ages are measured by this host's clock"));
+            host_now
+        }
+    }
+}
 
 fn mtime_age(meta: &std::fs::Metadata, now: SystemTime) -> f64 {
     meta.modified().ok().and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -217,11 +255,11 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
     report.root = root.display().to_string();
     report.latest = Some(ptr.to_string());
     let lock_path = root.join(GC_LOCK);
-    let _lock = match HostLock::try_acquire(&lock_path)? {
+    let lock = match HostLock::try_acquire(&lock_path)? {
         Some(l) => l,
         None => return Err(Error::Locked { path: lock_path, reason: "another delta-gc is running on this root".into() }),
     };
-    let now = SystemTime::now();
+    let now = file_system_now(&lock, &mut report);
 
     // Sweep trees a killed GC left behind (hidden names: no reader resolves them).
     for e in std::fs::read_dir(&root).at(&root)?.flatten() {
@@ -295,8 +333,13 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
             protect(v, "unreadable");
         }
     }
-    // 3b. every version that may have been `latest` within the grace window.
+    // 3b. every version that may have been `latest` within the grace window, with its chain.
+    // The newer ones are young (3); the oldest, `g`, is not, and needs keeping itself: a host
+    // that read `latest` = g just before it moved is still pulling it.
     if let Some(&g) = complete.iter().rev().find(|v| entries[v].age >= opts.min_age.as_secs_f64()) {
+        if g <= latest {
+            protect(g, "chain-of-recent");
+        }
         for &v in complete.iter().filter(|&&v| v >= g && v <= latest) {
             roots.push((v, "chain-of-recent"));
         }

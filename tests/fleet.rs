@@ -407,6 +407,54 @@ fn gc_keeps_young_versions_and_incomplete_ones_in_progress() {
     fs::File::options().write(true).open(inc.join(".incomplete")).unwrap().set_modified(old).unwrap();
     fs::File::open(&inc).unwrap().set_modified(old).unwrap();
     assert_eq!(ids(&gc(&src2, &["--keep", "0", "--min-age", "60"])["deleted"]), vec![2]);
+
+    // The newest old version is kept itself, not only its chain: `latest` may have named it
+    // until a moment ago. Here 3 (full) and 4 are young; 2 may have been latest before 3.
+    let t3 = TestDir::new("gc-young3");
+    let _c = published(&t3, 4, &[3]);
+    let src3 = t3.join("src");
+    advance(&src3, 4);
+    for v in 3..=4 {
+        age_version(&src3, v, 10);
+    }
+    let r = gc(&src3, &["--keep", "0", "--min-age", "60", "--dry-run"]);
+    assert_eq!(ids(&r["deleted"]), Vec::<u64>::new(), "{r}");
+    assert_eq!(r["versions"][1]["reasons"], serde_json::json!(["chain-of-recent"]), "{r}");
+}
+
+/// Version ages are measured by the clock that stamped the versions' files (the file system's,
+/// read by stamping the GC lock), not by the GC host's: a GC host an hour ahead must not see
+/// versions published a moment ago as old and collect them.
+#[test]
+fn gc_measures_ages_by_the_file_systems_clock_not_its_own() {
+    let t = TestDir::new("gc-clock");
+    let _chain = published(&t, 5, &[3]);
+    let src = t.join("src");
+    advance(&src, 5);
+    for v in 1..=5 {
+        age_version(&src, v, 5);
+    }
+    let gc_ahead = |secs: &str| {
+        let fp = format!("gc.host_clock:ahead-{secs}");
+        run_env(GC, [src.s(), "--keep", "0", "--min-age", "600", "--dry-run", "--json"], &[("DISAGG_FAILPOINT", fp.as_str())])
+    };
+    // An hour ahead: 1 and 2 (off latest's chain 3..5) are 5 s old by the file system: kept.
+    let r = gc_ahead("3600");
+    r.ok().stderr_contains("runs 3600s ahead of the file system's");
+    let v = r.json();
+    assert_eq!(ids(&v["deleted"]), Vec::<u64>::new(), "{v}");
+    assert!(v["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains(".gc.lock")), "{v}");
+    // An hour behind: versions half an hour old by the file system are old (by this host's
+    // clock they would not exist yet). 3 is the newest old one (full): 1 and 2 go.
+    for v in 1..=3 {
+        age_version(&src, v, 1800);
+    }
+    let r = gc_ahead("-3600");
+    r.ok().stderr_contains("runs 3600s behind the file system's");
+    assert_eq!(ids(&r.json()["deleted"]), vec![1, 2]);
+    // In step (this host is the file system's clock): no warning.
+    let r = gc_ahead("0");
+    assert!(!r.ok().stderr().contains("clock"), "{}", r.stderr());
 }
 
 #[test]
