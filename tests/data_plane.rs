@@ -745,6 +745,34 @@ fn ingest_takes_feature_files_through_symbolic_links() {
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// A feature file whose tensor names cannot be stored (here one holding `#`, which ends a
+/// feature key's path) is one invalid file, reported by name and skipped, not the end of the
+/// ingest (before: exit 3 naming the store, and no manifest).
+#[test]
+fn ingest_skips_a_file_whose_tensor_names_cannot_be_stored() {
+    let d = temp_dir("ingest-names");
+    let input = d.join("in");
+    fs::create_dir_all(&input).unwrap();
+    let write = |name: &str, tensor: &str| {
+        let t = vec![TensorData { name: tensor.into(), dtype: Dtype::F32, shape: vec![2], data: vec![1u8; 8].into() }];
+        let mut bytes = disagg::dataplane::store::safetensors_header(&t, &BTreeMap::new()).unwrap();
+        bytes.extend_from_slice(&t[0].data);
+        fs::write(input.join(name), bytes).unwrap();
+    };
+    write("good.safetensors", "h");
+    write("hash.safetensors", "a#b");
+    let manifest = d.join("refs.json");
+    let o = run(INGEST, &[p(&input), "--store", p(&d.join("store")), "--manifest", p(&manifest), "--json"], "");
+    let s: Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!((s["ingested"].as_u64(), s["invalid"].as_u64()), (Some(1), Some(1)), "{s}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("hash.safetensors") && err.contains("\"a#b\""), "{err}");
+    let m: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(m.refs.len(), 1, "the good file's ref is in the manifest");
+    let o = run(INGEST, &[p(&input), "--store", p(&d.join("store2")), "--strict"], "");
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

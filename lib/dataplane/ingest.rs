@@ -289,6 +289,7 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
     let (obj, specs) = if is_safetensors {
         let map = mmap(src).map_err(|e| e.to_string())?;
         let (specs, st) = safetensors_specs(&map)?;
+        check_tensor_names(specs.iter().map(|(n, _, _)| n.as_str()))?;
         let mut tensors = Vec::with_capacity(specs.len());
         for (name, dtype, shape) in &specs {
             let view = st.tensor(name).map_err(|e| e.to_string())?;
@@ -296,7 +297,10 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             tensors.push(TensorData { name: name.clone(), dtype: *dtype, shape: shape.clone(), data: view.data().into() });
         }
         let obj = match opts.mode {
-            PlaceMode::Copy => store.put_in(&id, &tensors, &md, opts.retain_on_release, dirs),
+            PlaceMode::Copy => {
+                check_header(&tensors, &md)?;
+                store.put_in(&id, &tensors, &md, opts.retain_on_release, dirs)
+            }
             mode => {
                 drop(tensors);
                 drop(map);
@@ -321,9 +325,11 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             &map
         };
         let tensors = torch_ckpt::read_checkpoint(bytes).map_err(|e| e.to_string())?;
+        check_tensor_names(tensors.iter().map(|t| t.name.as_str()))?;
         for t in &tensors {
             check_nan(&t.name, t.dtype, &t.data)?;
         }
+        check_header(&tensors, &md)?;
         let obj = store.put_in(&id, &tensors, &md, opts.retain_on_release, dirs).map_err(Failure::Fatal)?;
         if opts.mode == PlaceMode::Move {
             // The source goes only once the object's name is durable.
@@ -333,6 +339,33 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
         (obj, tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect())
     };
     Ok(Outcome::Ingested(ref_for_object(store, &obj, &specs, rel, opts), src_meta.len()))
+}
+
+/// The names a feature file's tensors may have: the store writes them as safetensors header
+/// keys and refs address them as `KEY#NAME`, split at the last `#` (FORMATS §10). An empty,
+/// `__metadata__`, repeated (a pickle dict with a key twice) or `#`-holding name makes the file
+/// invalid, reported and skipped like a truncated one, not the end of the ingest.
+fn check_tensor_names<'a>(names: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for name in names {
+        if name.is_empty() || name == "__metadata__" || name.contains('#') {
+            return Err(format!("tensor name {name:?} cannot be stored (empty, `__metadata__`, or holding `#`, which ends a feature key's path)"));
+        }
+        if !seen.insert(name) {
+            return Err(format!("tensor name {name:?} appears twice"));
+        }
+    }
+    Ok(())
+}
+
+/// The object's header must fit the store's cap ([`super::store::MAX_HEADER_BYTES`]): a file
+/// with too many (or too long) tensor names is invalid, not fatal.
+fn check_header(tensors: &[TensorData<'_>], md: &BTreeMap<String, String>) -> std::result::Result<(), String> {
+    match super::store::safetensors_header(tensors, md) {
+        Ok(_) => Ok(()),
+        Err(Error::Internal(why)) => Err(why),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn obj_differs_from(src: &Path, obj: &StoredObject) -> bool {
@@ -511,4 +544,18 @@ pub fn run_ingest(opts: &IngestOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_names_that_cannot_be_stored_are_refused() {
+        assert_eq!(check_tensor_names(["input_ids", "hidden_states", "a.b"].into_iter()), Ok(()));
+        for bad in [&["x", "x"][..], &[""], &["__metadata__"], &["a#b"]] {
+            let e = check_tensor_names(bad.iter().copied()).unwrap_err();
+            assert!(e.contains(&format!("{:?}", bad.last().unwrap())), "{e}");
+        }
+    }
 }
