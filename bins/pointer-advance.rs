@@ -34,11 +34,7 @@ struct Args {
 fn main() {
     let a = Args::parse();
     disagg::error::run_main("pointer-advance", || {
-        if let Some(r) = &a.run_id {
-            if !disagg::version::is_valid_run_id(r) {
-                return Err(Error::Usage(format!("--run-id {r:?}: use letters, digits, '.', '_' or '-'")));
-            }
-        }
+        disagg::version::check_run_id_arg(a.run_id.as_deref())?;
         let target = Pointer::parse_arg(&a.target, a.run_id.as_deref())
             .ok_or_else(|| Error::Usage(format!("VERSION {:?}: expected a number, weight_vNNNNNN or RUN_ID/weight_vNNNNNN (matching --run-id)", a.target)))?;
         if target.version == 0 {

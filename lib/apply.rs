@@ -435,6 +435,7 @@ impl LocalCheckpoint {
 /// Bring LOCAL to the target version; see the module docs.
 pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     let start = Instant::now();
+    crate::version::check_run_id_arg(opts.run_id.as_deref())?;
     if let Some(base) = &opts.base {
         if let (Ok(a), Ok(b)) = (opts.local.canonicalize(), base.canonicalize()) {
             if a == b {

@@ -215,3 +215,12 @@ pub fn list_versions(root: &Path) -> Result<Vec<u64>> {
 pub fn is_valid_run_id(name: &str) -> bool {
     is_plain_file_name(name) && name.len() <= 255 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
+
+/// A `--run-id` from the command line: it names a directory under SRC, so anything that is not
+/// a valid run id (`../other`, `/tmp/x`, empty) is a usage error, never a path to follow.
+pub fn check_run_id_arg(run_id: Option<&str>) -> crate::error::Result<()> {
+    match run_id {
+        Some(r) if !is_valid_run_id(r) => Err(crate::error::Error::Usage(format!("--run-id {r:?}: use letters, digits, '.', '_' or '-'"))),
+        _ => Ok(()),
+    }
+}

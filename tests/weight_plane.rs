@@ -967,6 +967,14 @@ fn pointer_run_id_and_apply_follows_it() {
     let local2 = t.join("local2");
     apply(&local2, Some(&c.ckpts[0]), &src, "2", &["--run-id", "run-a"]).ok();
     assert_local_is(&local2, &c.ckpts[2], &c.models[2]);
+    // A run id names a directory under SRC, not a path: `../`, absolute and empty ids are usage
+    // errors (one used to read versions from SRC/../other and record that run id).
+    fs::create_dir_all(t.join("other")).unwrap();
+    for bad in ["../other", "/tmp", ""] {
+        let l = t.join("local-bad");
+        apply(&l, Some(&c.ckpts[0]), &src, "2", &["--run-id", bad]).code(2).stderr_contains("--run-id");
+        assert!(!l.join(".weight_sync/state.json").exists(), "{bad:?}: nothing recorded");
+    }
 }
 
 #[test]
