@@ -343,11 +343,10 @@ impl LocalCheckpoint {
         Ok(())
     }
 
-    /// Apply a chain of validated deltas (oldest first, each based on the one before) in place,
-    /// folded: every tensor any of them changes is patched by all of its payloads in one pass
-    /// (see [`codec::apply_folded`]) and checked against the checksum of the newest delta that
-    /// changed it. With `durable`, the bytes are on disk (fsync) before this returns.
-    fn apply_chain(&self, deltas: &[(&VersionDir, &DeltaMeta, &[SafetensorsFile])], durable: bool) -> Result<usize> {
+    /// Map every tensor a chain of deltas patches to its LOCAL file, before anything is written:
+    /// a delta that patches a tensor LOCAL lacks is refused (exit 4) while LOCAL is still
+    /// clean, so the next run finds nothing to repair.
+    fn plan_chain<'a>(&self, deltas: &'a [(&'a VersionDir, &'a DeltaMeta, &'a [SafetensorsFile])]) -> Result<ChainPlan<'a>> {
         let layout = Checkpoint::open(&self.dir)?;
         // tensor → its payloads in chain order: (delta, data file).
         let mut touched: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
@@ -372,6 +371,16 @@ impl LocalCheckpoint {
             };
             per_local.entry(loc.file).or_default().push(tensor);
         }
+        Ok(ChainPlan { layout, touched, per_local })
+    }
+
+    /// Apply a chain of validated deltas (oldest first, each based on the one before) in place,
+    /// as [`Self::plan_chain`] mapped them, folded: every tensor any of them changes is patched
+    /// by all of its payloads in one pass (see [`codec::apply_folded`]) and checked against the
+    /// checksum of the newest delta that changed it. With `durable`, the bytes are on disk
+    /// (fsync) before this returns.
+    fn apply_chain(&self, plan: ChainPlan<'_>, deltas: &[(&VersionDir, &DeltaMeta, &[SafetensorsFile])], durable: bool) -> Result<usize> {
+        let ChainPlan { layout, touched, per_local } = plan;
         // Open every LOCAL file that changes, then patch all its tensors in one parallel pass,
         // largest first (one task each) so a late big tensor does not leave a core idle.
         // Patched with pread/pwrite, not a writable mmap (see codec::FileRangeTarget).
@@ -415,7 +424,16 @@ impl LocalCheckpoint {
             let expected = &f.metadata()[name];
             let actual = hasher.finish_hex();
             if &actual != expected {
-                return Err(Error::Checksum { path: f.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual });
+                // Folded payloads are checked once, against the newest delta's checksum: a bad
+                // payload in any of them ends here, so name them all (applying one version at
+                // a time, `--target N`, finds the culprit).
+                let note = if sources.len() > 1 {
+                    let files: Vec<String> = sources.iter().map(|&(di, fi)| deltas[di].2[fi].path().display().to_string()).collect();
+                    format!(" (the payloads of {} versions were applied folded; any of these files may hold the bad one: {}; apply one version at a time with --target to find it)", sources.len(), files.join(", "))
+                } else {
+                    String::new()
+                };
+                return Err(Error::Checksum { path: f.path().to_path_buf(), tensor: name.to_string(), expected: expected.clone(), actual, note });
             }
             // Start writeback of this tensor's pages now, so the disk works while the other
             // tensors decode; the fsync below still waits for all of it.
@@ -430,6 +448,14 @@ impl LocalCheckpoint {
         }
         Ok(patched)
     }
+}
+
+/// Where a chain's patches go ([`LocalCheckpoint::plan_chain`]): LOCAL's layout, each patched
+/// tensor's payloads in chain order (delta, data file), and the patched tensors of each LOCAL file.
+struct ChainPlan<'a> {
+    layout: Checkpoint,
+    touched: BTreeMap<&'a str, Vec<(usize, usize)>>,
+    per_local: BTreeMap<usize, Vec<&'a str>>,
 }
 
 /// Bring LOCAL to the target version; see the module docs.
@@ -543,7 +569,8 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     }
     if let Some(last) = deltas.last().map(|(v, _, _)| v.number) {
         crate::stop::check()?;
-        report.tensors_patched += local.mutate("apply", version_now, last, &run_id, durable, || local.apply_chain(&deltas, durable))?;
+        let plan = local.plan_chain(&deltas)?;
+        report.tensors_patched += local.mutate("apply", version_now, last, &run_id, durable, || local.apply_chain(plan, &deltas, durable))?;
         report.applied = deltas.iter().map(|(v, _, _)| v.number).collect();
         report.folded = deltas.len() > 1;
     }

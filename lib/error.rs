@@ -67,8 +67,8 @@ pub enum Error {
     Conflict { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     NotFound { path: PathBuf, reason: String },
-    #[error("{path}: checksum mismatch for tensor {tensor:?}: expected {expected}, got {actual}")]
-    Checksum { path: PathBuf, tensor: String, expected: String, actual: String },
+    #[error("{path}: checksum mismatch for tensor {tensor:?}: expected {expected}, got {actual}{note}")]
+    Checksum { path: PathBuf, tensor: String, expected: String, actual: String, note: String },
     #[error("hook `{command}` failed: {reason}")]
     Hook { command: String, reason: String },
     #[error("{path}: lock busy: {reason}")]

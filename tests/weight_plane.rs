@@ -1312,6 +1312,13 @@ fn apply_checksum_mismatch_then_repair() {
     assert_local_is(&local, &c.ckpts[2], &c.models[2]);
     assert_eq!(state_version(&local), "000002");
     assert!(!intent_exists(&local));
+
+    // A bad payload in the OLDER of two folded deltas fails the newest one's checksum: the
+    // error names both files, not only the (good) newest.
+    let f1 = delta_file_of(&src, 1, UP0);
+    rewrite_payload(&f1, UP0, |raw| raw[0] ^= 0x40);
+    let local3 = t.join("local3");
+    apply(&local3, Some(&c.ckpts[0]), &src, "2", &[]).code(7).stderr_contains(UP0).stderr_contains(f1.s()).stderr_contains(f.s()).stderr_contains("folded");
 }
 
 #[test]
@@ -1388,7 +1395,14 @@ fn apply_base_checks() {
     // A BASE that lacks a tensor the delta patches: incompatible, named.
     let partial = t.join("partial-base");
     write_checkpoint(&partial, &model_without(&c.models[0], EMBED), 1);
-    apply(&t.join("local2"), Some(&partial), &src, "1", &[]).code(4).stderr_contains(EMBED);
+    let local2 = t.join("local2");
+    apply(&local2, Some(&partial), &src, "1", &[]).code(4).stderr_contains(EMBED);
+    // Refused before LOCAL was touched: still the clean seed of version 0, nothing to repair
+    // (the refusal used to leave an apply intent, and the next run reseeded).
+    assert_eq!(state_version(&local2), "000000");
+    assert!(!intent_exists(&local2), "no apply intent left");
+    let r = apply(&local2, Some(&partial), &src, "0", &["--json"]).ok().json();
+    assert_eq!((r["noop"].clone(), r["repaired"].clone()), (json!(true), json!(false)), "{r}");
 }
 
 #[test]
