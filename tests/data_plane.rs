@@ -64,10 +64,17 @@ fn parse_out(text: &str) -> Vec<(String, u64, String)> {
     text.lines()
         .map(|l| {
             let st = channel::check_line(l.as_bytes()).unwrap_or_else(|e| panic!("bad line {l}: {e}"));
-            let r = SampleRef::parse(l.as_bytes()).unwrap();
-            (st.producer, st.seq, r.sample_id)
+            (st.producer, st.seq, unstamped(l).sample_id)
         })
         .collect()
+}
+
+/// The ref a channel line carries, without its stamp, through every check a published ref
+/// passes (the stamp takes a ref at the size cap past it, so the stamped line is not a ref).
+fn unstamped(line: &str) -> SampleRef {
+    let mut v: Value = serde_json::from_str(line).unwrap();
+    v["metadata"].as_object_mut().unwrap().remove("disagg");
+    SampleRef::parse(v.to_string().as_bytes()).unwrap_or_else(|e| panic!("bad ref {line}: {e}"))
 }
 
 #[test]
@@ -479,6 +486,155 @@ fn specforge_single_file_layout() {
     assert_eq!(ids, vec!["plain", "s-0", "s-1", "s-2", "s-3"]);
     assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "5\n");
     assert!(ch.join(".consumer_done").exists());
+}
+
+/// A ref (compact, as `SampleRef::to_json` writes it) of exactly `len` bytes, padded in `metadata.pad`.
+fn ref_of_len(id: &str, version: u64, len: usize) -> String {
+    let mut r = sample_ref(id, Some(version));
+    r["metadata"]["pad"] = json!("");
+    let base = serde_json::from_value::<SampleRef>(r.clone()).unwrap().to_json().len();
+    r["metadata"]["pad"] = json!("x".repeat(len - base));
+    let text = serde_json::from_value::<SampleRef>(r).unwrap().to_json();
+    assert_eq!(text.len(), len);
+    text
+}
+
+/// The staleness check reads a line's version fields, not the whole ref through the ref size cap:
+/// a ref at the cap is past it once stamped, and that made every run of a staleness tail fail on
+/// it (exit 3), with the refs behind it never delivered.
+#[test]
+fn staleness_passes_refs_at_the_size_cap() {
+    let d = temp_dir("stale-cap");
+    let ch = d.join("ch");
+    let w = d.join("w");
+    fs::create_dir_all(&w).unwrap();
+    fs::write(w.join("latest"), "weight_v000005\n").unwrap();
+    let text = format!(
+        "{}\n{}\n{}\n",
+        ref_of_len("big", 5, 65_526),
+        ref_of_len("big-stale", 1, channel_max_ref()),
+        sample_ref("small", Some(5))
+    );
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "p0", "--close"], &text));
+    let ids = |o: &Output| parse_out(&ok(o)).into_iter().map(|l| l.2).collect::<Vec<_>>();
+    assert_eq!(ids(&run(TAIL, &[p(&ch)], "")), ["big", "big-stale", "small"]);
+    let stale = d.join("stale.jsonl");
+    let args = [p(&ch), "--cursor", "t2", "--max-staleness", "2", "--pointer", p(&w), "--stale-out", p(&stale)];
+    assert_eq!(ids(&run(TAIL, &args, "")), ["big", "small"]);
+    let dropped: Vec<String> = parse_out(&fs::read_to_string(&stale).unwrap()).into_iter().map(|l| l.2).collect();
+    assert_eq!(dropped, ["big-stale"]);
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/t2.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["p0"].consumed, c.delivered, c.stale), (3, 2, 1));
+    // Caught up: a rerun delivers nothing and succeeds.
+    assert!(ids(&run(TAIL, &args, "")).is_empty());
+}
+
+fn channel_max_ref() -> usize {
+    disagg::dataplane::sample_ref::MAX_REF_BYTES
+}
+
+/// The size cap is on the compact ref (what a channel line holds), not on the input text: a ref
+/// whose input leaves out defaults is refused when its compact form is over the cap (before, it
+/// was published, rc 0, as a line every reader skipped as too long: lost); a compact ref under
+/// the cap padded with whitespace is published. Every ref at the cap fits a line, even stamped
+/// with the longest producer name.
+#[test]
+fn publish_caps_the_compact_ref_and_every_line_fits() {
+    let d = temp_dir("cap");
+    // 40 feature specs without their optional fields: the compact form adds four per spec.
+    let mut r = sample_ref("specs", Some(1));
+    let specs: serde_json::Map<String, Value> =
+        (0..40).map(|i| (format!("f{i}"), json!({"name": format!("f{i}"), "shape": [1], "dtype": "int64"}))).collect();
+    r["feature_specs"] = Value::Object(specs);
+    r["metadata"]["pad"] = json!("");
+    let base = r.to_string().len();
+    r["metadata"]["pad"] = json!("x".repeat(65_526 - base));
+    let raw = r.to_string();
+    assert_eq!(raw.len(), 65_526);
+    let compact = serde_json::from_str::<SampleRef>(&raw).unwrap().to_json().len();
+    assert!(compact > channel_max_ref(), "{compact}");
+    let ch = d.join("ch");
+    let o = run(PUBLISH, &[p(&ch), "--producer", "p0", "--close"], &format!("{raw}\n"));
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 1") && err.contains(&format!("ref is {compact} bytes")), "{err}");
+    // Refused before anything was written, and not closed.
+    assert_eq!(published_now(&ch), 0);
+    assert!(!ch.join("producers/p0/closed").exists());
+
+    // 40 KB compact, 30 KB of whitespace around it: published, and delivered compact.
+    let small = ref_of_len("padded", 1, 40_000);
+    let padded = format!("{{{}{}{}", " ".repeat(15_000), &small[1..], " ".repeat(15_000));
+    assert!(padded.len() > channel_max_ref());
+    // At the cap, stamped with the longest producer name.
+    let long_name = "p".repeat(128);
+    let at_cap = ref_of_len("at-cap", 1, channel_max_ref());
+    let ch2 = d.join("ch2");
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", "p0", "--close"], &format!("{padded}\n")));
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", &long_name, "--close"], &format!("{at_cap}\n")));
+    let o = run(TAIL, &[p(&ch2), "--follow", "--json"], "");
+    let out = ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"corrupt\":0"), "{}", String::from_utf8_lossy(&o.stderr));
+    // Each line carries the ref as published, compact.
+    let mut got: Vec<(String, String)> = out.lines().map(|l| (channel::check_line(l.as_bytes()).unwrap().producer, unstamped(l).to_json())).collect();
+    got.sort();
+    assert!(got == [("p0".to_string(), small), (long_name, at_cap)], "not the refs as published");
+}
+
+/// Single-file layout, several ranks: `.consumed_count` is the group's total, and the producer's
+/// backpressure counts every rank. Before, each rank overwrote it with its own count, so a
+/// producer with --max-in-flight stalled for good once the ranks had each taken their share.
+#[test]
+fn single_file_backpressure_counts_every_rank() {
+    let d = temp_dir("sf-ranks");
+    let ch = d.join("ch5");
+    fs::create_dir_all(&ch).unwrap();
+    fs::write(ch.join("refs.jsonl"), "").unwrap();
+    let mut tails: Vec<std::process::Child> = (0..2)
+        .map(|r| {
+            Command::new(TAIL)
+                .args([p(&ch), "--cursor", "t", "--follow", "--idle-timeout", "15", "--rank", &r.to_string(), "--world", "2"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut prod = Command::new(PUBLISH)
+        .args([p(&ch), "--layout", "single-file", "--producer", "sf", "--max-in-flight", "8", "--close"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    prod.stdin.take().unwrap().write_all(refs_text("r", 40).as_bytes()).unwrap();
+    let start = Instant::now();
+    let code = loop {
+        if let Some(st) = prod.try_wait().unwrap() {
+            break st.code();
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let count = fs::read_to_string(ch.join(".consumed_count")).unwrap_or_default();
+            for c in tails.iter_mut().chain([&mut prod]) {
+                kill9(c);
+            }
+            panic!("producer stalled: {} refs published, .consumed_count {count:?}", published_now(&ch));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(code, Some(0));
+    let mut ids = Vec::new();
+    for t in tails {
+        let o = t.wait_with_output().unwrap();
+        let got: Vec<String> = ok(&o).lines().map(|l| SampleRef::parse(l.as_bytes()).unwrap().sample_id).collect();
+        assert!(!got.is_empty() && got.len() < 40, "both ranks take a share: {}", got.len());
+        ids.extend(got);
+    }
+    ids.sort();
+    let mut want: Vec<String> = (0..40).map(|i| format!("r-{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want);
+    assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "40\n");
+    assert_eq!(channel::consumed_by_single_file_cursors(&ch).unwrap(), 40);
 }
 
 fn expected() -> Value {

@@ -20,7 +20,7 @@
 //! SpecForge's single-file layout (`refs.jsonl`, `.closed`, `.failed`, `.consumed_count`,
 //! `.consumer_done`, `.consumer_failed`) is read and written with [`Layout::SingleFile`].
 
-use super::sample_ref::{SampleRef, MAX_REF_BYTES};
+use super::sample_ref::{oldest_weight_version_in, SampleRef, MAX_REF_BYTES, MAX_REF_TEXT_BYTES};
 use super::staleness;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
@@ -40,10 +40,20 @@ pub const CLOSED_FILE: &str = "closed";
 pub const FAILED_FILE: &str = "failed";
 /// SpecForge's single-file layout.
 pub const SINGLE_FILE: &str = "refs.jsonl";
+/// Single-file layout: refs acknowledged by the consumer group, decimal + `\n`.
+pub const CONSUMED_COUNT: &str = ".consumed_count";
+/// Single-file layout: cursor files are `CHANNEL/.cursor-<name>[.r<rank>of<world>].json`.
+const SINGLE_FILE_CURSOR_PREFIX: &str = ".cursor-";
 /// A producer starts a new segment once its current one is this large.
 pub const SEGMENT_MAX_BYTES: u64 = 64 << 20;
 /// A line longer than this is corrupt (a ref is at most [`MAX_REF_BYTES`] plus our metadata).
 pub const MAX_LINE_BYTES: usize = MAX_REF_BYTES + 512;
+/// Most bytes the stamp adds to a compact ref: `,"disagg":{"producer":"` + name + `","seq":` +
+/// 20 digits + `,"xxh3":"` + 16 digits + `"}}}`, less the `}}` it replaces.
+pub const MAX_STAMP_BYTES: usize = 58 + MAX_NAME_BYTES + 20;
+// Every ref the publisher accepts must fit a line the reader accepts, stamp included: a ref at
+// the cap that became a "corrupt" line would be lost after `ref-publish` said it was published.
+const _: () = assert!(MAX_REF_BYTES + MAX_STAMP_BYTES <= MAX_LINE_BYTES);
 /// How often a running producer rewrites its heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest producer, cursor or consumer name.
@@ -392,12 +402,17 @@ impl RefProducer {
         match self.layout {
             Layout::Segments => consumed_by_cursors(&self.channel, &self.name),
             Layout::SingleFile => {
-                let path = self.channel.join(".consumed_count");
-                match fs::read_to_string(&path) {
-                    Ok(s) => s.trim().parse().map_err(|_| Error::bad_input(&path, format!("{:?} is not a count", s.trim()))),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-                    Err(e) => Err(Error::io(&path, e)),
-                }
+                let path = self.channel.join(CONSUMED_COUNT);
+                let count: u64 = match fs::read_to_string(&path) {
+                    Ok(s) => s.trim().parse().map_err(|_| Error::bad_input(&path, format!("{:?} is not a count", s.trim())))?,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                    Err(e) => return Err(Error::io(&path, e)),
+                };
+                // `.consumed_count` is what a SpecForge consumer writes. ref-tail's ranks write it
+                // too, as their group's total, but their writes race: it can miss a rank's last
+                // batch until a later write. Their cursors are exact, so take whichever says more
+                // (one consumer group per channel: they never both count).
+                Ok(count.max(consumed_by_single_file_cursors(&self.channel)?))
             }
         }
     }
@@ -409,7 +424,9 @@ impl RefProducer {
         }
         let mut buf = Vec::with_capacity(refs.len() * 700);
         for (i, r) in refs.iter().enumerate() {
+            let start = buf.len();
             encode_line_into(&mut buf, r, &self.name, self.next_seq + i as u64);
+            check_encoded_len(buf.len() - start).map_err(|e| Error::bad_input(&self.dir, format!("ref {}: {e}", r.sample_id)))?;
         }
         self.append_encoded(&buf, refs.len() as u64)
     }
@@ -486,29 +503,95 @@ impl Drop for RefProducer {
 
 /// Sum of `consumed` for `producer` over every cursor file of the channel.
 pub fn consumed_by_cursors(channel: &Path, producer: &str) -> Result<u64> {
-    let dir = channel.join(CURSORS_DIR);
-    let rd = match fs::read_dir(&dir) {
+    sum_consumed(&channel.join(CURSORS_DIR), |name| !fsio::is_temp_name(name) && name.ends_with(".json"), producer)
+}
+
+/// Sum of `consumed` over every cursor file (`CHANNEL/.cursor-*.json`) of a single-file channel.
+/// (A temp file of a cursor is named `..cursor-…` and never ends in `.json`.)
+pub fn consumed_by_single_file_cursors(channel: &Path) -> Result<u64> {
+    sum_consumed(channel, |name| name.starts_with(SINGLE_FILE_CURSOR_PREFIX) && name.ends_with(".json"), SINGLE_FILE)
+}
+
+/// Sum of `consumed` for `producer` over the cursor files in `dir` whose names `is_cursor` takes.
+fn sum_consumed(dir: &Path, is_cursor: impl Fn(&str) -> bool, producer: &str) -> Result<u64> {
+    let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(Error::io(&dir, e)),
+        Err(e) => return Err(Error::io(dir, e)),
     };
     let mut total = 0u64;
     for ent in rd {
-        let ent = ent.at(&dir)?;
+        let ent = ent.at(dir)?;
         let name = ent.file_name().to_string_lossy().into_owned();
-        if fsio::is_temp_name(&name) || !name.ends_with(".json") {
+        if !is_cursor(&name) {
             continue;
         }
-        let path = ent.path();
-        let text = match fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(&path, e)),
+        let c = match read_cursor(&ent.path())? {
+            Some(c) => c,
+            None => continue,
         };
-        let c: Cursor = serde_json::from_slice(&text).map_err(|e| Error::bad_input(&path, format!("not a cursor: {e}")))?;
         total = total.saturating_add(c.producers.get(producer).map_or(0, |p| p.consumed));
     }
     Ok(total)
+}
+
+/// A cursor file; None if there is none.
+fn read_cursor(path: &Path) -> Result<Option<Cursor>> {
+    let text = match fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    serde_json::from_slice(&text).map(Some).map_err(|e| Error::bad_input(path, format!("not a cursor: {e}")))
+}
+
+/// The file name of cursor `name` for `rank` of `world` (in `cursors/`; single file: after `.cursor-`).
+fn cursor_file_name(name: &str, rank: u64, world: u64) -> String {
+    if world > 1 {
+        format!("{name}.r{rank}of{world}.json")
+    } else {
+        format!("{name}.json")
+    }
+}
+
+/// How many tries [`write_consumed_count`] makes to write a total no other rank changed meanwhile.
+const CONSUMED_COUNT_TRIES: usize = 4;
+/// How often an idle, following rank re-derives its group's `.consumed_count` (world > 1).
+const CONSUMED_COUNT_REFRESH: Duration = Duration::from_millis(100);
+
+/// Write a single-file channel's `.consumed_count`: the total over the ranks of the cursor group,
+/// `own` (this rank's committed count) plus what the other ranks' cursor files say. Each rank
+/// writes it, so a SpecForge producer (which reads only this file) sees the group's progress,
+/// not one rank's. Ranks' writes race (read the others, then write): after writing, the others
+/// are read again and the total rewritten if they moved, so the last write of all is the true
+/// total unless a rank gave up after [`CONSUMED_COUNT_TRIES`] (a busy rank writes again itself;
+/// idle ones re-derive it every [`CONSUMED_COUNT_REFRESH`], with `only_if_changed`: no write
+/// when the file already says it).
+fn write_consumed_count(opts: &TailOptions, name: &str, own: u64, only_if_changed: bool) -> Result<()> {
+    let others = || -> Result<u64> {
+        let mut total = 0u64;
+        for rank in (0..opts.world).filter(|&r| r != opts.rank) {
+            let path = opts.channel.join(format!("{SINGLE_FILE_CURSOR_PREFIX}{}", cursor_file_name(name, rank, opts.world)));
+            if let Some(c) = read_cursor(&path)? {
+                total = total.saturating_add(c.producers.values().map(|p| p.consumed).sum());
+            }
+        }
+        Ok(total)
+    };
+    let path = opts.channel.join(CONSUMED_COUNT);
+    let mut seen = others()?;
+    if only_if_changed && fs::read(&path).is_ok_and(|b| b == format!("{}\n", own.saturating_add(seen)).as_bytes()) {
+        return Ok(());
+    }
+    for _ in 0..CONSUMED_COUNT_TRIES {
+        fsio::write_atomic(&path, format!("{}\n", own.saturating_add(seen)).as_bytes())?;
+        let now = others()?;
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    Ok(())
 }
 
 /// Options of `ref-publish`.
@@ -543,6 +626,16 @@ pub fn low_watermark(n: u64) -> u64 {
     n - n / 4
 }
 
+/// Refuse an encoded line (`len` bytes with its newline) that readers would reject as too long.
+/// A checked ref always fits (see [`MAX_STAMP_BYTES`]); this holds the writer to the reader's
+/// bound, before anything is written, whatever a future field or check changes.
+fn check_encoded_len(len: usize) -> std::result::Result<(), String> {
+    if len - 1 > MAX_LINE_BYTES {
+        return Err(format!("its channel line would be {} bytes, more than the {MAX_LINE_BYTES} readers accept", len - 1));
+    }
+    Ok(())
+}
+
 /// Lines one worker parses and encodes at a time.
 const ENCODE_CHUNK: usize = 512;
 
@@ -556,7 +649,9 @@ fn encode_batch(todo: &[(u64, &[u8])], producer: &str, base: u64) -> Result<(Vec
         let mut ends = Vec::with_capacity(chunk.len());
         for (k, (line_no, l)) in chunk.iter().enumerate() {
             let r = SampleRef::parse(l).map_err(|e| (*line_no, e.to_string()))?;
+            let start = buf.len();
             encode_line_into(&mut buf, &r, producer, base + (ci * ENCODE_CHUNK + k) as u64);
+            check_encoded_len(buf.len() - start).map_err(|e| (*line_no, e))?;
             ends.push(buf.len());
         }
         Ok((buf, ends))
@@ -660,8 +755,10 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
         let base = p.published();
         let (encoded, ends) = encode_batch(&todo, &p.name, base)?;
         pending.drain(..used);
-        if stopped.is_none() && pending.len() > MAX_LINE_BYTES {
-            return Err(Error::bad_input("<stdin>", format!("line {} is longer than {MAX_LINE_BYTES} bytes", line_no + 1)));
+        // An input line is bounded by the text a ref may be read from, not by the channel line:
+        // whitespace does not count against a ref (its compact form is what is checked).
+        if stopped.is_none() && pending.len() > MAX_REF_TEXT_BYTES {
+            return Err(Error::bad_input("<stdin>", format!("line {} is longer than {MAX_REF_TEXT_BYTES} bytes", line_no + 1)));
         }
         let mut done = 0usize;
         while done < ends.len() {
@@ -811,10 +908,10 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
         return Err(Error::not_found(&opts.channel, "no such channel directory"));
     }
     let cursor_path = opts.cursor.as_ref().map(|c| {
-        let file = if opts.world > 1 { format!("{c}.r{}of{}.json", opts.rank, opts.world) } else { format!("{c}.json") };
+        let file = cursor_file_name(c, opts.rank, opts.world);
         match layout {
             Layout::Segments => opts.channel.join(CURSORS_DIR).join(file),
-            Layout::SingleFile => opts.channel.join(format!(".cursor-{file}")),
+            Layout::SingleFile => opts.channel.join(format!("{SINGLE_FILE_CURSOR_PREFIX}{file}")),
         }
     });
     let mut cursor = Cursor { schema_version: 1, rank: opts.rank, world: opts.world, ..Default::default() };
@@ -845,6 +942,8 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
     let mut last_activity = Instant::now();
     let mut sleep = Duration::from_micros(250);
     let mut outbuf: Vec<u8> = Vec::with_capacity(1 << 20);
+    // Single file: when this rank last wrote (or checked) `.consumed_count`; None: never.
+    let mut consumed_count: Option<Instant> = None;
     loop {
         // A stop signal (crate::stop) ends the tail here, where everything printed is covered
         // by the committed cursor: a stopped tail never prints a ref again when it restarts.
@@ -941,8 +1040,9 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                 }
                 fsio::write_atomic(path, format!("{}\n", serde_json::to_string(&cursor).expect("serializes")).as_bytes())?;
                 if layout == Layout::SingleFile {
-                    let consumed: u64 = cursor.producers.values().map(|p| p.consumed).sum();
-                    fsio::write_atomic(opts.channel.join(".consumed_count"), format!("{consumed}\n").as_bytes())?;
+                    let own: u64 = cursor.producers.values().map(|p| p.consumed).sum();
+                    write_consumed_count(opts, &cursor.name, own, false)?;
+                    consumed_count = Some(Instant::now());
                 }
             }
         }
@@ -962,6 +1062,14 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
         if !opts.follow {
             flush_out(out, &mut outbuf)?;
             return Ok(summary);
+        }
+        // Idle while other ranks may still be acknowledging: a write of theirs that raced with
+        // this rank's last one can leave `.consumed_count` short, which would hold a SpecForge
+        // producer back for good. Only a rank that wrote it once re-derives it.
+        if consumed_count.is_some_and(|at| opts.world > 1 && at.elapsed() >= CONSUMED_COUNT_REFRESH) {
+            let own: u64 = cursor.producers.values().map(|p| p.consumed).sum();
+            write_consumed_count(opts, &cursor.name, own, true)?;
+            consumed_count = Some(Instant::now());
         }
         if let Some(limit) = opts.idle_timeout {
             if last_activity.elapsed() > limit {
@@ -1127,8 +1235,16 @@ fn read_stream(
             acked = true;
             s.pos.consumed += 1;
             if let (Some(latest), Some(k)) = (latest, opts.max_staleness) {
-                let r = SampleRef::parse(line).map_err(|e| Error::bad_input(&path, format!("line with seq {seq}: {e}")))?;
-                if staleness::is_stale(&r, latest, k) {
+                // Only the version fields are read: the line passed its checks above, and
+                // SampleRef::parse would refuse a ref at MAX_REF_BYTES once stamped (the stamp
+                // is what MAX_LINE_BYTES leaves room for). A version that cannot be read is not
+                // fatal either (the line would be delivered without --max-staleness): the ref
+                // is delivered as unversioned, with a warning.
+                let oldest = oldest_weight_version_in(line).unwrap_or_else(|e| {
+                    eprintln!("ref-tail: warning: {}: line with seq {seq}: weight version unreadable, delivered as unversioned: {e}", path.display());
+                    None
+                });
+                if staleness::is_stale_version(oldest, latest, k) {
                     summary.stale += 1;
                     cursor.stale += 1;
                     if let Some((f, p)) = stale_out {
@@ -1307,6 +1423,23 @@ mod tests {
                 assert_eq!(check_line(line).unwrap(), LineStamp { producer: producer.to_string(), seq });
             }
         }
+    }
+
+    /// A ref at MAX_REF_BYTES stamped with the longest name and seq is a line readers accept,
+    /// and its version reads from the line (the stamped line is over the ref cap).
+    #[test]
+    fn a_ref_at_the_cap_fits_a_line() {
+        let mut r = parse(r#"{"sample_id":"s0","feature_store_uri":"file:///x","feature_keys":{},"schema_version":1,"metadata":{"weight_version":7,"pad":""}}"#);
+        r.metadata.insert("pad".into(), "x".repeat(MAX_REF_BYTES - r.compact_len()).into());
+        assert_eq!(r.to_json().len(), MAX_REF_BYTES);
+        r.check().unwrap();
+        let line = encode_line(&r, &"p".repeat(MAX_NAME_BYTES), u64::MAX);
+        assert_eq!(line.len(), MAX_REF_BYTES + MAX_STAMP_BYTES, "MAX_STAMP_BYTES is the stamp's exact worst case");
+        assert!(check_line(line.as_bytes()).is_ok());
+        assert!(check_encoded_len(line.len() + 1).is_ok());
+        assert!(check_encoded_len(MAX_LINE_BYTES + 2).is_err());
+        assert_eq!(oldest_weight_version_in(line.as_bytes()), Ok(Some(7)));
+        assert!(matches!(SampleRef::parse(line.as_bytes()), Err(super::super::sample_ref::RefError::TooLarge(_))));
     }
 
     #[test]

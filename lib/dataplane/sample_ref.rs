@@ -14,8 +14,15 @@ use std::collections::BTreeMap;
 
 /// The only schema version this module reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
-/// A ref larger than this (compact JSON bytes) is refused: refs carry keys, not tensors.
+/// A ref larger than this (compact JSON bytes, as [`SampleRef::to_json`] writes it) is refused:
+/// refs carry keys, not tensors. The limit is on the compact form, never on the text a ref was
+/// read from: that is what a channel line holds, and what bounds the line (see
+/// `channel::MAX_LINE_BYTES`), whatever whitespace, escapes or omitted defaults the input had.
 pub const MAX_REF_BYTES: usize = 64 * 1024;
+/// Longest JSON text [`SampleRef::parse`] reads (whitespace and escapes included). Only a bound
+/// on the work done before the compact size can be known: it is far above any compact ref, so
+/// input text in any legal formatting of a ref under [`MAX_REF_BYTES`] is read.
+pub const MAX_REF_TEXT_BYTES: usize = 1 << 20;
 /// The longest array allowed anywhere in a ref (shapes, version spans); longer ones look like data.
 pub const MAX_INLINE_ARRAY: usize = 64;
 /// The deepest JSON nesting allowed in a ref.
@@ -80,6 +87,8 @@ pub enum RefError {
     Json(String),
     #[error("ref is {0} bytes, more than the {MAX_REF_BYTES}-byte limit (refs must not carry tensors)")]
     TooLarge(usize),
+    #[error("ref text is {0} bytes, more than the {MAX_REF_TEXT_BYTES} bytes read for one ref (refs must not carry tensors)")]
+    TextTooLarge(usize),
     #[error("array at {0} has {1} elements, more than {MAX_INLINE_ARRAY} (refs must not carry tensors)")]
     InlineArray(String, usize),
     #[error("JSON nested deeper than {MAX_DEPTH} at {0}")]
@@ -91,10 +100,12 @@ pub enum RefError {
 }
 
 impl SampleRef {
-    /// Parse one ref from JSON text and check it.
+    /// Parse one ref from JSON text and check it, its size included: the size checked is that of
+    /// its compact form ([`SampleRef::to_json`]), which may be smaller than `text` (whitespace,
+    /// escapes) or larger (fields left out take their defaults, e.g. four per feature spec).
     pub fn parse(text: &[u8]) -> Result<SampleRef, RefError> {
-        if text.len() > MAX_REF_BYTES {
-            return Err(RefError::TooLarge(text.len()));
+        if text.len() > MAX_REF_TEXT_BYTES {
+            return Err(RefError::TextTooLarge(text.len()));
         }
         // Fast path: one typed parse, then the tensor-free check on the few untyped parts of
         // the result. A typed parse that succeeds yields the very struct the checked path below
@@ -106,6 +117,7 @@ impl SampleRef {
             if let Ok(r) = serde_json::from_str::<SampleRef>(text) {
                 if r.tensor_free_typed() {
                     r.check_fields()?;
+                    r.check_size()?;
                     return Ok(r);
                 }
             }
@@ -119,6 +131,7 @@ impl SampleRef {
         check_tensor_free(&value, "$", 0)?;
         let r: SampleRef = serde_json::from_value(value).map_err(|e| RefError::Json(e.to_string()))?;
         r.check_fields()?;
+        r.check_size()?;
         Ok(r)
     }
 
@@ -134,12 +147,34 @@ impl SampleRef {
     /// The checks every writer runs: schema, ids, tensor-free.
     pub fn check(&self) -> Result<(), RefError> {
         self.check_fields()?;
+        self.check_size()?;
         let value = serde_json::to_value(self).map_err(|e| RefError::Json(e.to_string()))?;
-        let len = value.to_string().len();
+        check_tensor_free(&value, "$", 0)
+    }
+
+    /// The length of [`SampleRef::to_json`], counted without building the string.
+    pub fn compact_len(&self) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0 += b.len();
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut n = Count(0);
+        serde_json::to_writer(&mut n, self).expect("a SampleRef always serializes");
+        n.0
+    }
+
+    fn check_size(&self) -> Result<(), RefError> {
+        let len = self.compact_len();
         if len > MAX_REF_BYTES {
             return Err(RefError::TooLarge(len));
         }
-        check_tensor_free(&value, "$", 0)
+        Ok(())
     }
 
     fn check_fields(&self) -> Result<(), RefError> {
@@ -157,15 +192,7 @@ impl SampleRef {
                 return Err(RefError::Field("feature_specs", format!("key {name:?} names spec {:?}", spec.name)));
             }
         }
-        if let Some(v) = self.metadata.get("weight_version") {
-            if !v.is_u64() {
-                return Err(RefError::Field("metadata.weight_version", format!("{v} is not a non-negative integer")));
-            }
-        }
-        if let Some(v) = self.metadata.get("weight_versions") {
-            parse_span(v).ok_or_else(|| RefError::Field("metadata.weight_versions", format!("{v} is not [min, max]")))?;
-        }
-        Ok(())
+        check_versions(&self.metadata)
     }
 
     /// Compact JSON, one line, no newline.
@@ -176,11 +203,42 @@ impl SampleRef {
     /// The oldest weight version this ref's sample was generated with: the minimum of
     /// `metadata.weight_versions` when present, else `metadata.weight_version`; None if unversioned.
     pub fn oldest_weight_version(&self) -> Option<u64> {
-        if let Some(span) = self.metadata.get("weight_versions").and_then(parse_span) {
-            return Some(span.0);
-        }
-        self.metadata.get("weight_version").and_then(Value::as_u64)
+        oldest_version(&self.metadata)
     }
+}
+
+/// [`SampleRef::oldest_weight_version`] of the ref in `text`, with the version fields checked as
+/// [`SampleRef::parse`] checks them, but reading nothing else: no size cap, no other field. For
+/// channel lines that already passed their own checks, whose stamp can take a ref at
+/// [`MAX_REF_BYTES`] past that cap (the line's own bound is `channel::MAX_LINE_BYTES`).
+pub fn oldest_weight_version_in(text: &[u8]) -> Result<Option<u64>, RefError> {
+    #[derive(Deserialize)]
+    struct Metadata {
+        #[serde(default)]
+        metadata: Map<String, Value>,
+    }
+    let m: Metadata = serde_json::from_slice(text).map_err(|e| RefError::Json(e.to_string()))?;
+    check_versions(&m.metadata)?;
+    Ok(oldest_version(&m.metadata))
+}
+
+fn check_versions(metadata: &Map<String, Value>) -> Result<(), RefError> {
+    if let Some(v) = metadata.get("weight_version") {
+        if !v.is_u64() {
+            return Err(RefError::Field("metadata.weight_version", format!("{v} is not a non-negative integer")));
+        }
+    }
+    if let Some(v) = metadata.get("weight_versions") {
+        parse_span(v).ok_or_else(|| RefError::Field("metadata.weight_versions", format!("{v} is not [min, max]")))?;
+    }
+    Ok(())
+}
+
+fn oldest_version(metadata: &Map<String, Value>) -> Option<u64> {
+    if let Some(span) = metadata.get("weight_versions").and_then(parse_span) {
+        return Some(span.0);
+    }
+    metadata.get("weight_version").and_then(Value::as_u64)
 }
 
 fn parse_span(v: &Value) -> Option<(u64, u64)> {
@@ -242,6 +300,41 @@ mod tests {
 
     fn nest(depth: usize) -> String {
         format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// The size cap applies to the compact form, not to the text: whitespace does not count,
+    /// left-out defaults do, and only text past MAX_REF_TEXT_BYTES is refused unread.
+    #[test]
+    fn size_cap_is_on_the_compact_form() {
+        let base = r#""sample_id":"s0","feature_store_uri":"file:///x","feature_keys":{"h":"k"},"schema_version":1"#;
+        let padded = format!("{{{}{base}}}", " ".repeat(MAX_REF_BYTES));
+        let r = SampleRef::parse(padded.as_bytes()).unwrap();
+        assert!(r.to_json().len() < 400);
+        assert_eq!(r.compact_len(), r.to_json().len());
+        // Specs without their optional fields: under the cap as text, over it compact.
+        let specs: Vec<String> = (0..40).map(|i| format!(r#""f{i}":{{"name":"f{i}","shape":[1],"dtype":"int64"}}"#)).collect();
+        let mut text = format!(r#"{{{base},"feature_specs":{{{}}},"metadata":{{"pad":""}}}}"#, specs.join(","));
+        let fill = MAX_REF_BYTES - 10 - text.len();
+        text = text.replace(r#""pad":"""#, &format!(r#""pad":"{}""#, "x".repeat(fill)));
+        assert!(text.len() < MAX_REF_BYTES);
+        let compact = serde_json::from_str::<SampleRef>(&text).unwrap().to_json().len();
+        assert!(compact > MAX_REF_BYTES);
+        assert_eq!(SampleRef::parse(text.as_bytes()), Err(RefError::TooLarge(compact)));
+        assert_eq!(SampleRef::parse_checked(text.as_bytes()), Err(RefError::TooLarge(compact)));
+        let huge = format!("{{{}{base}}}", " ".repeat(MAX_REF_TEXT_BYTES));
+        assert_eq!(SampleRef::parse(huge.as_bytes()), Err(RefError::TextTooLarge(huge.len())));
+    }
+
+    #[test]
+    fn versions_read_from_text() {
+        let base = r#""sample_id":"s0","feature_store_uri":"file:///x","feature_keys":{},"schema_version":1"#;
+        let v = |meta: &str| oldest_weight_version_in(format!("{{{base},\"metadata\":{meta}}}").as_bytes());
+        assert_eq!(v(r#"{"weight_version":3}"#), Ok(Some(3)));
+        assert_eq!(v(r#"{"weight_version":3,"weight_versions":[1,4]}"#), Ok(Some(1)));
+        assert_eq!(v(r#"{"x":[1,2]}"#), Ok(None));
+        assert!(v(r#"{"weight_version":-1}"#).is_err());
+        assert!(v(r#"{"weight_versions":[4,1]}"#).is_err());
+        assert_eq!(oldest_weight_version_in(format!("{{{base}}}").as_bytes()), Ok(None));
     }
 
     /// The fast path accepts exactly what the checked path accepts, with the same result.

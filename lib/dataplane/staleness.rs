@@ -18,7 +18,12 @@ pub fn read_latest_version(src: &Path) -> Result<u64> {
 
 /// True when `r` was generated with weights older than `latest - max_staleness`.
 pub fn is_stale(r: &SampleRef, latest: u64, max_staleness: u64) -> bool {
-    match r.oldest_weight_version() {
+    is_stale_version(r.oldest_weight_version(), latest, max_staleness)
+}
+
+/// [`is_stale`] of a ref whose oldest weight version is `oldest` (None: unversioned).
+pub fn is_stale_version(oldest: Option<u64>, latest: u64, max_staleness: u64) -> bool {
+    match oldest {
         Some(v) => v < latest.saturating_sub(max_staleness),
         None => false,
     }
