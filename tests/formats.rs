@@ -168,6 +168,34 @@ fn scratch_spill_budget_is_the_documented_one() {
     assert_eq!(disagg::diff::IN_MEMORY_BUDGET % (1 << 20), 0);
 }
 
+#[test]
+fn ckpt_limits_are_the_documented_ones() {
+    use disagg::dataplane::torch_ckpt as c;
+    let doc: Vec<(String, u64)> = block("ckpt-limits")
+        .lines()
+        .skip(2)
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            (cells[1].to_string(), cells[2].parse().unwrap())
+        })
+        .collect();
+    let code: Vec<(String, u64)> = [
+        ("MAX_DECOMPRESSED_BYTES", c::MAX_DECOMPRESSED_BYTES),
+        ("MAX_PICKLE_BYTES", c::MAX_PICKLE_BYTES),
+        ("MAX_PICKLE_VALUE_BYTES", c::MAX_PICKLE_VALUE_BYTES as u64),
+        ("MAX_PICKLE_DEPTH", c::MAX_PICKLE_DEPTH as u64),
+        ("MAX_STACK", c::MAX_STACK as u64),
+        ("MAX_MEMO", c::MAX_MEMO as u64),
+        ("MAX_DIMS", c::MAX_DIMS as u64),
+        ("MAX_ZIP_ENTRIES", c::MAX_ZIP_ENTRIES as u64),
+        ("MAX_EXPANDED_BYTES", c::MAX_EXPANDED_BYTES),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), v))
+    .collect();
+    assert_eq!(doc, code);
+}
+
 /// Every tool's `--help` ends with examples that run it and its exit codes (the project's CLI
 /// convention; the codes themselves are in the exit-code table above).
 #[test]
