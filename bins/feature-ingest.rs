@@ -9,7 +9,7 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(
     version,
-    after_help = "Examples:\n  feature-ingest /data/hidden_states --store /shared/store --manifest /shared/refs.json\n  feature-ingest /data/hs --store /shared/store --publish /shared/ch --producer ingest --mode move\n\nInvalid files (truncated, corrupt, NaN) are reported and skipped (exit 0) unless --strict (exit 3).\n\nExit codes: 0 ok, 2 usage, 3 a bad file with --strict, 6 input not found, 10 I/O (store quota\nincluded), 130/143 stopped by SIGINT/SIGTERM between files or in a quota wait: what is stored\nstays, nothing is published, and a rerun skips the stored files."
+    after_help = "Examples:\n  feature-ingest /data/hidden_states --store /shared/store --manifest /shared/refs.json\n  feature-ingest /data/hs --store /shared/store --publish /shared/ch --producer ingest --mode move\n\nInvalid files (truncated, corrupt, NaN) are reported and skipped (exit 0) unless --strict (exit 3).\n\nExit codes: 0 ok, 2 usage, 3 a bad file with --strict, 6 input not found, 10 I/O (store quota\nincluded), 130/143 stopped by SIGINT/SIGTERM between files or in a quota wait: what is stored\nstays, nothing is published, and a rerun skips the stored files.\n\n--mode move removes the sources only once every ref is in the manifest (and its PATH.moved\njournal, which keeps the refs of moved files on a rerun) or published in the closed stream."
 )]
 struct Args {
     /// A feature file or a directory walked recursively.
@@ -32,7 +32,8 @@ struct Args {
     /// Producer name when publishing.
     #[arg(long, default_value = "ingest")]
     producer: String,
-    /// copy (default), link (hard link .safetensors, no extra disk) or move (remove sources).
+    /// copy (default), link (hard link .safetensors, no extra disk) or move (remove the sources
+    /// once their refs are written).
     #[arg(long, value_enum, default_value = "copy")]
     mode: ModeArg,
     /// SampleRef strategy.

@@ -741,7 +741,6 @@ fn ingest_committed_torch_fixtures_every_tensor() {
 }
 
 /// Files under `dir` whose name ends in `suffix`.
-#[cfg(feature = "failpoints")]
 fn count_files(dir: &Path, suffix: &str) -> usize {
     let Ok(rd) = fs::read_dir(dir) else { return 0 };
     rd.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { count_files(&p, suffix) } else { usize::from(p.to_string_lossy().ends_with(suffix)) }).sum()
@@ -927,6 +926,159 @@ fn ingest_skips_a_file_whose_tensor_names_cannot_be_stored() {
     assert_eq!(m.refs.len(), 1, "the good file's ref is in the manifest");
     let o = run(INGEST, &[p(&input), "--store", p(&d.join("store2")), "--strict"], "");
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+const GOOD_CKPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/features/rows_0-2000/data_0.ckpt");
+const GOOD_SAFETENSORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/features/rows_0-2000/data_3.safetensors");
+
+/// `INPUT/s0.ckpt` .. `s{n-1}.ckpt`, each a copy of one valid feature file.
+fn move_input(d: &Path, n: usize) -> PathBuf {
+    let input = d.join("in");
+    fs::create_dir_all(&input).unwrap();
+    for i in 0..n {
+        fs::copy(GOOD_CKPT, input.join(format!("s{i}.ckpt"))).unwrap();
+    }
+    input
+}
+
+/// Sample ids of the refs that the manifest, or the channel read from its start, holds.
+fn ref_ids(manifest: Option<&Path>, ch: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = match manifest {
+        Some(m) => serde_json::from_slice::<Manifest>(&fs::read(m).unwrap()).unwrap().refs.into_iter().map(|r| r.sample_id).collect(),
+        None => parse_out(&ok(&run(TAIL, &[p(ch), "--follow"], ""))).into_iter().map(|x| x.2).collect(),
+    };
+    ids.sort();
+    ids
+}
+
+fn names(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+/// `--mode move` removed each source as soon as its object was stored, before any ref to it
+/// was written: an ingest that then failed (here the quota) left those samples in the store
+/// with no ref, and the rerun, which lists refs from INPUT, published or wrote only the rest
+/// (and a rerun of one that had finished exited 5: "already closed with 4 refs; this ingest
+/// has 0"). Sources now go only once their refs are committed, and a manifest's journal keeps
+/// the refs of what a move removed, so every rerun ends with all of them.
+#[test]
+fn ingest_move_rerun_after_a_failure_loses_no_ref() {
+    let d = temp_dir("ingest-move-rerun");
+    // The size of one stored object, for a quota that holds exactly two.
+    let probe = d.join("probe");
+    ok(&run(INGEST, &[GOOD_CKPT, "--store", p(&probe.join("store")), "--manifest", p(&probe.join("refs.json"))], ""));
+    let m: Manifest = serde_json::from_slice(&fs::read(probe.join("refs.json")).unwrap()).unwrap();
+    let one = fs::metadata(probe.join("store").join(m.refs[0].metadata["store_key"].as_str().unwrap())).unwrap().len();
+    let quota = (one * 5 / 2).to_string();
+    let all = names(&["s0", "s1", "s2", "s3"]);
+    for publish in [true, false] {
+        let d = d.join(if publish { "publish" } else { "manifest" });
+        let input = move_input(&d, 4);
+        let (store, ch, manifest) = (d.join("store"), d.join("ch"), d.join("refs.json"));
+        let out = |extra: &[&str]| {
+            let mut args = vec![p(&input), "--store", p(&store), "--mode", "move"];
+            args.extend(if publish { ["--publish", p(&ch)] } else { ["--manifest", p(&manifest)] });
+            args.extend(extra);
+            run(INGEST, &args, "")
+        };
+        let o = out(&["--quota-bytes", &quota]);
+        assert_eq!(o.status.code(), Some(10), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(count_files(&store, ".safetensors"), 2);
+        assert_eq!(count_files(&input, ".ckpt"), 4, "a source moved before any ref to it was written");
+        ok(&out(&[]));
+        let m = (!publish).then_some(manifest.as_path());
+        assert_eq!(ref_ids(m, &ch), all);
+        assert_eq!(count_files(&input, ".ckpt"), 0, "moved");
+        // Again, with nothing left in INPUT: the same refs, exit 0.
+        ok(&out(&[]));
+        assert_eq!(ref_ids(m, &ch), all);
+        if !publish {
+            // A file added later joins the manifest; the moved ones stay in it. A .safetensors
+            // file is hard-linked into the store, its source removed after the manifest.
+            fs::copy(GOOD_SAFETENSORS, input.join("t.safetensors")).unwrap();
+            ok(&out(&[]));
+            assert_eq!(ref_ids(m, &ch), names(&["s0", "s1", "s2", "s3", "t"]));
+            assert!(!input.join("t.safetensors").exists(), "moved");
+            assert!(d.join("refs.json.moved").exists());
+        } else {
+            // The channel is closed: a new file is a conflict, and stays where it is.
+            fs::copy(GOOD_CKPT, input.join("s9.ckpt")).unwrap();
+            let o = out(&[]);
+            assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
+            assert!(String::from_utf8_lossy(&o.stderr).contains("s9"), "{}", String::from_utf8_lossy(&o.stderr));
+            assert!(input.join("s9.ckpt").exists());
+            assert_eq!(ref_ids(None, &ch), all);
+        }
+    }
+}
+
+/// Killed after the refs are committed and while the sources are being removed (some gone,
+/// some not), a move ingest leaves a state the rerun completes: every ref once, INPUT empty.
+#[cfg(feature = "failpoints")]
+#[test]
+fn ingest_move_killed_while_removing_sources_is_repaired_by_the_rerun() {
+    let d = temp_dir("ingest-move-kill");
+    let n = 6;
+    let all: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+    for publish in [true, false] {
+        let d = d.join(if publish { "publish" } else { "manifest" });
+        let input = move_input(&d, n);
+        let (store, ch, manifest) = (d.join("store"), d.join("ch"), d.join("refs.json"));
+        let mut args = vec![p(&input), "--store", p(&store), "--mode", "move"];
+        args.extend(if publish { ["--publish", p(&ch)] } else { ["--manifest", p(&manifest)] });
+        let o = Command::new(INGEST).args(&args).env("DISAGG_FAILPOINT", "ingest.after_remove").output().unwrap();
+        assert_eq!(o.status.code(), None, "killed: {}", String::from_utf8_lossy(&o.stderr));
+        let left = count_files(&input, ".ckpt");
+        assert!(left < n, "{left} of {n} sources left");
+        let m = (!publish).then_some(manifest.as_path());
+        ok(&run(INGEST, &args, ""));
+        assert_eq!(ref_ids(m, &ch), all);
+        assert_eq!(count_files(&input, ".ckpt"), 0);
+    }
+}
+
+/// A resumed ingest publish skipped as many refs as the channel held, by position: with a file
+/// added to INPUT (or one invalid in the first run and fixed since) ahead of what was
+/// published, one ref was lost and another published twice ([b, c] then [a, b, c] gave
+/// b, c, c). Refs already published are now matched by sample id.
+#[cfg(feature = "failpoints")]
+#[test]
+fn ingest_publish_resumed_with_changed_inputs_loses_and_repeats_nothing() {
+    let d = temp_dir("ingest-resume");
+    for fixed in [false, true] {
+        let d = d.join(if fixed { "fixed" } else { "added" });
+        let input = d.join("in");
+        fs::create_dir_all(&input).unwrap();
+        for f in ["b", "c"] {
+            fs::copy(GOOD_CKPT, input.join(format!("{f}.ckpt"))).unwrap();
+        }
+        if fixed {
+            // Invalid in the first run (truncated), whole in the second.
+            let bytes = fs::read(GOOD_CKPT).unwrap();
+            fs::write(input.join("a.ckpt"), &bytes[..bytes.len() / 2]).unwrap();
+        }
+        let (store, ch) = (d.join("store"), d.join("ch"));
+        let args = [p(&input), "--store", p(&store), "--publish", p(&ch)];
+        // Dies right after the first batch is written (not closed).
+        let o = Command::new(INGEST).args(args).env("DISAGG_FAILPOINT", "publish.after_write").output().unwrap();
+        assert_eq!(o.status.code(), None, "killed: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(ref_ids_published(&ch), names(&["b", "c"]));
+        fs::copy(GOOD_CKPT, input.join("a.ckpt")).unwrap();
+        ok(&run(INGEST, &args, ""));
+        let got: Vec<(u64, String)> = parse_out(&ok(&run(TAIL, &[p(&ch), "--follow"], ""))).into_iter().map(|x| (x.1, x.2)).collect();
+        assert_eq!(got, vec![(0, "b".to_string()), (1, "c".to_string()), (2, "a".to_string())]);
+        // Finished: a rerun has nothing to add.
+        ok(&run(INGEST, &args, ""));
+        assert_eq!(ref_ids(None, &ch), names(&["a", "b", "c"]));
+    }
+}
+
+/// Sample ids in a producer's segments (also while the stream is open), sorted.
+#[cfg(feature = "failpoints")]
+fn ref_ids_published(ch: &Path) -> Vec<String> {
+    let mut ids = channel::published_sample_ids(ch, "ingest").unwrap();
+    ids.sort();
+    ids
 }
 
 fn hex(b: &[u8]) -> String {

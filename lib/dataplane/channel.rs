@@ -268,6 +268,32 @@ fn last_valid_seq(path: &Path, producer: &str) -> Result<Option<u64>> {
         .map(|s| s.seq))
 }
 
+/// Sample ids of the refs `producer` has published into `channel` (segments layout), in seq
+/// order, each seq once: what a tail of its stream would deliver (torn and corrupt lines are
+/// not published; a line whose seq was already seen is a duplicate). Empty for a producer
+/// that has not started. A resumed writer that cannot feed the same input again (`feature-ingest`,
+/// whose INPUT may have changed) appends only what is not among them.
+pub fn published_sample_ids(channel: &Path, producer: &str) -> Result<Vec<String>> {
+    check_name("producer", producer)?;
+    let dir = channel.join(PRODUCERS_DIR).join(producer);
+    let mut ids = Vec::new();
+    let mut next = 0u64;
+    for (_, _, seg) in list_segments(&dir)? {
+        let path = dir.join(&seg);
+        let bytes = fs::read(&path).at(&path)?;
+        for line in complete_lines(&bytes).0 {
+            let Ok((p, seq)) = check_line_ref(line) else { continue };
+            if p != producer || seq < next {
+                continue;
+            }
+            let r = SampleRef::parse(line).map_err(|e| Error::bad_input(&path, format!("line with seq {seq}: {e}")))?;
+            ids.push(r.sample_id);
+            next = seq + 1;
+        }
+    }
+    Ok(ids)
+}
+
 /// Heartbeat file contents.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {

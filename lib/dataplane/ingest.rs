@@ -7,6 +7,9 @@
 //! to INPUT without its extension, `/` replaced by `__` and any other character outside
 //! `[A-Za-z0-9._-]` by `_`. A rerun skips samples whose current object is intact and was made
 //! from the same source (size and mtime recorded in the object, or the same inode for links).
+//! `--mode move` removes sources only once every ref is committed (manifest and its `.moved`
+//! journal, or the closed stream), so a failure or kill before then leaves INPUT whole; a
+//! rerun publishing into the same producer appends only refs whose sample id is not there yet.
 
 use super::channel::{self, Layout, RefProducer};
 use super::sample_ref::{FeatureSpec, Manifest, SampleRef, SCHEMA_VERSION};
@@ -274,10 +277,7 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             }
         }
         dirs.add(sample_dir);
-        if opts.mode == PlaceMode::Move && obj_differs_from(src, &obj) {
-            dirs.sync().map_err(Failure::Fatal)?;
-            fsio::remove_durable(src).map_err(Failure::Fatal)?;
-        }
+        // With --mode move its source goes only once the ref is committed ([`ingest`]).
         return Ok(Outcome::Skipped(ref_for_object(store, &obj, &specs, rel, opts)));
     }
     let mut md = BTreeMap::new();
@@ -296,18 +296,28 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             check_nan(name, *dtype, view.data())?;
             tensors.push(TensorData { name: name.clone(), dtype: *dtype, shape: shape.clone(), data: view.data().into() });
         }
+        let copy_in = |tensors: &[TensorData<'_>]| -> std::result::Result<StoredObject, Failure> {
+            check_header(tensors, &md)?;
+            store.put_in(&id, tensors, &md, opts.retain_on_release, dirs).map_err(Failure::Fatal)
+        };
         let obj = match opts.mode {
-            PlaceMode::Copy => {
-                check_header(&tensors, &md)?;
-                store.put_in(&id, &tensors, &md, opts.retain_on_release, dirs)
-            }
-            mode => {
+            PlaceMode::Copy => copy_in(&tensors)?,
+            PlaceMode::Link => {
                 drop(tensors);
                 drop(map);
-                store.put_file(&id, src, mode, opts.retain_on_release)
+                store.put_file(&id, src, PlaceMode::Link, opts.retain_on_release).map_err(Failure::Fatal)?
             }
-        }
-        .map_err(Failure::Fatal)?;
+            // Move = hard link now, remove the source once its ref is committed: a rename
+            // would take the file out of INPUT before any ref to it is durable, and a rerun
+            // after a failure would then find neither the file nor a ref. Where no hard link
+            // can be made (another file system) the file is stored as copy would store it,
+            // with the source's size and mtime, so that a rerun still finds it intact.
+            PlaceMode::Move if !same_file_system(src, store.root()) => copy_in(&tensors)?,
+            PlaceMode::Move => match store.put_file(&id, src, PlaceMode::Link, opts.retain_on_release) {
+                Err(Error::Io { source, .. }) if matches!(source.raw_os_error(), Some(libc::EXDEV | libc::EPERM | libc::EOPNOTSUPP)) => copy_in(&tensors)?,
+                r => r.map_err(Failure::Fatal)?,
+            },
+        };
         (obj, specs)
     } else {
         if opts.mode == PlaceMode::Link {
@@ -330,12 +340,8 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             check_nan(&t.name, t.dtype, &t.data)?;
         }
         check_header(&tensors, &md)?;
+        // With --mode move the source goes only once the ref is committed ([`ingest`]).
         let obj = store.put_in(&id, &tensors, &md, opts.retain_on_release, dirs).map_err(Failure::Fatal)?;
-        if opts.mode == PlaceMode::Move {
-            // The source goes only once the object's name is durable.
-            dirs.sync().map_err(Failure::Fatal)?;
-            fsio::remove_durable(src).map_err(Failure::Fatal)?;
-        }
         (obj, tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect())
     };
     Ok(Outcome::Ingested(ref_for_object(store, &obj, &specs, rel, opts), src_meta.len()))
@@ -368,9 +374,10 @@ fn check_header(tensors: &[TensorData<'_>], md: &BTreeMap<String, String>) -> st
     }
 }
 
-fn obj_differs_from(src: &Path, obj: &StoredObject) -> bool {
-    match (fs::metadata(src), fs::metadata(&obj.path)) {
-        (Ok(a), Ok(b)) => a.ino() != b.ino() || a.dev() != b.dev(),
+/// Whether `a` and `b` are on one file system (a hard link between them can work).
+fn same_file_system(a: &Path, b: &Path) -> bool {
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
         _ => false,
     }
 }
@@ -458,16 +465,20 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         refs: 0,
         published: 0,
     };
-    for (InputFile { found: src, .. }, r) in inputs.iter().zip(results) {
+    // --mode move: the sources of this run's refs, removed only once the refs are committed.
+    let mut to_remove = Vec::new();
+    for (InputFile { found: src, path, rel, .. }, r) in inputs.iter().zip(results) {
         match r {
             Ok(Outcome::Ingested(r, n)) => {
                 summary.ingested += 1;
                 summary.bytes_in += n;
                 refs.push(r);
+                to_remove.push((path, rel));
             }
             Ok(Outcome::Skipped(r)) => {
                 summary.skipped_intact += 1;
                 refs.push(r);
+                to_remove.push((path, rel));
             }
             Err(Failure::Fatal(e)) => return Err(e),
             Err(Failure::Invalid(reason)) => {
@@ -478,6 +489,28 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
                 summary.invalid += 1;
                 summary.invalid_files.push(InvalidFile { file: src.display().to_string(), reason });
             }
+        }
+    }
+    if opts.mode != PlaceMode::Move {
+        to_remove.clear();
+    }
+    // Refs of an earlier --mode move run of this INPUT whose sources it removed (FORMATS §10,
+    // `MANIFEST.moved`): only the manifest holds them now, so a rerun that rewrites it keeps them.
+    let mut journal = None;
+    if let Some(path) = &opts.manifest {
+        let input = input_identity(&opts.input)?;
+        let (carried, moved) = carried_refs(path, &input, &inputs)?;
+        if !carried.is_empty() {
+            refs.extend(carried);
+            // In the order a fresh ingest of the whole INPUT would list them.
+            refs.sort_by(|a, b| a.source_task_id.cmp(&b.source_task_id));
+        }
+        if moved.is_some() || !to_remove.is_empty() {
+            let mut sources = moved.unwrap_or_default();
+            sources.extend(to_remove.iter().map(|(_, rel)| rel.to_string()));
+            sources.sort();
+            sources.dedup();
+            journal = Some(MovedJournal { input, sources });
         }
     }
     for r in &refs {
@@ -492,33 +525,131 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         text.push(b'\n');
         fsio::write_atomic(path, &text)?;
         fsio::write_atomic(sentinel(path, "done"), b"")?;
+        // After the manifest (which holds every ref it lists) and before any source goes.
+        if let Some(j) = &journal {
+            let mut text = serde_json::to_vec(j).expect("serializes");
+            text.push(b'\n');
+            fsio::write_atomic(sentinel(path, "moved"), &text)?;
+        }
     } else if let Some(ch) = &opts.publish {
+        // What an earlier run of this producer published is matched by sample id, not by
+        // position: this run's list need not line up with that one's (a file added, or one
+        // invalid then and fixed now, shifts every ref after it).
+        let published: std::collections::HashSet<String> = channel::published_sample_ids(ch, &opts.producer)?.into_iter().collect();
+        let todo: Vec<SampleRef> = refs.into_iter().filter(|r| !published.contains(&r.sample_id)).collect();
         let pdir = ch.join(channel::PRODUCERS_DIR).join(&opts.producer);
         if let Ok(b) = fs::read(pdir.join(channel::CLOSED_FILE)) {
             let closed: channel::Closed = serde_json::from_slice(&b).map_err(|e| Error::bad_input(pdir.join(channel::CLOSED_FILE), e))?;
-            if closed.published != refs.len() as u64 {
+            // A rerun of an ingest that finished (a --mode move one included, whose INPUT
+            // may now be empty) has nothing to add; a new ref cannot join a closed stream.
+            if let Some(first) = todo.first() {
                 return Err(Error::conflict(
                     pdir.join(channel::CLOSED_FILE),
-                    format!("producer {} already closed with {} refs; this ingest has {}", opts.producer, closed.published, refs.len()),
+                    format!(
+                        "producer {} already closed with {} refs; {} of this ingest's refs are not among them (the first: {})",
+                        opts.producer,
+                        closed.published,
+                        todo.len(),
+                        first.sample_id
+                    ),
                 ));
             }
             summary.published = closed.published;
         } else {
             let mut p = RefProducer::open(ch, &opts.producer, Layout::Segments, true)?;
-            let done = (p.published() as usize).min(refs.len());
-            for chunk in refs[done..].chunks(4096) {
+            for chunk in todo.chunks(4096) {
                 p.append(chunk)?;
             }
             summary.published = p.published();
             p.close()?;
         }
     }
+    // Every ref of this run is committed (manifest and journal, or published and closed):
+    // now a --mode move source may go. Killed in between, the next run finds the rest intact.
+    if !to_remove.is_empty() {
+        let removed = crate::fsio::DirSync::default();
+        pool.install(|| {
+            to_remove.par_iter().try_for_each(|(src, _)| -> Result<()> {
+                match fs::remove_file(src) {
+                    Ok(()) => removed.add(src.parent().unwrap_or(Path::new(".")).to_path_buf()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(src, e)),
+                }
+                crate::failpoint!("ingest.after_remove");
+                Ok(())
+            })?;
+            removed.sync()
+        })?;
+    }
     summary.seconds = start.elapsed().as_secs_f64();
     summary.gb_per_s = summary.bytes_in as f64 / 1e9 / summary.seconds.max(1e-9);
     Ok(summary)
 }
 
-/// `MANIFEST.done` / `.failed` / `.consumed` beside the manifest.
+/// `MANIFEST.moved`: the sources `--mode move` runs removed from INPUT after writing the
+/// manifest, so a rerun of that INPUT keeps their refs (FORMATS §10, "Ref manifest").
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct MovedJournal {
+    /// INPUT as an absolute path (its directory canonical): which INPUT the sources were in.
+    input: String,
+    /// Paths relative to INPUT, sorted.
+    sources: Vec<String>,
+}
+
+/// INPUT as the journal names it: canonical, but a file named by its own name (not a link's
+/// target), so that every spelling of the same INPUT matches.
+fn input_identity(input: &Path) -> Result<String> {
+    let path = match (input.parent(), input.file_name()) {
+        (Some(parent), Some(name)) if !fs::metadata(input).at(input)?.is_dir() => {
+            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+            fs::canonicalize(parent).at(parent)?.join(name)
+        }
+        _ => fs::canonicalize(input).at(input)?,
+    };
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// The refs of `manifest` to keep: those whose sources the journal beside it says a move of
+/// this INPUT removed, and which no file of this run stands for now (a file put back is
+/// ingested again, its ref replacing the old). Also the journal's sources still carried.
+fn carried_refs(manifest: &Path, input: &str, inputs: &[InputFile]) -> Result<(Vec<SampleRef>, Option<Vec<String>>)> {
+    let jpath = sentinel(manifest, "moved");
+    let journal: MovedJournal = match fs::read(&jpath) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::bad_input(&jpath, format!("not a move journal: {e}")))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        Err(e) => return Err(Error::io(&jpath, e)),
+    };
+    // Another INPUT's moves: this run's manifest replaces that one's.
+    if journal.input != input {
+        return Ok((Vec::new(), None));
+    }
+    let moved: std::collections::HashSet<&str> = journal.sources.iter().map(String::as_str).collect();
+    let here: std::collections::HashSet<String> = inputs.iter().map(|f| sample_id_for(&f.rel)).collect();
+    let old: Manifest = match fs::read(manifest) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::bad_input(manifest, format!("not a manifest: {e}")))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::conflict(
+                manifest,
+                format!(
+                    "missing, yet {} lists {} sources moved out of {input} whose refs only it held: restore it, or remove {} to write a manifest of what INPUT holds now",
+                    jpath.display(),
+                    journal.sources.len(),
+                    jpath.display()
+                ),
+            ))
+        }
+        Err(e) => return Err(Error::io(manifest, e)),
+    };
+    let carried: Vec<SampleRef> = old
+        .refs
+        .into_iter()
+        .filter(|r| r.source_task_id.as_deref().is_some_and(|s| moved.contains(s)) && !here.contains(&r.sample_id))
+        .collect();
+    let still: Vec<String> = carried.iter().filter_map(|r| r.source_task_id.clone()).collect();
+    Ok((carried, Some(still)))
+}
+
+/// `MANIFEST.done` / `.failed` / `.consumed` / `.moved` beside the manifest.
 pub fn sentinel(manifest: &Path, what: &str) -> PathBuf {
     let mut s = manifest.as_os_str().to_owned();
     s.push(format!(".{what}"));
