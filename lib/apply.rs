@@ -138,8 +138,10 @@ pub struct LocalCheckpoint {
     sync: PathBuf,
 }
 
-/// What the sync directory says about LOCAL when we start.
-enum LocalStatus {
+/// What the sync directory and LOCAL's headers say LOCAL holds (§6 step 2), as judged under the
+/// host lock by [`LocalCheckpoint::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalStatus {
     /// Holds exactly this version.
     Clean(u64),
     /// Never synced.
@@ -155,6 +157,31 @@ impl LocalCheckpoint {
 
     fn state_path(&self) -> PathBuf {
         self.sync.join(STATE_NAME)
+    }
+    fn lock_path(&self) -> PathBuf {
+        self.sync.join(LOCK_NAME)
+    }
+
+    /// Take LOCAL's host lock (creating the sync directory), waiting up to `timeout` (None:
+    /// as long as it takes). Whoever holds it is the only process that may mutate LOCAL, and
+    /// may trust that LOCAL stays as [`Self::status`] found it.
+    pub fn lock(&self, timeout: Option<Duration>) -> Result<HostLock> {
+        fsio::create_dir_durable(&self.sync)?;
+        HostLock::acquire(self.lock_path(), timeout)
+    }
+
+    /// A lock handed in by a caller must be this LOCAL's: a flock on another file protects nothing.
+    fn check_lock(&self, lock: &HostLock) -> Result<()> {
+        if lock.path() != self.lock_path() {
+            return Err(Error::Internal(format!("{} is not the lock of {}", lock.path().display(), self.dir.display())));
+        }
+        Ok(())
+    }
+
+    /// Whether a mutation of LOCAL was started and not finished (or is under way now, when the
+    /// caller does not hold the lock). Cheap: for a poll that only wants to know if LOCAL changed.
+    pub fn intent_exists(&self) -> bool {
+        self.intent_path().exists()
     }
     fn intent_path(&self) -> PathBuf {
         self.sync.join(INTENT_NAME)
@@ -247,7 +274,11 @@ impl LocalCheckpoint {
         fsio::remove_durable(&self.intent_path())
     }
 
-    fn status(&self, run_id: &Option<String>) -> Result<LocalStatus> {
+    /// What LOCAL holds for a pull of `run_id`'s versions: the §6 step 2 checks (boot mark,
+    /// state, intent, LOCAL's headers). Needs the lock: a finished apply's leftover intent is
+    /// cleared here, and without the lock the answer could be stale before it is returned.
+    pub fn status(&self, lock: &HostLock, run_id: &Option<String>) -> Result<LocalStatus> {
+        self.check_lock(lock)?;
         match Self::read_json::<Unsynced>(&self.unsynced_path())? {
             None => {}
             Some(Ok(u)) if boot_id().as_ref() == Some(&u.boot_id) => {}
@@ -458,20 +489,47 @@ struct ChainPlan<'a> {
     per_local: BTreeMap<usize, Vec<&'a str>>,
 }
 
-/// Bring LOCAL to the target version; see the module docs.
-pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
-    let start = Instant::now();
-    crate::version::check_run_id_arg(opts.run_id.as_deref())?;
-    if let Some(base) = &opts.base {
-        if let (Ok(a), Ok(b)) = (opts.local.canonicalize(), base.canonicalize()) {
+/// LOCAL is patched in place: it must not be the base checkpoint, however spelled. Callers
+/// check before they take LOCAL's lock, whose sync directory would be a write into BASE.
+pub fn check_local_is_not_base(local: &Path, base: Option<&Path>) -> Result<()> {
+    if let Some(base) = base {
+        if let (Ok(a), Ok(b)) = (local.canonicalize(), base.canonicalize()) {
             if a == b {
                 return Err(Error::Usage(format!("--local and --base are the same directory ({}); LOCAL is patched in place", a.display())));
             }
         }
     }
+    Ok(())
+}
+
+/// What a pull is about to read, handed to [`pull_locked`]'s `before_read` once the walk has
+/// found its chain and before any version's data is read or LOCAL is touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PullPlan {
+    /// The version LOCAL holds, clean, that the pull starts from (None: fresh or dirty).
+    pub previous: Option<u64>,
+    /// The oldest version the pull reads: the seed (0 = the base checkpoint) or the oldest delta.
+    pub oldest_read: u64,
+}
+
+/// Bring LOCAL to the target version; see the module docs.
+pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
+    crate::version::check_run_id_arg(opts.run_id.as_deref())?;
+    check_local_is_not_base(&opts.local, opts.base.as_deref())?;
     let local = LocalCheckpoint::new(&opts.local);
-    fsio::create_dir_durable(&local.sync)?;
-    let _lock = HostLock::acquire(local.sync.join(LOCK_NAME), opts.lock_timeout)?;
+    let lock = local.lock(opts.lock_timeout)?;
+    pull_locked(opts, &lock, &mut |_| Ok(()))
+}
+
+/// [`pull`] for a caller that already holds LOCAL's lock ([`LocalCheckpoint::lock`]; a second
+/// flock of the same file from this process would wait for itself) and keeps it afterwards, as
+/// `delta-follow` does across the reload. `opts.lock_timeout` is not used.
+pub fn pull_locked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(PullPlan) -> Result<()>) -> Result<ApplyReport> {
+    let start = Instant::now();
+    crate::version::check_run_id_arg(opts.run_id.as_deref())?;
+    check_local_is_not_base(&opts.local, opts.base.as_deref())?;
+    let local = LocalCheckpoint::new(&opts.local);
+    local.check_lock(lock)?;
 
     let target = match &opts.target {
         Target::Version(v) => Pointer { run_id: opts.run_id.clone(), version: *v },
@@ -482,7 +540,7 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
     let mut report = ApplyReport { version: target.version, run_id: run_id.clone(), threads: crate::cli::worker_threads(), ..Default::default() };
     let durable = !opts.no_fsync;
 
-    let applied = match local.status(&run_id)? {
+    let applied = match local.status(lock, &run_id)? {
         LocalStatus::Clean(v) => Some(v),
         LocalStatus::Fresh => None,
         LocalStatus::Dirty(reason) => {
@@ -528,6 +586,7 @@ pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
         }
     }
     chain.reverse();
+    before_read(PullPlan { previous: applied, oldest_read: seed.unwrap_or_else(|| chain[0].number) })?;
     // Validate everything we will read before touching LOCAL.
     let mut validated = Vec::with_capacity(chain.len());
     for v in &chain {

@@ -5,29 +5,37 @@
 //!
 //! 1. Read `SRC/latest` (the weight plane's own parser; an unparseable pointer is an error,
 //!    never a fallback to base).
-//! 2. If LOCAL is not at that version: record `state: "pulling"` with `needs` (the oldest
-//!    version the pull may read) in the status file, then call [`crate::apply::pull`] with
-//!    the pointer's version as an explicit target. The pull validates the chain and verifies
-//!    every patched tensor against its checksum; only when it returns `Ok` is the version
-//!    called applied.
-//! 3. If the engine has not reloaded the applied version: run the reload command
+//! 2. Nothing to do when a pull in this process verified that version, the engine reloaded it,
+//!    and LOCAL's `state.json` still names it with no `intent.json` (re-read every cycle: a
+//!    `delta-apply` may have moved LOCAL since). Otherwise take LOCAL's host lock and keep it
+//!    through step 3, so a `delta-apply` on the same LOCAL waits until the engine has loaded
+//!    what was verified.
+//! 3. Record `state: "pulling"` in the status file and call [`crate::apply::pull_locked`] with
+//!    the pointer's version as an explicit target (a no-op when LOCAL holds it: state, intent
+//!    and headers re-checked). Once its walk has found what it will read, and before it reads
+//!    any of it, `needs` (the oldest version it reads, or LOCAL's version if older) is written.
+//!    The pull validates the chain and verifies every patched tensor against its checksum;
+//!    only when it returns `Ok` is the version called applied.
+//! 4. If the engine has not reloaded the applied version: run the reload command
 //!    (`sh -c CMD` with `DISAGG_VERSION`, `DISAGG_LOCAL`, `DISAGG_RUN_ID`, `DISAGG_SOURCE`), and
 //!    record the reloaded version. A restarted follower trusts the `reloaded` of its previous
 //!    status file (same LOCAL), unless `--reload-on-start` says the engine restarted too.
-//! 4. Sleep the poll interval ±20 % (so a fleet started together does not poll the shared
+//! 5. Sleep the poll interval ±20 % (so a fleet started together does not poll the shared
 //!    filesystem in lockstep). A failure (missing or incomplete version, checksum mismatch,
 //!    failed reload, bad pointer) is recorded in the status file (`last_error`) and retried
 //!    after an exponential backoff (0.5 s doubling to `--max-backoff`, jittered).
 //!
 //! The status file (`FollowerStatus`, docs/FORMATS.md §11) is what `delta-gc` reads to know
 //! which versions a live follower may still read. It is rewritten atomically (fsio) on every
-//! change and at least every [`HEARTBEAT`] while idle.
+//! change and at least every [`HEARTBEAT`] while idle. Its `applied` is what LOCAL holds by the
+//! pull's own checks ([`LocalCheckpoint::status`]), never `state.json` alone: a torn or
+//! half-applied LOCAL holds nothing.
 
-use crate::apply::{self, ApplyOptions, ApplyReport, LocalCheckpoint, Target};
+use crate::apply::{self, ApplyOptions, ApplyReport, LocalCheckpoint, LocalStatus, Target};
 use crate::error::{Error, Result};
-use crate::fsio;
+use crate::fsio::{self, HostLock};
 use crate::pointer::{read_latest, Pointer};
-use crate::version::{parse_version_str, VersionDir};
+use crate::version::parse_version_str;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
@@ -57,7 +65,7 @@ pub struct FollowerStatus {
     pub run_id: Option<String>,
     /// `idle` | `pulling` | `reloading` | `error` | `stopped` (exited cleanly: needs nothing).
     pub state: String,
-    /// Version LOCAL holds, verified (null: nothing yet).
+    /// Version LOCAL holds, verified (null: nothing yet, or LOCAL is torn or half-applied).
     pub applied: Option<u64>,
     /// Version the engine last reloaded successfully (null: unknown or never).
     pub reloaded: Option<u64>,
@@ -194,19 +202,12 @@ pub fn default_status_path(source: &Path, name: &str) -> PathBuf {
     source.join(FOLLOWERS_DIR).join(format!("{name}.json"))
 }
 
-/// The oldest version a pull from `applied` toward `target` reads: the walk from `target` down
-/// its base links stops at `applied`, a full version, or 0 (see `apply::pull`).
-pub fn chain_floor(root: &Path, target: u64, applied: Option<u64>) -> Result<u64> {
-    let mut cur = target;
-    loop {
-        if Some(cur) == applied || cur == 0 {
-            return Ok(cur);
-        }
-        let v = VersionDir::open(root, cur)?;
-        match v.delta() {
-            None => return Ok(cur),
-            Some(d) => cur = d.base_version,
-        }
+/// The version LOCAL holds for `run_id`'s versions by the pull's checks; None when it is fresh,
+/// dirty (torn, half-applied) or cannot be read.
+fn held(local: &LocalCheckpoint, lock: &HostLock, run_id: &Option<String>) -> Option<u64> {
+    match local.status(lock, run_id) {
+        Ok(LocalStatus::Clean(v)) => Some(v),
+        _ => None,
     }
 }
 
@@ -254,6 +255,7 @@ pub struct Follower {
     last_write: Option<Instant>,
     backoff: Duration,
     /// The version a pull in this process last returned Ok for: the only one it may reload.
+    /// None at start, so the first cycle always pulls (and so checks LOCAL) before it idles.
     verified: Option<u64>,
 }
 
@@ -273,11 +275,14 @@ impl Follower {
             }
         }
         std::fs::create_dir_all(&opts.local).map_err(|e| Error::io(&opts.local, e))?;
+        apply::check_local_is_not_base(&opts.local, opts.base.as_deref())?;
         let local = LocalCheckpoint::new(&opts.local);
-        // What LOCAL holds now (only meaningful if clean; pull re-checks everything).
-        let (applied, run_id) = match local.read_state() {
-            Ok(Some(s)) => (parse_version_str(&s.version), s.run_id),
-            _ => (None, None),
+        // What LOCAL holds now, judged as the pull judges it, so the first status does not name
+        // a version whose bytes are torn. Under the lock: it waits out a delta-apply in progress.
+        let (applied, run_id) = {
+            let lock = local.lock(None)?;
+            let run_id = local.read_state().ok().flatten().and_then(|s| s.run_id);
+            (held(&local, &lock, &run_id), run_id)
         };
         let local_abs = absolute(&opts.local).to_string_lossy().into_owned();
         // What the engine holds, as far as the previous follower of this LOCAL knew.
@@ -341,22 +346,51 @@ impl Follower {
             self.status.applied = None;
             self.status.reloaded = None;
         }
-        let up_to_date = self.status.applied == Some(ptr.version) && self.status.reloaded == Some(ptr.version);
-        if up_to_date {
+        if self.up_to_date(&ptr) {
             self.status.target = Some(ptr.version);
             return Ok(None);
         }
-        let mut ev = FollowEvent { version: ptr.version, run_id: ptr.run_id.clone(), previous: self.status.applied, ..Default::default() };
-        // Reload only what a pull in this process verified (a no-op pull re-checks the state).
-        if self.status.applied != Some(ptr.version) || self.verified != Some(ptr.version) {
-            let r = self.pull(&ptr)?;
-            ev.applied = r.applied;
-            ev.seeded_from = r.seeded_from;
-            ev.folded = r.folded;
-            ev.repaired = r.repaired;
-            ev.noop = r.noop;
-            ev.seconds_apply = r.seconds;
+        // LOCAL's lock from the pull through the reload: a delta-apply on this LOCAL waits until
+        // the engine has loaded what the pull verified, so the engine is never told a version
+        // while LOCAL is being changed to another.
+        let local = LocalCheckpoint::new(&self.opts.local);
+        let lock = local.lock(None)?;
+        let r = self.pull_and_reload(&lock, &ptr);
+        if r.is_err() {
+            // The pull may have died anywhere: what LOCAL holds now, by the pull's own checks
+            // (state.json alone still names the old version under a torn apply).
+            self.status.applied = held(&local, &lock, &self.status.run_id);
+            self.verified = None;
         }
+        r.map(Some)
+    }
+
+    /// Nothing to do: a pull in this process verified `ptr`'s version, the engine reloaded it,
+    /// and LOCAL still says it holds it (state.json re-read, no intent: someone may have run
+    /// delta-apply on LOCAL since). Cheap, without the lock; a change seen here is judged by
+    /// the pull, under the lock. (A file torn in place while the follower runs is not seen
+    /// until a restart or the next version.)
+    fn up_to_date(&self, ptr: &Pointer) -> bool {
+        if self.verified != Some(ptr.version) || self.status.applied != Some(ptr.version) || self.status.reloaded != Some(ptr.version) {
+            return false;
+        }
+        let local = LocalCheckpoint::new(&self.opts.local);
+        let recorded = local.read_state().ok().flatten();
+        !local.intent_exists() && recorded.is_some_and(|s| parse_version_str(&s.version) == Some(ptr.version) && s.run_id == ptr.run_id)
+    }
+
+    /// Steps 3 and 4 of a cycle, under LOCAL's lock.
+    fn pull_and_reload(&mut self, lock: &HostLock, ptr: &Pointer) -> Result<FollowEvent> {
+        let mut ev = FollowEvent { version: ptr.version, run_id: ptr.run_id.clone(), previous: self.status.applied, ..Default::default() };
+        // Even when an earlier cycle verified this version: the lock was let go since, and a
+        // no-op pull re-checks LOCAL cheaply (state, intent, headers) before the engine reads it.
+        let r = self.pull(lock, ptr)?;
+        ev.applied = r.applied;
+        ev.seeded_from = r.seeded_from;
+        ev.folded = r.folded;
+        ev.repaired = r.repaired;
+        ev.noop = r.noop;
+        ev.seconds_apply = r.seconds;
         if self.status.reloaded != Some(ptr.version) {
             let t = Instant::now();
             if let Some(cmd) = self.opts.reload_cmd.clone() {
@@ -370,19 +404,11 @@ impl Follower {
         self.status.last_error = None;
         self.status.errors = 0;
         self.set_state("idle")?;
-        Ok(Some(ev))
+        Ok(ev)
     }
 
-    fn pull(&mut self, ptr: &Pointer) -> Result<ApplyReport> {
-        // Tell delta-gc what we are about to read before reading it.
-        let root = ptr.root(&self.opts.source);
-        // Walk to the full version (or 0) even if `applied` is on the way: a LOCAL found dirty
-        // is reseeded from there.
-        let floor = chain_floor(&root, ptr.version, None)?;
-        self.status.target = Some(ptr.version);
-        self.status.needs = Some(self.status.applied.map_or(floor, |a| a.min(floor)));
-        self.set_state("pulling")?;
-        let r = apply::pull(&ApplyOptions {
+    fn pull(&mut self, lock: &HostLock, ptr: &Pointer) -> Result<ApplyReport> {
+        let opts = ApplyOptions {
             local: self.opts.local.clone(),
             base: self.opts.base.clone(),
             source: self.opts.source.clone(),
@@ -391,6 +417,18 @@ impl Follower {
             pre_read_hook: self.opts.pre_read_hook.clone(),
             lock_timeout: None,
             no_fsync: self.opts.no_fsync,
+        };
+        // `needs` still covers everything at or above the applied version while the walk reads
+        // the chain's indexes (and runs the pre-read hook, which may fetch each version).
+        self.status.target = Some(ptr.version);
+        self.set_state("pulling")?;
+        let r = apply::pull_locked(&opts, lock, &mut |plan| {
+            // Tell delta-gc what we are about to read before reading it: exactly what this pull
+            // reads (down to LOCAL's version when it is clean, to a full version or 0 when not),
+            // and LOCAL's version, which a clean pull continues from.
+            self.status.applied = plan.previous;
+            self.status.needs = Some(plan.previous.map_or(plan.oldest_read, |p| p.min(plan.oldest_read)));
+            self.set_state("pulling")
         })?;
         // Verified: every checksum of every applied delta matched.
         self.verified = Some(r.version);
@@ -402,13 +440,7 @@ impl Follower {
     fn record_error(&mut self, e: &Error) {
         self.status.last_error = Some(e.to_string());
         self.status.errors += 1;
-        // The pull may have died anywhere: re-read what LOCAL holds (state.json is only ever
-        // written after the bytes it names are verified and durable).
-        if let Ok(Some(s)) = LocalCheckpoint::new(&self.opts.local).read_state() {
-            if s.run_id == self.status.run_id {
-                self.status.applied = parse_version_str(&s.version);
-            }
-        }
+        // `applied` was re-judged by the cycle, under the lock, if the failure came after it.
         self.status.state = "error".into();
         if let Err(w) = self.write_status() {
             eprintln!("delta-follow: warning: cannot write status {}: {w}", self.status_path.display());

@@ -269,7 +269,10 @@ fn never_reloads_a_checkpoint_that_fails_verification() {
     // the chain into one pass); never 2, and the status says exactly what state.json says.
     let held: u64 = state_version(&t.join("local")).parse().unwrap();
     assert!(held < 2, "state.json names version {held}");
-    assert_eq!(st["applied"], held);
+    // The mismatch left the apply's intent: LOCAL is torn whatever state.json names, so the
+    // status says LOCAL holds nothing verified (delta-gc must not be told it holds `held`).
+    assert!(intent_exists(&t.join("local")));
+    assert_eq!(st["applied"], Value::Null, "{st}");
     assert!(st["last_error"].as_str().unwrap().contains("checksum mismatch"));
 }
 
@@ -292,6 +295,138 @@ fn follower_killed_mid_apply_repairs_and_reloads_on_restart() {
     assert_eq!(r["repaired"], true);
     assert_holds(&t.join("local"), &chain.models[2]);
     assert_eq!(reloaded_versions(&log), vec![1, 2]);
+}
+
+/// SRC on an object-store mount holds only `latest` until the pre-read hook fetches a version:
+/// the follower runs the hook before it reads each version (as delta-apply does), once each.
+#[test]
+fn follow_runs_the_pre_read_hook_before_reading_any_version() {
+    let t = TestDir::new("follow-hydrate");
+    let chain = make_chain(&t.path, 4, 1);
+    let (src, remote) = (t.join("src"), t.join("remote"));
+    publish_chain(&chain, &src);
+    advance(&src, 4);
+    fs::create_dir_all(&remote).unwrap();
+    for v in 1..=4 {
+        fs::rename(vdir(&src, v), vdir(&remote, v)).unwrap();
+    }
+    let hooks = t.join("hooks.txt");
+    let hook = format!(
+        "echo $DISAGG_VERSION >> '{h}'; [ -d \"$DISAGG_VERSION_DIR\" ] || cp -r '{r}'/$(basename \"$DISAGG_VERSION_DIR\") \"$DISAGG_VERSION_DIR\"",
+        h = hooks.display(),
+        r = remote.display()
+    );
+    let status = t.join("status.json");
+    let r = run(FOLLOW, follow_args(&t, &status, &["--once", "--json", "--pre-read-hook", &hook])).ok().json();
+    assert_eq!(ids(&r["applied"]), vec![1, 2, 3, 4]);
+    assert_holds(&t.join("local"), &chain.models[4]);
+    let runs: Vec<String> = reload_lines(&hooks);
+    assert_eq!(runs, vec!["4", "3", "2", "1"], "one hook run per version, newest first, before it is read");
+}
+
+/// A link below the applied version is gone (collected): the pull reads only down to the
+/// applied version, so the follower succeeds where delta-apply does, and the `needs` it
+/// writes before reading is the applied version, not the (missing) bottom of the chain.
+#[test]
+fn follow_reads_no_link_below_the_applied_version() {
+    let t = TestDir::new("follow-floor");
+    let chain = make_chain(&t.path, 4, 1);
+    let src = t.join("src");
+    publish_chain(&chain, &src);
+    advance(&src, 2);
+    let status = t.join("status.json");
+    run(FOLLOW, follow_args(&t, &status, &["--once"])).ok();
+    advance(&src, 4);
+    fs::remove_dir_all(vdir(&src, 1)).unwrap();
+    // Slowed down so the status written for the pull can be read while it runs.
+    let mut child = Command::new(FOLLOW)
+        .args(follow_args(&t, &status, &["--once", "--json"]))
+        .env("DISAGG_FAILPOINT", "apply.after_tensor:sleep-300")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut needs_while_pulling = None;
+    wait_for("the pull to start or the follower to exit", Duration::from_secs(20), || {
+        if let Ok(st) = fs::read(&status).map(|b| serde_json::from_slice::<Value>(&b).unwrap()) {
+            if st["state"] == "pulling" {
+                needs_while_pulling = Some(st["needs"].clone());
+            }
+        }
+        needs_while_pulling.is_some() || child.try_wait().unwrap().is_some()
+    });
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "delta-follow exited {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    let ev: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&ev["applied"]), vec![3, 4]);
+    assert_holds(&t.join("local"), &chain.models[4]);
+    assert_eq!(needs_while_pulling, Some(Value::from(2)));
+    assert_eq!(read_json(&status)["needs"], 4);
+}
+
+/// The reload runs under LOCAL's lock: a delta-apply on the same LOCAL waits for it, so the
+/// engine is never told a version while LOCAL holds another. And an idle follower notices that
+/// LOCAL was moved under it and brings it back to `latest`.
+#[test]
+fn reload_holds_the_local_lock_and_an_idle_follower_notices_local_moved() {
+    let t = TestDir::new("follow-lock");
+    let chain = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    let local = t.join("local");
+    publish_chain(&chain, &src);
+    advance(&src, 2);
+    let (status, log, started) = (t.join("status.json"), t.join("reloads.txt"), t.join("reload-started"));
+    run(FOLLOW, follow_args(&t, &status, &["--once"])).ok();
+    advance(&src, 3);
+    let reload = format!(
+        "touch '{s}'; sleep 1; echo \"$DISAGG_VERSION $(cat \"$DISAGG_LOCAL/.weight_sync/state.json\")\" >> '{l}'",
+        s = started.display(),
+        l = log.display()
+    );
+    let (mut follower, _) = spawn(FOLLOW, follow_args(&t, &status, &["--once", "--reload-cmd", &reload]));
+    wait_for("the reload to start", Duration::from_secs(20), || started.exists());
+    let apply_to = |v: u64| run(APPLY, ["--local", local.s(), "--base", chain.ckpts[0].s(), "--source", src.s(), "--target", &v.to_string(), "--json"]).ok().json();
+    assert_eq!(apply_to(1)["version"], 1);
+    assert!(wait_child(&mut follower, Duration::from_secs(20)).success());
+    assert_eq!(reload_lines(&log), vec![r#"3 {"version":"000003"}"#.to_string()], "the engine was told 3 while LOCAL held 3");
+    assert_holds(&local, &chain.models[1]);
+
+    let (mut follower, _) = spawn(FOLLOW, follow_args(&t, &status, &["--poll", "0.05"]));
+    let at = |v: &str| state_version(&local) == v && read_json(&status)["state"] == "idle" && read_json(&status)["applied"] == 3;
+    wait_for("LOCAL back at 3", Duration::from_secs(20), || at("000003"));
+    assert_eq!(apply_to(2)["version"], 2);
+    wait_for("the idle follower to notice LOCAL moved to 2", Duration::from_secs(20), || at("000003"));
+    assert_holds(&local, &chain.models[3]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(follower.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(wait_child(&mut follower, Duration::from_secs(10)).success());
+}
+
+/// A restarted follower validates LOCAL (§6) before it calls a version applied: a file torn
+/// while it was down is repaired, never reported as the version state.json names.
+#[test]
+fn restarted_follower_validates_local_before_trusting_it() {
+    let t = TestDir::new("follow-torn");
+    let chain = make_chain(&t.path, 3, 2);
+    let src = t.join("src");
+    let local = t.join("local");
+    publish_chain(&chain, &src);
+    advance(&src, 3);
+    let (status, log) = (t.join("status.json"), t.join("reloads.txt"));
+    let reload = logging_reload(&log);
+    run(FOLLOW, follow_args(&t, &status, &["--once", "--reload-cmd", &reload])).ok();
+    fs::File::options().write(true).open(local.join("model-00001-of-00002.safetensors")).unwrap().set_len(100).unwrap();
+    let r = run(FOLLOW, follow_args(&t, &status, &["--once", "--json", "--reload-cmd", &reload])).ok().json();
+    assert_eq!((r["repaired"].as_bool(), r["noop"].as_bool()), (Some(true), Some(false)), "{r}");
+    assert_holds(&local, &chain.models[3]);
+    assert_eq!(read_json(&status)["applied"], 3);
+    // Torn again, and the pull cannot repair it (the base is gone): the status says LOCAL holds
+    // nothing verified, from the first write on.
+    fs::File::options().write(true).open(local.join("model-00001-of-00002.safetensors")).unwrap().set_len(100).unwrap();
+    fs::rename(&chain.ckpts[0], t.join("base-moved")).unwrap();
+    let r = run(FOLLOW, follow_args(&t, &status, &["--once", "--reload-cmd", &reload]));
+    assert!(!r.out.status.success(), "no base to reseed from: {}", r.stderr());
+    assert_eq!(read_json(&status)["applied"], Value::Null);
 }
 
 // ================================================================================================
