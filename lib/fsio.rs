@@ -636,7 +636,7 @@ mod tests {
         let now = lock.file_system_now().unwrap();
         // Local file system: its clock is this kernel's (coarse-grained timestamps may lag a tick).
         let lag = before.duration_since(now).unwrap_or_default();
-        assert!(lag < Duration::from_millis(50), "{lag:?}");
+        assert!(lag < Duration::from_secs(1), "{lag:?}");
         assert!(now.duration_since(hour_ago).unwrap() >= Duration::from_secs(3599));
         assert_eq!(fs::metadata(d.join(".gc.lock")).unwrap().modified().unwrap(), now, "the stamp is the file's mtime");
         fs::remove_dir_all(&d).unwrap();
