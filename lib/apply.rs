@@ -572,7 +572,12 @@ pub fn pull_locked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn F
         if let Some(cmd) = &opts.pre_read_hook {
             crate::hooks::run_hook(cmd, cur, &root.join(crate::version::version_dir_name(cur)), &root)?;
         }
-        let v = VersionDir::open(&root, cur)?;
+        // The target missing is "not found" (6); a link below it missing is a broken chain
+        // (5), as pointer-advance and delta-gc call it: the version that names it is named too.
+        let v = VersionDir::open(&root, cur).map_err(|e| match (chain.last(), e) {
+            (Some(child), e @ Error::NotFound { .. }) => Error::conflict(&child.path, format!("broken chain: its base version {cur} is missing ({e})")),
+            (_, e) => e,
+        })?;
         match v.delta() {
             None => {
                 seed = Some(cur);

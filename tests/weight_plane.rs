@@ -1529,6 +1529,13 @@ fn apply_refusals() {
     fs::write(src.join("latest"), "weight_v1\n").unwrap();
     apply(&local, base, &src, "latest", &[]).code(3).stderr_contains(src.join("latest").s());
 
+    // A link below the target missing is a broken chain (5), naming the version that needs it.
+    let d1 = vdir(&src, 1);
+    let hidden = t.join("v1-away");
+    fs::rename(&d1, &hidden).unwrap();
+    apply(&local, base, &src, "2", &[]).code(5).stderr_contains("broken chain").stderr_contains(vdir(&src, 2).s());
+    fs::rename(&hidden, &d1).unwrap();
+
     // An incomplete version on the chain.
     let d3 = vdir(&src, 3);
     fs::create_dir_all(&d3).unwrap();
