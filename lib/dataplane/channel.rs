@@ -20,7 +20,7 @@
 //! SpecForge's single-file layout (`refs.jsonl`, `.closed`, `.failed`, `.consumed_count`,
 //! `.consumer_done`, `.consumer_failed`) is read and written with [`Layout::SingleFile`].
 
-use super::sample_ref::{oldest_weight_version_in, SampleRef, MAX_REF_BYTES, MAX_REF_TEXT_BYTES};
+use super::sample_ref::{oldest_weight_version_in, sample_id_in, SampleRef, MAX_REF_BYTES, MAX_REF_TEXT_BYTES};
 use super::staleness;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
@@ -286,8 +286,8 @@ pub fn published_sample_ids(channel: &Path, producer: &str) -> Result<Vec<String
             if p != producer || seq < next {
                 continue;
             }
-            let r = SampleRef::parse(line).map_err(|e| Error::bad_input(&path, format!("line with seq {seq}: {e}")))?;
-            ids.push(r.sample_id);
+            // Not SampleRef::parse: a ref at MAX_REF_BYTES is over it once stamped.
+            ids.push(sample_id_in(line).map_err(|e| Error::bad_input(&path, format!("line with seq {seq}: {e}")))?);
             next = seq + 1;
         }
     }
@@ -1465,7 +1465,15 @@ mod tests {
         assert!(check_encoded_len(line.len() + 1).is_ok());
         assert!(check_encoded_len(MAX_LINE_BYTES + 2).is_err());
         assert_eq!(oldest_weight_version_in(line.as_bytes()), Ok(Some(7)));
+        assert_eq!(sample_id_in(line.as_bytes()), Ok("s0".to_string()));
         assert!(matches!(SampleRef::parse(line.as_bytes()), Err(super::super::sample_ref::RefError::TooLarge(_))));
+        // Published, it is read back by a resumed writer (feature-ingest) like any other ref.
+        let ch = std::env::temp_dir().join(format!("disagg-channel-cap-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&ch);
+        let mut p = RefProducer::open(&ch, "p", Layout::Segments, false).unwrap();
+        p.append(&[r]).unwrap();
+        assert_eq!(published_sample_ids(&ch, "p").unwrap(), vec!["s0".to_string()]);
+        fs::remove_dir_all(&ch).unwrap();
     }
 
     #[test]

@@ -222,6 +222,16 @@ pub fn oldest_weight_version_in(text: &[u8]) -> Result<Option<u64>, RefError> {
     Ok(oldest_version(&m.metadata))
 }
 
+/// The `sample_id` of the ref in `text`, reading nothing else, for the same channel lines as
+/// [`oldest_weight_version_in`]: a stamped line at the cap is not a ref `parse` takes.
+pub fn sample_id_in(text: &[u8]) -> Result<String, RefError> {
+    #[derive(Deserialize)]
+    struct Id {
+        sample_id: String,
+    }
+    serde_json::from_slice::<Id>(text).map(|r| r.sample_id).map_err(|e| RefError::Json(e.to_string()))
+}
+
 fn check_versions(metadata: &Map<String, Value>) -> Result<(), RefError> {
     if let Some(v) = metadata.get("weight_version") {
         if !v.is_u64() {
