@@ -83,6 +83,14 @@ pub struct GcReport {
     pub seconds: f64,
 }
 
+impl GcReport {
+    /// A warning worth an operator's eye: on stderr now, and in `warnings`.
+    fn warn(&mut self, w: String) {
+        eprintln!("delta-gc: warning: {w}");
+        self.warnings.push(w);
+    }
+}
+
 /// Match `*` (any run, including empty) and `?` (one character) against `name`.
 pub fn wildcard_match(pattern: &str, name: &str) -> bool {
     let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
@@ -150,10 +158,6 @@ const CLOCK_SKEW_WARNING_SECS: f64 = 60.0;
 fn file_system_now(lock: &HostLock, report: &mut GcReport) -> SystemTime {
     let ahead = crate::failpoint::clock_ahead_secs("gc.host_clock");
     let host_now = if ahead >= 0.0 { SystemTime::now() + Duration::from_secs_f64(ahead) } else { SystemTime::now() - Duration::from_secs_f64(-ahead) };
-    let mut warn = |w: String| {
-        eprintln!("delta-gc: warning: {w}");
-        report.warnings.push(w);
-    };
     match lock.file_system_now() {
         Ok(fs_now) => {
             let skew = match host_now.duration_since(fs_now) {
@@ -161,7 +165,7 @@ fn file_system_now(lock: &HostLock, report: &mut GcReport) -> SystemTime {
                 Err(e) => -e.duration().as_secs_f64(),
             };
             if skew.abs() > CLOCK_SKEW_WARNING_SECS {
-                warn(format!(
+                report.warn(format!(
                     "this host's clock runs {:.0}s {} the file system's (stamped on {}); version ages are measured by the file system's clock",
                     skew.abs(),
                     if skew > 0.0 { "ahead of" } else { "behind" },
@@ -171,7 +175,7 @@ fn file_system_now(lock: &HostLock, report: &mut GcReport) -> SystemTime {
             fs_now
         }
         Err(e) => {
-            warn(format!("cannot read the file system's clock ({e}); version ages are measured by this host's clock"));
+            report.warn(format!("cannot read the file system's clock ({e}); version ages are measured by this host's clock"));
             host_now
         }
     }
@@ -380,14 +384,11 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
                     "follower {who}: its clock and the status file's mtime disagree by {:.0}s (clock skew between hosts?); using the younger age",
                     by_clock - by_mtime
                 );
-                eprintln!("delta-gc: warning: {w}");
-                report.warnings.push(w);
+                report.warn(w);
             }
             let age = by_clock.min(by_mtime);
             if age > opts.stale_after.as_secs_f64() {
-                let w = format!("ignoring follower {who}: status not updated for {age:.0}s (dead?)");
-                eprintln!("delta-gc: warning: {w}");
-                report.warnings.push(w);
+                report.warn(format!("ignoring follower {who}: status not updated for {age:.0}s (dead?)"));
                 report.followers_ignored.push(who);
                 continue;
             }
