@@ -350,10 +350,7 @@ impl LocalCheckpoint {
     /// promise the copy fits. Skipped where the file system does not report its size, or where
     /// the copy may clone extents and need no room at all.
     fn check_room_for(&self, seed: &Path, names: &[String]) -> Result<()> {
-        let Some(free) = fsio::free_space(&self.dir) else { return Ok(()) };
-        if fsio::copy_may_clone(seed, &self.dir) {
-            return Ok(());
-        }
+        let Some(free) = fsio::room_for_copy(seed, &self.dir) else { return Ok(()) };
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let (adds, frees) = names.iter().fold((0u64, 0u64), |(a, f), n| (a + size(&seed.join(n)), f + size(&self.dir.join(n))));
         let needed = adds.saturating_sub(frees);

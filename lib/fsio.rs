@@ -130,28 +130,25 @@ pub fn regular_file_through_links(path: &Path, kind: fs::FileType) -> Result<Opt
     }
 }
 
-/// Bytes an unprivileged writer can still put on the file system holding `dir`, or `None` where
-/// the file system does not say: statfs failed, or it reports no size at all (many FUSE file
-/// systems answer zeros).
+/// Bytes an unprivileged writer can still put on the file system holding `dst_dir` for a copy
+/// of `src`, or `None` where that count says nothing: statfs failed, or the file system reports
+/// no size at all (many FUSE file systems answer zeros), or `src` is on the same file system and
+/// it is one whose copy_file_range clones (XFS, btrfs, bcachefs, ZFS, OCFS2), where a copy can
+/// take no space. One statfs of `dst_dir`.
 // statfs's field types differ across targets (the casts are no-ops on x86-64 Linux only).
 #[allow(clippy::unnecessary_cast)]
-pub fn free_space(dir: &Path) -> Option<u64> {
-    let st = statfs(dir)?;
-    (st.f_blocks > 0).then(|| (st.f_bavail as u64).saturating_mul(st.f_bsize as u64))
-}
-
-/// Whether copying `src` into `dst_dir` may share extents instead of writing bytes: both on one
-/// file system whose copy_file_range clones (XFS, btrfs, bcachefs, ZFS, OCFS2), where a copy
-/// can take no space and a free-space count says nothing about it.
-#[allow(clippy::unnecessary_cast)]
-pub fn copy_may_clone(src: &Path, dst_dir: &Path) -> bool {
+pub fn room_for_copy(src: &Path, dst_dir: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     const CLONING: [i64; 5] = [0x5846_5342, 0x9123_683e, 0xca45_1a4e, 0x2fc1_2fc1, 0x7461_636f];
-    let same_device = match (fs::metadata(src), fs::metadata(dst_dir)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev(),
-        _ => return false,
-    };
-    same_device && statfs(dst_dir).is_some_and(|st| CLONING.contains(&(st.f_type as i64)))
+    let st = statfs(dst_dir)?;
+    if st.f_blocks == 0 {
+        return None;
+    }
+    let same_device = matches!((fs::metadata(src), fs::metadata(dst_dir)), (Ok(a), Ok(b)) if a.dev() == b.dev());
+    if same_device && CLONING.contains(&(st.f_type as i64)) {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_bsize as u64))
 }
 
 fn statfs(dir: &Path) -> Option<libc::statfs> {
