@@ -511,20 +511,29 @@ pub struct PullPlan {
 
 /// Bring LOCAL to the target version; see the module docs.
 pub fn pull(opts: &ApplyOptions) -> Result<ApplyReport> {
-    crate::version::check_run_id_arg(opts.run_id.as_deref())?;
-    check_local_is_not_base(&opts.local, opts.base.as_deref())?;
-    let local = LocalCheckpoint::new(&opts.local);
-    let lock = local.lock(opts.lock_timeout)?;
-    pull_locked(opts, &lock, &mut |_| Ok(()))
+    check_pull_options(opts)?;
+    let lock = LocalCheckpoint::new(&opts.local).lock(opts.lock_timeout)?;
+    pull_checked(opts, &lock, &mut |_| Ok(()))
 }
 
 /// [`pull`] for a caller that already holds LOCAL's lock ([`LocalCheckpoint::lock`]; a second
 /// flock of the same file from this process would wait for itself) and keeps it afterwards, as
 /// `delta-follow` does across the reload. `opts.lock_timeout` is not used.
 pub fn pull_locked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(PullPlan) -> Result<()>) -> Result<ApplyReport> {
-    let start = Instant::now();
+    check_pull_options(opts)?;
+    pull_checked(opts, lock, before_read)
+}
+
+/// What is wrong with `opts` whatever is on disk, refused before LOCAL's lock is taken (its
+/// sync directory would be created inside BASE, or under a run id that is a path).
+fn check_pull_options(opts: &ApplyOptions) -> Result<()> {
     crate::version::check_run_id_arg(opts.run_id.as_deref())?;
-    check_local_is_not_base(&opts.local, opts.base.as_deref())?;
+    check_local_is_not_base(&opts.local, opts.base.as_deref())
+}
+
+/// The pull itself, once [`check_pull_options`] passed, under `lock`.
+fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(PullPlan) -> Result<()>) -> Result<ApplyReport> {
+    let start = Instant::now();
     let local = LocalCheckpoint::new(&opts.local);
     local.check_lock(lock)?;
 
