@@ -64,6 +64,9 @@ fn main() {
             if let Some(reason) = &r.repair_reason {
                 s.push_str(&format!(" (repaired: {reason})"));
             }
+            if let Some(reason) = &r.foreign_reason {
+                s.push_str(&format!(" (reseeded: {reason})"));
+            }
             if let Some(v) = r.seeded_from {
                 s.push_str(&format!(", seeded from version {v}"));
             }

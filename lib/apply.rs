@@ -3,7 +3,9 @@
 //!
 //! Host state lives in `LOCAL/.weight_sync/`:
 //! * `state.json` — `{"version": "000007"}` (slime's format; `run_id` added when the source
-//!   pointer names a run). Written only after the bytes it names are durable.
+//!   pointer names a run; `source` and `fingerprint` say which SRC and which publication of the
+//!   version, so a LOCAL pointed at another source, or a version republished under the same
+//!   number, is reseeded rather than patched). Written only after the bytes it names are durable.
 //! * `intent.json` — written (durably) before LOCAL is mutated and removed after `state.json`
 //!   is updated: `{"op": "seed"|"apply", "from": "000006"|null, "to": "000007", "run_id": ..}`.
 //!   Finding one at start means a run died mid-mutation: LOCAL is dirty (an XOR half-applied
@@ -74,6 +76,9 @@ pub struct ApplyReport {
     /// True when an interrupted or damaged earlier run was detected and repaired.
     pub repaired: bool,
     pub repair_reason: Option<String>,
+    /// Why LOCAL was reseeded although it was intact: it held another source's version, or a
+    /// publication of its version that has since been replaced (`LocalStatus::Foreign`).
+    pub foreign_reason: Option<String>,
     pub applied: Vec<u64>,
     pub tensors_patched: usize,
     /// True when several deltas were folded into one pass over LOCAL.
@@ -95,6 +100,19 @@ pub struct SyncState {
     pub version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// The source directory the versions were read from, canonical ([`source_id`]). Absent in
+    /// states slime or older disagg wrote: then not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// [`VersionDir::fingerprint`] of the version as it was applied (absent for version 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// How `state.json` names a source directory: its canonical path (symlinks resolved), so two
+/// spellings of one directory agree.
+pub fn source_id(source: &Path) -> String {
+    source.canonicalize().unwrap_or_else(|_| std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf())).to_string_lossy().into_owned()
 }
 
 /// `LOCAL/.weight_sync/intent.json`.
@@ -148,6 +166,9 @@ pub enum LocalStatus {
     Fresh,
     /// Interrupted or damaged; must be reseeded.
     Dirty(String),
+    /// Holds a version of another source, or a publication of the version that has since been
+    /// replaced under the same number: not ours to patch, so reseeded (the reason says which).
+    Foreign(String),
 }
 
 impl LocalCheckpoint {
@@ -240,23 +261,22 @@ impl LocalCheckpoint {
         }
     }
 
-    fn write_state(&self, version: u64, run_id: &Option<String>) -> Result<()> {
-        let s = SyncState { version: version_str(version), run_id: run_id.clone() };
+    fn write_state(&self, s: &SyncState) -> Result<()> {
         crate::failpoint!("apply.before_state");
-        fsio::write_atomic(self.state_path(), serde_json::to_string(&s).expect("plain JSON").as_bytes())
+        fsio::write_atomic(self.state_path(), serde_json::to_string(s).expect("plain JSON").as_bytes())
     }
 
-    fn write_intent(&self, op: &str, from: Option<u64>, to: u64, run_id: &Option<String>) -> Result<()> {
-        let i = Intent { op: op.into(), from: from.map(version_str), to: version_str(to), run_id: run_id.clone() };
+    fn write_intent(&self, op: &str, from: Option<u64>, to: &SyncState) -> Result<()> {
+        let i = Intent { op: op.into(), from: from.map(version_str), to: to.version.clone(), run_id: to.run_id.clone() };
         fsio::write_atomic(self.intent_path(), serde_json::to_string(&i).expect("plain JSON").as_bytes())
     }
 
-    /// Bring LOCAL from version `from` to `to` by `change` (a seed or a patch, `op`) under the
+    /// Bring LOCAL from version `from` to the state `to` by `change` (a seed or a patch, `op`) under the
     /// protocol that makes it crash-safe: the intent first; then, for a `--no-fsync` run
     /// (`durable` false), the boot mark; the change; for a durable run, every earlier unsynced
     /// byte settled; then the state, and the intent cleared.
-    fn mutate<T>(&self, op: &str, from: Option<u64>, to: u64, run_id: &Option<String>, durable: bool, change: impl FnOnce() -> Result<T>) -> Result<T> {
-        self.write_intent(op, from, to, run_id)?;
+    fn mutate<T>(&self, op: &str, from: Option<u64>, to: &SyncState, durable: bool, change: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.write_intent(op, from, to)?;
         if !durable {
             self.mark_unsynced()?;
         }
@@ -264,7 +284,7 @@ impl LocalCheckpoint {
         if durable {
             self.settle_unsynced()?;
         }
-        self.write_state(to, run_id)?;
+        self.write_state(to)?;
         self.clear_intent()?;
         Ok(r)
     }
@@ -274,10 +294,11 @@ impl LocalCheckpoint {
         fsio::remove_durable(&self.intent_path())
     }
 
-    /// What LOCAL holds for a pull of `run_id`'s versions: the §6 step 2 checks (boot mark,
-    /// state, intent, LOCAL's headers). Needs the lock: a finished apply's leftover intent is
-    /// cleared here, and without the lock the answer could be stale before it is returned.
-    pub fn status(&self, lock: &HostLock, run_id: &Option<String>) -> Result<LocalStatus> {
+    /// What LOCAL holds for a pull of `run_id`'s versions from `source`: the §6 step 2 checks
+    /// (boot mark, state, intent, source and fingerprint, LOCAL's headers). Needs the lock: a
+    /// finished apply's leftover intent is cleared here, and without the lock the answer could
+    /// be stale before it is returned.
+    pub fn status(&self, lock: &HostLock, source: &Path, run_id: &Option<String>) -> Result<LocalStatus> {
         self.check_lock(lock)?;
         match Self::read_json::<Unsynced>(&self.unsynced_path())? {
             None => {}
@@ -289,22 +310,25 @@ impl LocalCheckpoint {
             None => None,
             Some(Err(e)) => return Ok(LocalStatus::Dirty(format!("state.json unparseable ({e})"))),
             Some(Ok(s)) => match parse_version_str(&s.version) {
-                Some(v) => Some((v, s.run_id)),
+                Some(v) => Some((v, s)),
                 None => return Ok(LocalStatus::Dirty(format!("state.json version {:?} unparseable", s.version))),
             },
         };
         match Self::read_json::<Intent>(&self.intent_path())? {
             None => {}
-            Some(Ok(i)) if i.op == "apply" && state.as_ref().is_some_and(|(v, r)| Some(*v) == parse_version_str(&i.to) && *r == i.run_id) => {
+            Some(Ok(i)) if i.op == "apply" && state.as_ref().is_some_and(|(v, s)| Some(*v) == parse_version_str(&i.to) && s.run_id == i.run_id) => {
                 // Died after recording the new state but before clearing the intent: done.
                 self.clear_intent()?;
             }
             Some(Ok(i)) => return Ok(LocalStatus::Dirty(format!("an interrupted {} to version {} was found", i.op, i.to))),
             Some(Err(e)) => return Ok(LocalStatus::Dirty(format!("intent.json unparseable ({e})"))),
         }
-        let Some((v, r)) = state else { return Ok(LocalStatus::Fresh) };
-        if r != *run_id {
+        let Some((v, recorded)) = state else { return Ok(LocalStatus::Fresh) };
+        if recorded.run_id != *run_id {
             return Ok(LocalStatus::Fresh);
+        }
+        if let Some(reason) = foreign(&recorded, v, source) {
+            return Ok(LocalStatus::Foreign(reason));
         }
         // A torn or tampered checkpoint (truncated file, bad header) is caught here.
         if let Err(e) = Checkpoint::open(&self.dir) {
@@ -478,6 +502,26 @@ impl LocalCheckpoint {
     }
 }
 
+/// Why LOCAL's recorded version `v` is not `source`'s version `v` as published now, if it is
+/// not: another source directory, or a version directory whose fingerprint changed since it
+/// was applied (published again under the same number). A version no longer there (collected)
+/// or unreadable cannot be compared and passes; so do states without the fields.
+fn foreign(recorded: &SyncState, v: u64, source: &Path) -> Option<String> {
+    if let Some(src) = &recorded.source {
+        let now = source_id(source);
+        if *src != now {
+            return Some(format!("LOCAL holds version {v} of another source ({src}), not of {now}"));
+        }
+    }
+    let fp = recorded.fingerprint.as_ref()?;
+    let root = match &recorded.run_id {
+        Some(r) => source.join(r),
+        None => source.to_path_buf(),
+    };
+    let now = VersionDir::open(&root, v).and_then(|d| d.fingerprint()).ok()?;
+    (now != *fp).then(|| format!("version {v} in {} was published again since LOCAL applied it (fingerprint {now}, LOCAL has {fp})", root.display()))
+}
+
 /// Where a chain's patches go ([`LocalCheckpoint::plan_chain`]): LOCAL's layout, each patched
 /// tensor's payloads in chain order (delta, data file), and the patched tensors of each LOCAL file.
 struct ChainPlan<'a> {
@@ -546,12 +590,16 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
     let mut report = ApplyReport { version: target.version, run_id: run_id.clone(), threads: crate::cli::worker_threads(), ..Default::default() };
     let durable = !opts.no_fsync;
 
-    let applied = match local.status(lock, &run_id)? {
+    let applied = match local.status(lock, &opts.source, &run_id)? {
         LocalStatus::Clean(v) => Some(v),
         LocalStatus::Fresh => None,
         LocalStatus::Dirty(reason) => {
             report.repaired = true;
             report.repair_reason = Some(reason);
+            None
+        }
+        LocalStatus::Foreign(reason) => {
+            report.foreign_reason = Some(reason);
             None
         }
     };
@@ -598,11 +646,14 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
     }
     chain.reverse();
     before_read(PullPlan { previous: applied, oldest_read: seed.unwrap_or_else(|| chain[0].number) })?;
-    // Validate everything we will read before touching LOCAL.
+    // Validate everything we will read before touching LOCAL, and fingerprint what we
+    // record (the seed, the last delta), as read before any of its data.
     let mut validated = Vec::with_capacity(chain.len());
     for v in &chain {
         validated.push(v.validate_files()?);
     }
+    let source = Some(source_id(&opts.source));
+    let recorded = |v: &VersionDir| -> Result<SyncState> { Ok(SyncState { version: version_str(v.number), run_id: run_id.clone(), source: source.clone(), fingerprint: Some(v.fingerprint()?) }) };
     // A stop signal (crate::stop) is honoured where LOCAL is consistent: here, before any
     // mutation; between files of a seed; and between seed and patch. A patch pass in progress
     // is finished and recorded first: it is short, and stopping inside it would force a reseed.
@@ -615,10 +666,14 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
         } else {
             steps.next().expect("seed version is first in the chain").0.path.clone()
         };
+        let to = match chain.first() {
+            Some(v) if s > 0 => recorded(v)?,
+            _ => SyncState { version: version_str(0), run_id: run_id.clone(), source: source.clone(), fingerprint: None },
+        };
         let t = Instant::now();
         let names = seed_files(&seed_dir)?;
         local.check_room_for(&seed_dir, &names)?;
-        local.mutate("seed", version_now, s, &run_id, durable, || {
+        local.mutate("seed", version_now, &to, durable, || {
             local.seed_from(&seed_dir, &names, durable)?;
             // The seed must be a loadable checkpoint before we call it a version.
             Checkpoint::open(&opts.local).map(|_| ())
@@ -637,10 +692,11 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
         }
         expect_base = Some(v.number);
     }
-    if let Some(last) = deltas.last().map(|(v, _, _)| v.number) {
+    if let Some(&(last, _, _)) = deltas.last() {
         crate::stop::check()?;
+        let to = recorded(last)?;
         let plan = local.plan_chain(&deltas)?;
-        report.tensors_patched += local.mutate("apply", version_now, last, &run_id, durable, || local.apply_chain(plan, &deltas, durable))?;
+        report.tensors_patched += local.mutate("apply", version_now, &to, durable, || local.apply_chain(plan, &deltas, durable))?;
         report.applied = deltas.iter().map(|(v, _, _)| v.number).collect();
         report.folded = deltas.len() > 1;
     }

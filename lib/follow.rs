@@ -132,6 +132,9 @@ pub struct FollowEvent {
     /// Several deltas applied in one pass (a catch-up).
     pub folded: bool,
     pub repaired: bool,
+    /// As delta-apply's `--json`: what was repaired, or why an intact LOCAL was reseeded.
+    pub repair_reason: Option<String>,
+    pub foreign_reason: Option<String>,
     pub noop: bool,
     /// The version the engine now runs (after this cycle's reload, if any).
     pub reloaded: Option<u64>,
@@ -204,8 +207,8 @@ pub fn default_status_path(source: &Path, name: &str) -> PathBuf {
 
 /// The version LOCAL holds for `run_id`'s versions by the pull's checks; None when it is fresh,
 /// dirty (torn, half-applied) or cannot be read.
-fn held(local: &LocalCheckpoint, lock: &HostLock, run_id: &Option<String>) -> Option<u64> {
-    match local.status(lock, run_id) {
+fn held(local: &LocalCheckpoint, lock: &HostLock, source: &Path, run_id: &Option<String>) -> Option<u64> {
+    match local.status(lock, source, run_id) {
         Ok(LocalStatus::Clean(v)) => Some(v),
         _ => None,
     }
@@ -254,9 +257,10 @@ pub struct Follower {
     status: FollowerStatus,
     last_write: Option<Instant>,
     backoff: Duration,
-    /// The version a pull in this process last returned Ok for: the only one it may reload.
-    /// None at start, so the first cycle always pulls (and so checks LOCAL) before it idles.
-    verified: Option<u64>,
+    /// The version a pull in this process last returned Ok for (the only one it may reload),
+    /// with LOCAL's `state.json` as that pull left it. None at start, so the first cycle always
+    /// pulls (and so checks LOCAL) before it idles.
+    verified: Option<(u64, Option<apply::SyncState>)>,
 }
 
 impl Follower {
@@ -282,7 +286,7 @@ impl Follower {
         let (applied, run_id) = {
             let lock = local.lock(None)?;
             let run_id = local.read_state().ok().flatten().and_then(|s| s.run_id);
-            (held(&local, &lock, &run_id), run_id)
+            (held(&local, &lock, &opts.source, &run_id), run_id)
         };
         let local_abs = absolute(&opts.local).to_string_lossy().into_owned();
         // What the engine holds, as far as the previous follower of this LOCAL knew.
@@ -359,7 +363,7 @@ impl Follower {
         if r.is_err() {
             // The pull may have died anywhere: what LOCAL holds now, by the pull's own checks
             // (state.json alone still names the old version under a torn apply).
-            self.status.applied = held(&local, &lock, &self.status.run_id);
+            self.status.applied = held(&local, &lock, &self.opts.source, &self.status.run_id);
             self.verified = None;
         }
         r.map(Some)
@@ -371,12 +375,15 @@ impl Follower {
     /// the pull, under the lock. (A file torn in place while the follower runs is not seen
     /// until a restart or the next version.)
     fn up_to_date(&self, ptr: &Pointer) -> bool {
-        if self.verified != Some(ptr.version) || self.status.applied != Some(ptr.version) || self.status.reloaded != Some(ptr.version) {
+        let Some((version, left)) = &self.verified else { return false };
+        if *version != ptr.version || self.status.applied != Some(ptr.version) || self.status.reloaded != Some(ptr.version) {
             return false;
         }
         let local = LocalCheckpoint::new(&self.opts.local);
         let recorded = local.read_state().ok().flatten();
-        !local.intent_exists() && recorded.is_some_and(|s| parse_version_str(&s.version) == Some(ptr.version) && s.run_id == ptr.run_id)
+        // The whole state as the pull left it: a delta-apply from another source (or of a
+        // version published again) that landed on the same number changes source/fingerprint.
+        !local.intent_exists() && recorded.is_some_and(|s| parse_version_str(&s.version) == Some(ptr.version) && s.run_id == ptr.run_id && Some(&s) == left.as_ref())
     }
 
     /// Steps 3 and 4 of a cycle, under LOCAL's lock.
@@ -389,6 +396,8 @@ impl Follower {
         ev.seeded_from = r.seeded_from;
         ev.folded = r.folded;
         ev.repaired = r.repaired;
+        ev.repair_reason = r.repair_reason;
+        ev.foreign_reason = r.foreign_reason;
         ev.noop = r.noop;
         ev.seconds_apply = r.seconds;
         if self.status.reloaded != Some(ptr.version) {
@@ -431,7 +440,7 @@ impl Follower {
             self.set_state("pulling")
         })?;
         // Verified: every checksum of every applied delta matched.
-        self.verified = Some(r.version);
+        self.verified = Some((r.version, LocalCheckpoint::new(&self.opts.local).read_state().ok().flatten()));
         self.status.applied = Some(r.version);
         self.status.needs = Some(r.version);
         Ok(r)

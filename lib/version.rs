@@ -165,6 +165,48 @@ impl VersionDir {
         }
     }
 
+    /// What identifies this publication of the version, cheaply (docs/FORMATS.md §6,
+    /// "Fingerprint"): xxh3-128 over the index and, for each data file, its name, length and
+    /// safetensors header (a delta's headers hold the checksum of every tensor it writes). LOCAL
+    /// records it with the version it applied, so a version published again under the same
+    /// number with other bytes is not taken for the one LOCAL holds. Content only, no inode or
+    /// mtime: a pre-read hook that fetches the same version again gives the same fingerprint.
+    pub fn fingerprint(&self) -> Result<String> {
+        use std::io::Read;
+        let mut h = twox_hash::XxHash3_128::new();
+        let mut part = |bytes: &[u8]| {
+            h.write(&(bytes.len() as u64).to_le_bytes());
+            h.write(bytes);
+        };
+        let names = match &self.index {
+            Some(index) => {
+                let path = self.path.join(INDEX_NAME);
+                let text = read_capped(&path, crate::checkpoint::MAX_INDEX_BYTES)?;
+                part(b"index");
+                part(&text);
+                index.files()
+            }
+            None => vec![SINGLE_NAME.to_string()],
+        };
+        for name in names {
+            let path = self.path.join(&name);
+            let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+            let mut n = [0u8; 8];
+            f.read_exact(&mut n).map_err(|e| Error::bad_input(&path, format!("not a safetensors file: {e}")))?;
+            let header_len = u64::from_le_bytes(n);
+            if header_len > MAX_FINGERPRINT_HEADER_BYTES || header_len > len - 8 {
+                return Err(Error::bad_input(&path, format!("safetensors header length {header_len} does not fit the file ({len} bytes) or is over {MAX_FINGERPRINT_HEADER_BYTES}")));
+            }
+            let mut header = vec![0u8; header_len as usize];
+            f.read_exact(&mut header).map_err(|e| Error::io(&path, e))?;
+            part(name.as_bytes());
+            part(&len.to_le_bytes());
+            part(&header);
+        }
+        Ok(format!("{:032x}", h.finish_128()))
+    }
+
     /// Open every data file the index names and validate its header (and, for a delta, that
     /// every listed tensor is there with a well-formed checksum). This is what "complete"
     /// means for `pointer-advance` and what `delta-apply` checks before touching LOCAL.
@@ -193,6 +235,22 @@ impl VersionDir {
         }
         Ok(files)
     }
+}
+
+/// Header bytes [`VersionDir::fingerprint`] reads at most per data file (the `safetensors`
+/// crate's own cap).
+pub const MAX_FINGERPRINT_HEADER_BYTES: u64 = 100_000_000;
+
+/// The whole of a small file, refused past `cap` bytes.
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut text = Vec::new();
+    f.take(cap + 1).read_to_end(&mut text).map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > cap {
+        return Err(Error::bad_input(path, format!("over the {cap}-byte cap")));
+    }
+    Ok(text)
 }
 
 /// Every version number present under `root` (complete or not), ascending.

@@ -1263,6 +1263,70 @@ fn apply_rollback_reseeds_and_converges() {
     assert_eq!(state_version(&local), "000000");
 }
 
+fn state(local: &Path) -> Value {
+    read_json(&local.join(".weight_sync/state.json"))
+}
+
+#[test]
+fn a_local_pointed_at_another_source_is_reseeded_not_patched() {
+    let t = TestDir::new("apply_other_source");
+    let c = make_chain(&t.path, 3, 1);
+    // Two sources with the same version numbers and other bytes: A steps 0→1→2, B 0→2→3.
+    let (a, b) = (t.join("a"), t.join("b"));
+    publish(&c.ckpts[0], &c.ckpts[1], &a, 1, &[]);
+    publish(&c.ckpts[1], &c.ckpts[2], &a, 2, &[]);
+    publish(&c.ckpts[0], &c.ckpts[2], &b, 1, &[]);
+    publish(&c.ckpts[2], &c.ckpts[3], &b, 2, &["--encoding", "overwrite"]);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &a, "1", &[]).ok();
+    let st = state(&local);
+    assert_eq!(st["source"], json!(a.canonicalize().unwrap().to_str().unwrap()), "state.json names the source");
+    assert!(st["fingerprint"].as_str().is_some_and(|f| f.len() == 32), "and the version's fingerprint: {st}");
+
+    // B's delta 2 is against B's version 1, not the A version 1 LOCAL holds: reseed, replay B.
+    let r = apply(&local, Some(&c.ckpts[0]), &b, "2", &["--json"]).ok().json();
+    assert!(r["foreign_reason"].as_str().is_some_and(|s| s.contains("another source")), "{r}");
+    assert_eq!((r["previous"].clone(), r["seeded_from"].clone(), applied(&r), r["repaired"].clone()), (Value::Null, json!(0), vec![1, 2], json!(false)));
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+    assert_eq!(state(&local)["source"], json!(b.canonicalize().unwrap().to_str().unwrap()));
+
+    // Another spelling of the same directory is the same source: a no-op.
+    let link = t.join("b-link");
+    std::os::unix::fs::symlink(&b, &link).unwrap();
+    let r = apply(&local, None, &link, "2", &["--json"]).ok().json();
+    assert_eq!((r["noop"].clone(), r["foreign_reason"].clone()), (json!(true), Value::Null), "{r}");
+}
+
+#[test]
+fn a_version_published_again_under_its_number_is_reseeded_not_patched() {
+    let t = TestDir::new("apply_republished");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    // The trainer restarts without a run id and publishes its versions again: v1 is now 0→2.
+    fs::remove_dir_all(vdir(&src, 1)).unwrap();
+    publish(&c.ckpts[0], &c.ckpts[2], &src, 1, &[]);
+    publish(&c.ckpts[2], &c.ckpts[3], &src, 2, &["--encoding", "overwrite"]);
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &["--json"]).ok().json();
+    assert!(r["foreign_reason"].as_str().is_some_and(|s| s.contains("published again")), "{r}");
+    assert_eq!((r["seeded_from"].clone(), applied(&r)), (json!(0), vec![1, 2]));
+    assert_local_is(&local, &c.ckpts[3], &c.models[3]);
+
+    // A recorded version that was collected cannot be compared and is trusted as before.
+    publish(&c.ckpts[3], &c.ckpts[2], &src, 3, &[]);
+    fs::remove_dir_all(vdir(&src, 2)).unwrap();
+    let r = apply(&local, None, &src, "3", &["--json"]).ok().json();
+    assert_eq!((r["previous"].clone(), r["seeded_from"].clone(), applied(&r), r["foreign_reason"].clone()), (json!(2), Value::Null, vec![3], Value::Null));
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+
+    // A state as slime writes it (version only) is trusted as before.
+    fs::write(local.join(".weight_sync/state.json"), r#"{"version":"000003"}"#).unwrap();
+    let r = apply(&local, None, &src, "3", &["--json"]).ok().json();
+    assert_eq!(r["noop"], json!(true), "{r}");
+}
+
 #[test]
 fn apply_sharded_checkpoints() {
     let t = TestDir::new("apply_sharded");
