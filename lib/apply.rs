@@ -179,7 +179,8 @@ impl LocalCheckpoint {
     fn state_path(&self) -> PathBuf {
         self.sync.join(STATE_NAME)
     }
-    fn lock_path(&self) -> PathBuf {
+    /// The host lock's file (`.weight_sync/lock`).
+    pub fn lock_path(&self) -> PathBuf {
         self.sync.join(LOCK_NAME)
     }
 

@@ -222,6 +222,8 @@ pub fn run_reload(cmd: &str, version: u64, local: &Path, source: &Path, run_id: 
         .env("DISAGG_LOCAL", absolute(local))
         .env("DISAGG_SOURCE", source)
         .env("DISAGG_RUN_ID", run_id.clone().unwrap_or_default())
+        // The follower holds LOCAL's lock through the reload (see `Follower::cycle`).
+        .env(crate::fsio::HELD_LOCK_ENV, absolute(&LocalCheckpoint::new(local).lock_path()))
         .stdin(std::process::Stdio::null())
         // Its own process group, so a timeout kills the whole command (curl included).
         .process_group(0)

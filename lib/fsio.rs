@@ -530,10 +530,25 @@ impl Drop for RefLock {
     }
 }
 
+/// Whether [`HELD_LOCK_ENV`] names `path` (as the same file): an ancestor holds it.
+fn held_by_ancestor(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(held) = std::env::var_os(HELD_LOCK_ENV) else { return false };
+    match (fs::metadata(&held), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 fn jitter_ms(scale: u64) -> u64 {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     (nanos as u64 ^ std::process::id() as u64) % (scale + 1)
 }
+
+/// Set by a process that runs a command while it holds a [`HostLock`] (delta-follow's reload):
+/// the lock file's absolute path. A descendant that asks for that lock would wait for its own
+/// ancestor, which waits for it: it is refused at once instead.
+pub const HELD_LOCK_ENV: &str = "DISAGG_HELD_LOCK";
 
 /// An exclusive advisory lock (flock) on a host-local lock file; released on drop or process death.
 pub struct HostLock {
@@ -552,6 +567,12 @@ impl HostLock {
         loop {
             match file.try_lock() {
                 Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if held_by_ancestor(&path) => {
+                    return Err(Error::Locked {
+                        path,
+                        reason: format!("held by the process that runs this command ({HELD_LOCK_ENV} names it), which waits for the command to finish: run this outside it (delta-follow's reload must not pull the LOCAL the follower has just pulled)"),
+                    })
+                }
                 Err(fs::TryLockError::WouldBlock) if timeout.is_none_or(|t| start.elapsed() < t) => {
                     crate::stop::check()?;
                     std::thread::sleep(Duration::from_millis(10));

@@ -403,6 +403,30 @@ fn reload_holds_the_local_lock_and_an_idle_follower_notices_local_moved() {
     assert!(wait_child(&mut follower, Duration::from_secs(10)).success());
 }
 
+/// A reload command that itself runs delta-apply on the follower's LOCAL would wait for the
+/// lock the follower holds through the reload, until --reload-timeout: it is refused at once
+/// (exit 9), the reload fails (exit 8) and says why. Another LOCAL is not affected.
+#[test]
+fn a_reload_that_pulls_the_followers_own_local_is_refused_at_once() {
+    let t = TestDir::new("follow-reload-self");
+    let chain = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&chain, &src);
+    advance(&src, 1);
+    let status = t.join("status.json");
+    let pull = |local: &str| format!("'{APPLY}' --local {local} --base '{}' --source '{}' --target \"$DISAGG_VERSION\"", chain.ckpts[0].display(), src.display());
+    let own = pull("\"$DISAGG_LOCAL\"");
+    let start = Instant::now();
+    let r = run(FOLLOW, follow_args(&t, &status, &["--once", "--reload-timeout", "60", "--reload-cmd", &own]));
+    r.code(8).stderr_contains("DISAGG_HELD_LOCK");
+    assert!(start.elapsed() < Duration::from_secs(30), "refused at once, not after the reload timeout");
+    assert_holds(&t.join("local"), &chain.models[1]);
+    // Pulling a second LOCAL from the reload is fine.
+    let other = pull(&format!("'{}'", t.join("other").display()));
+    run(FOLLOW, follow_args(&t, &status, &["--once", "--reload-on-start", "--reload-cmd", &other])).ok();
+    assert_holds(&t.join("other"), &chain.models[1]);
+}
+
 /// A restarted follower validates LOCAL (§6) before it calls a version applied: a file torn
 /// while it was down is repaired, never reported as the version state.json names.
 #[test]
