@@ -663,7 +663,7 @@ impl DataFile {
     /// Hand the gathered bytes to the kernel, and start writeback once a batch is written.
     fn flush(&mut self) -> Result<()> {
         if !self.gathered.is_empty() {
-            self.file.file().write_all(&self.gathered).at(self.file.temp_path())?;
+            self.file.file().write_all(&self.gathered).map_err(|e| self.file.io_error(e))?;
             self.wrote(self.gathered.len() as u64);
             self.gathered.clear();
         }
@@ -732,7 +732,7 @@ impl<'a> DeltaFiles<'a> {
             // Named for real in finish, once the number of files is known.
             let file = AtomicFile::create(self.dir.join(format!("model-{:05}.safetensors", w.files.len())))?;
             let mut f = file.file();
-            f.seek(io::SeekFrom::Start(room)).at(file.temp_path())?;
+            f.seek(io::SeekFrom::Start(room)).map_err(|e| file.io_error(e))?;
             if let Some(last) = w.files.last_mut() {
                 last.flush()?;
             }
@@ -743,10 +743,10 @@ impl<'a> DeltaFiles<'a> {
             f.flush()?;
         }
         if len >= WRITEBACK_BATCH {
-            e.payload.copy_to(&mut f.file.file()).at(f.file.temp_path())?;
+            e.payload.copy_to(&mut f.file.file()).map_err(|e| f.file.io_error(e))?;
             f.wrote(len);
         } else {
-            e.payload.copy_to(&mut f.gathered).at(f.file.temp_path())?;
+            e.payload.copy_to(&mut f.gathered).map_err(|e| f.file.io_error(e))?;
         }
         f.entries.push((e.name, e.checksum, len));
         f.size += len;
@@ -793,7 +793,7 @@ impl<'a> DeltaFiles<'a> {
             let slack_ok = compact <= f.room && f.room - compact <= HEADER_SLACK_BYTES.max(f.size / HEADER_SLACK_RATIO);
             let mut file = if slack_ok {
                 let head = crate::checkpoint::pad_header_bytes(head, f.room as usize).expect("fits: checked");
-                f.file.file().write_all_at(&head, 0).at(f.file.temp_path())?;
+                f.file.file().write_all_at(&head, 0).map_err(|e| f.file.io_error(e))?;
                 f.file
             } else {
                 rewrite_compact(&f, &head, &self.dir.join(&name))?
@@ -857,14 +857,13 @@ fn delta_file_header(entries: &[HeaderEntry]) -> Vec<u8> {
 /// reserved room was too small or too large); `f`'s temp file goes when it is dropped.
 fn rewrite_compact(f: &DataFile, head: &[u8], target: &Path) -> Result<AtomicFile> {
     let out = AtomicFile::create(target)?;
-    let temp = out.temp_path().to_path_buf();
     let mut dst = out.file();
-    dst.write_all(head).at(&temp)?;
+    dst.write_all(head).map_err(|e| out.io_error(e))?;
     let mut src = f.file.file();
-    src.seek(io::SeekFrom::Start(f.room)).at(f.file.temp_path())?;
-    let copied = io::copy(&mut src.take(f.size), &mut dst).at(&temp)?;
+    src.seek(io::SeekFrom::Start(f.room)).map_err(|e| f.file.io_error(e))?;
+    let copied = io::copy(&mut src.take(f.size), &mut dst).map_err(|e| out.io_error(e))?;
     if copied != f.size {
-        return Err(Error::io(f.file.temp_path(), io::Error::new(io::ErrorKind::UnexpectedEof, format!("{copied} of {} payload bytes read back", f.size))));
+        return Err(f.file.io_error(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{copied} of {} payload bytes read back", f.size))));
     }
     Ok(out)
 }

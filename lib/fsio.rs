@@ -30,6 +30,14 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with('.') && name.contains(TEMP_MARKER)
 }
 
+/// An error met while writing `temp` on its way to `target`: named by `target`, the name the
+/// user knows (a temp name means nothing to them and is gone once the temp is removed), with
+/// the temp's name in the text.
+pub fn temp_io_error(target: &Path, temp: &Path, e: io::Error) -> Error {
+    let temp_name = temp.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Error::io(target, io::Error::new(e.kind(), format!("{e} (writing its temp file {temp_name})")))
+}
+
 fn temp_path_for(target: &Path) -> PathBuf {
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -227,7 +235,7 @@ impl AtomicFile {
     pub fn create(target: impl AsRef<Path>) -> Result<Self> {
         let target = target.as_ref().to_path_buf();
         let temp = temp_path_for(&target);
-        let file = OpenOptions::new().write(true).read(true).create_new(true).mode(0o644).open(&temp).at(&temp)?;
+        let file = OpenOptions::new().write(true).read(true).create_new(true).mode(0o644).open(&temp).map_err(|e| temp_io_error(&target, &temp, e))?;
         Ok(AtomicFile { target, temp, file: Some(file) })
     }
 
@@ -239,6 +247,11 @@ impl AtomicFile {
     }
     pub fn file(&self) -> &File {
         self.file.as_ref().expect("AtomicFile used after commit")
+    }
+
+    /// An error writing this file, named by its final name ([`temp_io_error`]).
+    pub fn io_error(&self, e: io::Error) -> Error {
+        temp_io_error(&self.target, &self.temp, e)
     }
 
     /// Name the file will be committed under, for a writer that learns it only at the end
@@ -257,8 +270,8 @@ impl AtomicFile {
         let open = |flags: i32| OpenOptions::new().write(true).read(true).create_new(true).mode(0o644).custom_flags(flags).open(&temp);
         let (file, direct) = match open(libc::O_DIRECT) {
             Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).at(&temp)?, false),
-            Err(e) => return Err(Error::io(&temp, e)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).map_err(|e| temp_io_error(&target, &temp, e))?, false),
+            Err(e) => return Err(temp_io_error(&target, &temp, e)),
         };
         Ok((AtomicFile { target, temp, file: Some(file) }, direct))
     }
@@ -276,7 +289,7 @@ impl AtomicFile {
     /// fsync the temp's data. On failure (EIO, a full disk on a file system that allocates at
     /// writeback) the file is still ours, so dropping `self` removes the temp.
     fn sync(&self) -> Result<()> {
-        self.file.as_ref().expect("AtomicFile committed twice").sync_all().at(&self.temp)
+        self.file.as_ref().expect("AtomicFile committed twice").sync_all().map_err(|e| self.io_error(e))
     }
 
     /// Close the temp and rename it over the final name; on failure the temp goes.
@@ -349,7 +362,7 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
 /// Write `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(path.as_ref())?;
-    f.write_all(bytes).at(f.temp_path())?;
+    f.write_all(bytes).map_err(|e| f.io_error(e))?;
     f.commit()
 }
 
@@ -365,7 +378,7 @@ pub fn copy_atomic_with(src: &Path, dst: &Path, durable: bool) -> Result<u64> {
     let f = AtomicFile::create(dst)?;
     let mut input = File::open(src).at(src)?;
     let mut out = f.file();
-    let n = io::copy(&mut input, &mut out).map_err(|e| copy_failed(src, f.temp_path(), e))?;
+    let n = io::copy(&mut input, &mut out).map_err(|e| copy_failed(src, &f, e))?;
     if durable {
         f.commit()?;
     } else {
@@ -378,9 +391,9 @@ pub fn copy_atomic_with(src: &Path, dst: &Path, durable: bool) -> Result<u64> {
 /// bytes in the kernel (copy_file_range, sendfile), so one errno stands for both ends; the ones
 /// only a destination raises (full disk or quota, file too large, read-only file system) name
 /// `dst`, so a full LOCAL disk is not reported as a problem of the shared BASE it was seeded from.
-fn copy_failed(src: &Path, dst: &Path, e: io::Error) -> Error {
+fn copy_failed(src: &Path, dst: &AtomicFile, e: io::Error) -> Error {
     match e.raw_os_error() {
-        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG | libc::EROFS) => Error::io(dst, e),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG | libc::EROFS) => dst.io_error(e),
         _ => Error::io(src, e),
     }
 }

@@ -722,6 +722,9 @@ fn a_local_disk_that_fills_during_the_seed_is_named_and_the_next_run_seeds() {
     let err = with_a_full_disk(32, &format!("{APPLY} --local {} --base {} --source {} --target 1", local.s(), c.ckpts[0].s(), src.s()));
     assert!(err.contains(local.s()) && err.contains("File too large"), "{err}");
     assert!(!err.contains(c.ckpts[0].s()), "the error blames BASE: {err}");
+    // Named by the file's final name, the temp's only in the text after it.
+    let file = file_names(&c.ckpts[0]).into_iter().find(|n| n.ends_with(".safetensors")).unwrap();
+    assert!(err.contains(&format!("{}: ", local.join(&file).display())) && err.contains("writing its temp file ."), "{err}");
     assert!(!local.join(".weight_sync/state.json").exists(), "a version was recorded");
     assert_no_temp_files(&local);
     apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
