@@ -375,25 +375,9 @@ impl LocalCheckpoint {
     /// promise the copy fits. Skipped where the file system does not report its size, or where
     /// the copy may clone extents and need no room at all.
     fn check_room_for(&self, seed: &Path, names: &[String]) -> Result<()> {
-        let Some(free) = fsio::room_for_copy(seed, &self.dir) else { return Ok(()) };
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let (adds, frees) = names.iter().fold((0u64, 0u64), |(a, f), n| (a + size(&seed.join(n)), f + size(&self.dir.join(n))));
-        let needed = adds.saturating_sub(frees);
-        if needed > free {
-            return Err(Error::Io {
-                path: self.dir.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::StorageFull,
-                    format!(
-                        "not enough free space to seed from {}: the copy needs {} more ({needed} bytes), the file system has {} free",
-                        seed.display(),
-                        indicatif::HumanBytes(needed),
-                        indicatif::HumanBytes(free)
-                    ),
-                ),
-            });
-        }
-        Ok(())
+        fsio::check_room_for_copy(seed, &self.dir, adds.saturating_sub(frees), &format!("seed from {}", seed.display()))
     }
 
     /// Map every tensor a chain of deltas patches to its LOCAL file, before anything is written:

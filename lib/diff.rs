@@ -124,6 +124,12 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     }
     // GPU or CPU per tensor (lib/gpu); chosen before anything is written, `--device cuda` with no GPU is a usage error.
     let engine = if opts.full { crate::gpu::Engine::cpu() } else { crate::gpu::Engine::select(opts.device)? };
+    if opts.full {
+        // A full version is a copy of NEW: refuse one that cannot fit before the version
+        // directory exists, rather than fill the shared disk under the other writers on it.
+        let needed = full_version_files(&new, opts)?.iter().map(|(src, _)| std::fs::metadata(src).map(|m| m.len()).unwrap_or(0)).sum();
+        fsio::check_room_for_copy(&opts.new, &opts.publish, needed, &format!("publish version {} in full", opts.version))?;
+    }
     let dir = create_version_dir(&opts.publish, opts.version, opts.replace_incomplete)?;
     let unpublished = Unpublished(&dir);
     let mut report = match &old {
@@ -879,9 +885,9 @@ fn write_index(dir: &Path, index: &Value) -> Result<u64> {
     Ok(text.len() as u64)
 }
 
-fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffReport> {
-    let write_start = Instant::now();
-    let total_bytes = new.total_bytes();
+/// What a full version of `new` is made of: (file to copy, its name in the version directory),
+/// data files first, in `new`'s file order.
+fn full_version_files(new: &Checkpoint, opts: &DiffOptions) -> Result<Vec<(PathBuf, String)>> {
     // Data files keep their names; a lone file given by path becomes model.safetensors.
     let single_path = opts.new.is_file();
     let mut copies: Vec<(PathBuf, String)> = new
@@ -896,6 +902,13 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
     for name in new.ride_along_files()? {
         copies.push((opts.new.join(&name), name));
     }
+    Ok(copies)
+}
+
+fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffReport> {
+    let write_start = Instant::now();
+    let total_bytes = new.total_bytes();
+    let copies = full_version_files(new, opts)?;
     let bar = crate::progress::bytes_bar(total_bytes, "copy");
     let wire: u64 = copies
         .par_iter()

@@ -159,6 +159,25 @@ pub fn room_for_copy(src: &Path, dst_dir: &Path) -> Option<u64> {
     Some((st.f_bavail as u64).saturating_mul(st.f_bsize as u64))
 }
 
+/// Refuse, before anything is written, a copy from `src` that needs `needed` more bytes than the
+/// file system of `dst_dir` (or of its nearest existing ancestor) has free for us: exit 10 naming
+/// `dst_dir`, what the copy is (`what`) and both sizes. Passes where [`room_for_copy`] can tell
+/// nothing. A refusal is certain to be right; passing does not promise the copy fits.
+pub fn check_room_for_copy(src: &Path, dst_dir: &Path, needed: u64, what: &str) -> Result<()> {
+    let existing = dst_dir.ancestors().find(|d| d.is_dir()).unwrap_or(dst_dir);
+    let Some(free) = room_for_copy(src, existing) else { return Ok(()) };
+    if needed <= free {
+        return Ok(());
+    }
+    Err(Error::Io {
+        path: dst_dir.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("not enough free space to {what}: the copy needs {} more ({needed} bytes), the file system has {} free", indicatif::HumanBytes(needed), indicatif::HumanBytes(free)),
+        ),
+    })
+}
+
 fn statfs(dir: &Path) -> Option<libc::statfs> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;

@@ -762,6 +762,29 @@ fn a_seed_larger_than_the_free_space_is_refused_before_local_is_touched() {
     assert_local_is(&local, &c.ckpts[2], &c.models[2]);
 }
 
+/// A full version that cannot fit on the publish file system is refused before its directory
+/// exists (a sparse ride-along file larger than the free space stands in for a big checkpoint):
+/// nothing is copied, no version directory is left, and with room the publish goes through.
+#[test]
+fn a_full_publish_larger_than_the_free_space_is_refused_before_anything_is_written() {
+    let t = TestDir::new("publish_room");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    let Some(free) = disagg::fsio::room_for_copy(&c.ckpts[1], &src) else {
+        eprintln!("skipped: the test dir's file system reports no free space or clones copies, so the check does not apply");
+        return;
+    };
+    let huge = c.ckpts[1].join("optimizer.bin");
+    fs::File::create(&huge).unwrap().set_len(free + (1 << 30)).unwrap();
+    let r = run(DIFF, [c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "2", "--full"]);
+    r.code(10).stderr_contains(src.s()).stderr_contains("not enough free space to publish version 2 in full");
+    assert!(!vdir(&src, 2).exists(), "a version directory was left: {:?}", file_names(&src));
+    fs::remove_file(&huge).unwrap();
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 2, &["--full"]);
+    assert_holds(&vdir(&src, 2), &c.models[1]);
+}
+
 /// A copy whose fsync fails (a failpoint standing in for EIO) leaves no temp file in LOCAL: the
 /// temp used to be closed before the fsync, so the error path no longer owned it.
 #[cfg(feature = "failpoints")]
