@@ -251,7 +251,7 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
         return Err(Error::not_found(&opts.src, "no such publish root"));
     }
     let Some(ptr) = read_latest(&opts.src)? else {
-        report.warnings.push("no `latest` pointer yet: nothing is collected".into());
+        report.warn("no `latest` pointer yet: nothing is collected".into());
         report.seconds = start.elapsed().as_secs_f64();
         return Ok(report);
     };
@@ -295,7 +295,7 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
             Err(Error::Conflict { .. }) => Entry { kind: "incomplete".into(), base: None, age: tree_age(&dir, now) },
             Err(Error::NotFound { .. }) => continue, // removed since the listing
             Err(e) => {
-                report.warnings.push(format!("version {v} is unreadable and kept: {e}"));
+                report.warn(format!("version {v} is unreadable and kept: {e}"));
                 Entry { kind: "unreadable".into(), base: None, age: tree_age(&dir, now) }
             }
         };
@@ -356,7 +356,7 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
     for (v, why) in roots {
         match chain_of(&entries, v) {
             Ok(c) => c.iter().filter(|&&x| x != v).for_each(|&x| protect(x, why)),
-            Err(missing) => report.warnings.push(format!("version {v}: its chain is broken at {missing}")),
+            Err(missing) => report.warn(format!("version {v}: its chain is broken at {missing}")),
         }
     }
     // 5. live followers of this run.
