@@ -1234,3 +1234,84 @@ fn docs_examples_match_the_code() {
     }
     assert_eq!(seen.len(), 7, "{seen:?}");
 }
+
+/// Wait for `child` up to `limit`; kill it and panic naming `what` if it is still running.
+fn wait_or_kill(child: &mut std::process::Child, limit: Duration, what: &str) -> Option<i32> {
+    match exit_within(child, limit) {
+        Some(code) => Some(code),
+        None => {
+            kill9(child);
+            panic!("{what}: still running after {limit:?}");
+        }
+    }
+}
+
+/// A corrupt line is counted as published by the producer (single file: it is a line of
+/// `refs.jsonl`; segments: its seq is skipped), so the consumer that skips it acknowledges it,
+/// once over the ranks of its group: published − consumed drains to 0. Before, the single-file
+/// tail never counted it (nor gave it a line index), so `--max-in-flight 1` waited for good.
+#[test]
+fn corrupt_lines_count_as_consumed_so_backpressure_drains() {
+    let d = temp_dir("corrupt-ack");
+    let ch = d.join("ch");
+    fs::create_dir_all(&ch).unwrap();
+    fs::write(ch.join("refs.jsonl"), format!("{}\nnot a ref\n{}\n", sample_ref("x0", None), sample_ref("x1", None))).unwrap();
+    let o = run(TAIL, &[p(&ch), "--cursor", "c", "--json"], "");
+    let ids: Vec<String> = ok(&o).lines().map(|l| SampleRef::parse(l.as_bytes()).unwrap().sample_id).collect();
+    assert_eq!(ids, ["x0", "x1"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"corrupt\":1"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "3\n");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join(".cursor-c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["refs.jsonl"].next_seq, c.producers["refs.jsonl"].consumed, c.delivered), (3, 3, 2));
+    // The producer's backpressure drains past it: at most one ref in flight, and a tail running.
+    let mut tail = Command::new(TAIL)
+        .args([p(&ch), "--cursor", "c", "--follow", "--idle-timeout", "20"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut prod = Command::new(PUBLISH)
+        .args([p(&ch), "--layout", "single-file", "--max-in-flight", "1", "--close"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    prod.stdin.take().unwrap().write_all(refs_text("bp", 5).as_bytes()).unwrap();
+    let code = exit_within(&mut prod, Duration::from_secs(15));
+    if code.is_none() {
+        kill9(&mut prod);
+    }
+    assert_eq!(wait_or_kill(&mut tail, Duration::from_secs(15), "single-file tail"), Some(0));
+    assert_eq!(code, Some(0), "the producer waited for a corrupt line to be consumed");
+    assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "8\n");
+
+    // Two ranks: each line, the corrupt one too, is acknowledged by exactly one of them.
+    let ch2 = d.join("ch2");
+    fs::create_dir_all(&ch2).unwrap();
+    let mut text = String::new();
+    for i in 0..20 {
+        text.push_str(&if i % 5 == 2 { format!("corrupt {i}\n") } else { format!("{}\n", sample_ref(&format!("y{i}"), None)) });
+    }
+    fs::write(ch2.join("refs.jsonl"), text).unwrap();
+    for r in 0..2 {
+        ok(&run(TAIL, &[p(&ch2), "--cursor", "g", "--rank", &r.to_string(), "--world", "2"], ""));
+    }
+    assert_eq!(channel::consumed_by_single_file_cursors(&ch2).unwrap(), 20);
+
+    // Segments: a corrupt line in the middle of a stream leaves a gap in the seqs; the rank
+    // owning each missing seq acknowledges it.
+    let ch3 = d.join("ch3");
+    ok(&run(PUBLISH, &[p(&ch3), "--producer", "q"], &refs_text("c", 30)));
+    let seg = fs::read_dir(ch3.join("producers/q")).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(".jsonl")).unwrap();
+    let text = fs::read_to_string(&seg).unwrap().replacen("c-7\"", "c-X\"", 1).replacen("c-8\"", "c-Y\"", 1);
+    fs::write(&seg, text).unwrap();
+    ok(&run(PUBLISH, &[p(&ch3), "--producer", "q", "--close"], ""));
+    for (cursor, world) in [("one", 1u64), ("two", 2), ("two", 2)] {
+        for r in 0..world {
+            let args = [p(&ch3), "--cursor", cursor, "--follow", "--rank", &r.to_string(), "--world", &world.to_string()];
+            ok(&run(TAIL, &args, ""));
+        }
+    }
+    // Both cursor groups count all 30: 30 for "one", 30 over the ranks of "two" (the rerun adds nothing).
+    assert_eq!(channel::consumed_by_cursors(&ch3, "q").unwrap(), 60);
+}

@@ -1168,6 +1168,26 @@ fn heartbeat_age(dir: &Path) -> Option<Duration> {
     Some(Duration::from_millis(unix_ms().saturating_sub(hb.unix_ms)))
 }
 
+/// Most seqs of one gap [`ack_lost`] checks one by one for their rank (world > 1); a longer
+/// gap is no run of skipped lines but a producer's bug, and is not acknowledged.
+const MAX_LOST_GAP: u64 = 1 << 24;
+
+/// Acknowledge the seqs `first..end` of `s` that were published but will never be delivered
+/// (corrupt lines): those of this rank's shard count as consumed, so that over the ranks each is
+/// counted once and published − consumed drains. True if any was this rank's.
+fn ack_lost(s: &mut Stream, opts: &TailOptions, first: u64, end: u64) -> bool {
+    let n = if opts.world <= 1 {
+        end - first
+    } else if end - first > MAX_LOST_GAP {
+        eprintln!("ref-tail: warning: {}: {} seqs missing from {first}: not acknowledged", s.dir.display(), end - first);
+        0
+    } else {
+        (first..end).filter(|&q| shard_of(&s.name, q, opts.world) == opts.rank).count() as u64
+    };
+    s.pos.consumed += n;
+    n > 0
+}
+
 /// Read what is new in one stream. Returns (progressed, acknowledged something, at end of data).
 #[allow(clippy::too_many_arguments)]
 fn read_stream(
@@ -1242,6 +1262,14 @@ fn read_stream(
                         s.pos.offset + (consumed_bytes - line.len() - 1) as u64
                     );
                     summary.corrupt += 1;
+                    if layout == Layout::SingleFile {
+                        // Its producer counted it as published: it is a line of the file, and
+                        // takes its line index as seq (segments: the gap it leaves, below).
+                        let seq = s.pos.next_seq;
+                        s.pos.next_seq += 1;
+                        acked |= ack_lost(s, opts, seq, seq + 1);
+                        progressed = true;
+                    }
                     continue;
                 }
             };
@@ -1251,6 +1279,9 @@ fn read_stream(
             }
             if seq > s.pos.next_seq {
                 eprintln!("ref-tail: warning: {}: sequence jumps from {} to {seq}", path.display(), s.pos.next_seq);
+                // The missing seqs were published (a corrupt line, skipped above, or lost):
+                // acknowledged as lost, or in-flight backpressure would never drain.
+                acked |= ack_lost(s, opts, s.pos.next_seq, seq);
             }
             s.pos.next_seq = seq + 1;
             progressed = true;
@@ -1296,8 +1327,15 @@ fn read_stream(
         if rest.len() > MAX_LINE_BYTES {
             eprintln!("ref-tail: warning: {}: skipping a line longer than {MAX_LINE_BYTES} bytes at byte {}", path.display(), s.pos.offset);
             summary.corrupt += 1;
-            let skip = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |p| p + 1);
-            s.pos.offset += skip as u64;
+            let skip = rest.iter().position(|&b| b == b'\n');
+            // Single file: a line, counted once, where it ends (with no newline read yet, the
+            // rest of it is read as a line of its own next, and counted then).
+            if layout == Layout::SingleFile && skip.is_some() {
+                let seq = s.pos.next_seq;
+                s.pos.next_seq += 1;
+                acked |= ack_lost(s, opts, seq, seq + 1);
+            }
+            s.pos.offset += skip.map_or(rest.len(), |p| p + 1) as u64;
             progressed = true;
             continue;
         }
