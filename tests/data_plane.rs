@@ -1315,3 +1315,69 @@ fn corrupt_lines_count_as_consumed_so_backpressure_drains() {
     // Both cursor groups count all 30: 30 for "one", 30 over the ranks of "two" (the rerun adds nothing).
     assert_eq!(channel::consumed_by_cursors(&ch3, "q").unwrap(), 60);
 }
+
+/// A single-file producer killed mid-line leaves bytes after the last newline (here a whole
+/// line but its `\n`): a line never committed. The next `ref-publish` cuts it off and appends;
+/// a tail that was following meanwhile never delivers the fragment, nor glues it to the lines
+/// written after the repair. Before, the producer refused to start (exit 3).
+#[test]
+fn single_file_torn_tail_is_repaired_by_the_next_producer() {
+    let d = temp_dir("sf-torn");
+    let ch = d.join("ch");
+    ok(&run(PUBLISH, &[p(&ch), "--layout", "single-file"], &refs_text("a", 3)));
+    let path = ch.join("refs.jsonl");
+    let complete = fs::read_to_string(&path).unwrap();
+    let torn = complete.lines().next().unwrap().replace("a-0", "torn");
+    fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(torn.as_bytes()).unwrap();
+    let tail = Command::new(TAIL)
+        .args([p(&ch), "--cursor", "c", "--follow", "--idle-timeout", "20", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The tail has read the three lines and waits on the partial one.
+    let start = Instant::now();
+    while fs::read_to_string(ch.join(".consumed_count")).unwrap_or_default() != "3\n" {
+        assert!(start.elapsed() < Duration::from_secs(10), "the tail did not catch up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // Longer than the fragment, so that bytes past it are new ones.
+    let o = run(PUBLISH, &[p(&ch), "--layout", "single-file", "--close", "--json"], &refs_text("b", 4));
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("torn"), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((s["published_before"].as_u64(), s["published_total"].as_u64()), (Some(3), Some(7)));
+    let after = fs::read_to_string(&path).unwrap();
+    assert!(after.starts_with(&complete) && after.ends_with('\n') && !after.contains("torn"), "{after}");
+    let o = tail.wait_with_output().unwrap();
+    let ids: Vec<String> = ok(&o).lines().map(|l| SampleRef::parse(l.as_bytes()).unwrap().sample_id).collect();
+    assert_eq!(ids, ["a-0", "a-1", "a-2", "b-0", "b-1", "b-2", "b-3"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("\"torn\":0") && stderr.contains("\"corrupt\":0"), "{stderr}");
+    assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "7\n");
+}
+
+/// A producer killed while it repairs a torn tail (before the cut) leaves the file as it was:
+/// the next one cuts it.
+#[cfg(feature = "failpoints")]
+#[test]
+fn single_file_repair_killed_before_the_cut_is_redone() {
+    let d = temp_dir("sf-repair-kill");
+    let ch = d.join("ch");
+    ok(&run(PUBLISH, &[p(&ch), "--layout", "single-file"], &refs_text("a", 2)));
+    let path = ch.join("refs.jsonl");
+    let complete = fs::read_to_string(&path).unwrap();
+    fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"sample_id\":\"half").unwrap();
+    let o = Command::new(PUBLISH)
+        .args([p(&ch), "--layout", "single-file"])
+        .env("DISAGG_FAILPOINT", "publish.before_repair")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert_eq!(fs::read_to_string(&path).unwrap(), format!("{complete}{{\"sample_id\":\"half"));
+    ok(&run(PUBLISH, &[p(&ch), "--layout", "single-file", "--close"], &refs_text("b", 1)));
+    let ids: Vec<String> = ok(&run(TAIL, &[p(&ch), "--follow"], "")).lines().map(|l| SampleRef::parse(l.as_bytes()).unwrap().sample_id).collect();
+    assert_eq!(ids, ["a-0", "a-1", "b-0"]);
+}

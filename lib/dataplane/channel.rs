@@ -18,7 +18,8 @@
 //! torn only once a later segment exists or the producer closed.
 //!
 //! SpecForge's single-file layout (`refs.jsonl`, `.closed`, `.failed`, `.consumed_count`,
-//! `.consumer_done`, `.consumer_failed`) is read and written with [`Layout::SingleFile`].
+//! `.consumer_done`, `.consumer_failed`) is read and written with [`Layout::SingleFile`]; there a
+//! restarted producer cuts a torn last line off (under the file's lock) before it appends.
 
 use super::sample_ref::{oldest_weight_version_in, sample_id_in, SampleRef, MAX_REF_BYTES, MAX_REF_TEXT_BYTES};
 use super::staleness;
@@ -294,6 +295,49 @@ pub fn published_sample_ids(channel: &Path, producer: &str) -> Result<Vec<String
     Ok(ids)
 }
 
+/// Take the exclusive lock (flock) of a single-file channel's `refs.jsonl`, which `ref-publish`
+/// holds while it writes a batch and while it repairs a torn tail. False where the file system
+/// has no locks (some FUSE mounts): there, that one producer runs at a time is the operator's
+/// promise alone, as for a SpecForge producer (which takes no lock).
+fn lock_single_file(f: &File, path: &Path) -> Result<bool> {
+    match f.lock() {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported || matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::ENOLCK)) => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Open a single-file channel's `refs.jsonl` for appending (created if missing) and count its
+/// lines, every complete one (what the channel has published). Bytes after the last `\n` are a
+/// line whose writer was killed in the middle of it: never committed (no reader takes a line
+/// before its newline), so they are cut off, under the file's lock (no write of a live producer
+/// of ours is in progress then), before anything is appended. Cutting them keeps every complete
+/// byte where it is, which readers rely on (their offsets stay valid); a kill before the cut is
+/// durable leaves the tail for the next producer to cut.
+fn open_single_file(path: &Path) -> Result<(File, u64)> {
+    let f = OpenOptions::new().read(true).append(true).create(true).open(path).at(path)?;
+    let locked = lock_single_file(&f, path)?;
+    let counted = (|| {
+        let bytes = fs::read(path).at(path)?;
+        let (lines, used) = complete_lines(&bytes);
+        if used != bytes.len() {
+            eprintln!(
+                "ref-publish: warning: {}: cutting a torn last line ({} bytes after the last newline, at byte {used}; its writer was killed mid-write)",
+                path.display(),
+                bytes.len() - used
+            );
+            crate::failpoint!("publish.before_repair");
+            f.set_len(used as u64).at(path)?;
+            f.sync_data().at(path)?;
+        }
+        Ok(lines.len() as u64)
+    })();
+    if locked {
+        f.unlock().at(path)?;
+    }
+    Ok((f, counted?))
+}
+
 /// Heartbeat file contents.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -333,7 +377,7 @@ impl RefProducer {
     pub fn open(channel: &Path, name: &str, layout: Layout, fsync: bool) -> Result<Self> {
         check_name("producer", name)?;
         fsio::create_dir_durable(channel)?;
-        let (dir, next_seq, epoch) = match layout {
+        let (dir, next_seq, epoch, segment) = match layout {
             Layout::Segments => {
                 let dir = channel.join(PRODUCERS_DIR).join(name);
                 fsio::create_dir_durable(&dir)?;
@@ -353,7 +397,7 @@ impl RefProducer {
                     // A segment with no valid line still says where its writer meant to start.
                     next = next.max(*first);
                 }
-                (dir, next, epoch)
+                (dir, next, epoch, None)
             }
             Layout::SingleFile => {
                 for marker in [".closed", ".failed"] {
@@ -362,18 +406,8 @@ impl RefProducer {
                     }
                 }
                 let path = channel.join(SINGLE_FILE);
-                let count = match fs::read(&path) {
-                    Ok(b) => {
-                        let (lines, used) = complete_lines(&b);
-                        if used != b.len() {
-                            return Err(Error::bad_input(&path, "ends with a partial line (torn write by a killed producer): the single-file layout cannot resume past it"));
-                        }
-                        lines.len() as u64
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-                    Err(e) => return Err(Error::io(&path, e)),
-                };
-                (channel.to_path_buf(), count, 0)
+                let (file, count) = open_single_file(&path)?;
+                (channel.to_path_buf(), count, 0, Some((file, path, 0)))
             }
         };
         let published = Arc::new(AtomicU64::new(next_seq));
@@ -406,7 +440,7 @@ impl RefProducer {
             layout,
             next_seq,
             epoch,
-            segment: None,
+            segment,
             fsync,
             published,
             stop,
@@ -458,7 +492,7 @@ impl RefProducer {
     }
 
     fn append_encoded(&mut self, bytes: &[u8], count: u64) -> Result<()> {
-        if self.segment.as_ref().is_some_and(|s| s.2 >= SEGMENT_MAX_BYTES) {
+        if self.layout == Layout::Segments && self.segment.as_ref().is_some_and(|s| s.2 >= SEGMENT_MAX_BYTES) {
             self.segment = None;
         }
         if self.segment.is_none() {
@@ -472,15 +506,22 @@ impl RefProducer {
                 }
                 Layout::SingleFile => {
                     let path = self.channel.join(SINGLE_FILE);
-                    let f = OpenOptions::new().append(true).create(true).open(&path).at(&path)?;
+                    let (f, _) = open_single_file(&path)?;
                     (path, f)
                 }
             };
             self.segment = Some((file, path, 0));
         }
         let (file, path, len) = self.segment.as_mut().expect("segment opened above");
+        // Single file: the batch is written under the file's lock, so that a producer starting
+        // meanwhile never takes a write in progress for a torn tail (open_single_file).
+        let locked = self.layout == Layout::SingleFile && lock_single_file(file, path)?;
         crate::failpoint!("publish.before_write");
-        file.write_all(bytes).at(&*path)?;
+        let written = file.write_all(bytes);
+        if locked {
+            file.unlock().at(&*path)?;
+        }
+        written.at(&*path)?;
         crate::failpoint!("publish.after_write");
         if self.fsync {
             file.sync_data().at(&*path)?;
@@ -1227,10 +1268,19 @@ fn read_stream(
             Err(e) if e.kind() == io::ErrorKind::NotFound && layout == Layout::SingleFile => return Ok((progressed, acked, true)),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let start = s.pos.offset + s.partial.len() as u64;
-        f.seek(SeekFrom::Start(start)).at(&path)?;
+        let mut want = (budget * 1024).clamp(1 << 16, 16 << 20) as u64;
+        // A partial line is waited for. Segments: a segment is never rewritten, so its bytes are
+        // kept and only what follows them is read. Single file: a restarted producer cuts a torn
+        // tail and appends in its place, so the partial bytes are read again from the last line
+        // boundary (`pos.offset`, which no cut goes below): kept, they would be glued to the
+        // lines written after the cut.
         let mut buf = std::mem::take(&mut s.partial);
-        let want = (budget * 1024).clamp(1 << 16, 16 << 20) as u64;
+        if layout == Layout::SingleFile {
+            want += buf.len() as u64;
+            buf.clear();
+        }
+        let start = s.pos.offset + buf.len() as u64;
+        f.seek(SeekFrom::Start(start)).at(&path)?;
         let read_n = f.take(want).read_to_end(&mut buf).at(&path)? as u64;
         let (lines, used) = complete_lines(&buf);
         let n_lines = lines.len().min(budget);
