@@ -1381,3 +1381,31 @@ fn single_file_repair_killed_before_the_cut_is_redone() {
     let ids: Vec<String> = ok(&run(TAIL, &[p(&ch), "--follow"], "")).lines().map(|l| SampleRef::parse(l.as_bytes()).unwrap().sample_id).collect();
     assert_eq!(ids, ["a-0", "a-1", "b-0"]);
 }
+
+/// A tail that ends in an error after printing refs commits its cursor for what it printed:
+/// a rerun does not print them again. Before, a producer's `failed` seen after another
+/// producer's refs were printed (exit 5) left them unacknowledged. A ref whose write to stdout
+/// failed is not acknowledged.
+#[test]
+fn a_failing_tail_commits_what_it_printed_and_nothing_unprinted() {
+    let d = temp_dir("fail-commit");
+    let ch = d.join("ch");
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "a"], &refs_text("a", 3)));
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "b", "--fail", "sglang crashed"], ""));
+    // stdout is a full disk: nothing printed, nothing acknowledged.
+    let o = Command::new(TAIL).args([p(&ch), "--cursor", "c"]).stdout(fs::File::create("/dev/full").unwrap()).output().unwrap();
+    assert_eq!(o.status.code(), Some(10), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!ch.join("cursors/c.json").exists() || {
+        let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
+        c.delivered == 0
+    });
+    let o = run(TAIL, &[p(&ch), "--cursor", "c"], "");
+    assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
+    let ids: Vec<String> = parse_out(&String::from_utf8(o.stdout).unwrap()).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, ["a-0", "a-1", "a-2"]);
+    let o = run(TAIL, &[p(&ch), "--cursor", "c"], "");
+    assert_eq!(o.status.code(), Some(5));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), "", "printed again after a failed run");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["a"].consumed, c.delivered), (3, 3));
+}

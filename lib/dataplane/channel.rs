@@ -1011,11 +1011,15 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
     let mut outbuf: Vec<u8> = Vec::with_capacity(1 << 20);
     // Single file: when this rank last wrote (or checked) `.consumed_count`; None: never.
     let mut consumed_count: Option<Instant> = None;
-    loop {
+    // Lines handled (acknowledged) since the cursor was last committed.
+    let mut unacked = false;
+    // A write to stdout failed: what it held is not printed, and never acknowledged.
+    let mut stdout_failed = false;
+    let run = (|| loop {
         // A stop signal (crate::stop) ends the tail here, where everything printed is covered
         // by the committed cursor: a stopped tail never prints a ref again when it restarts.
         if let Some(signal) = crate::stop::requested() {
-            flush_out(out, &mut outbuf)?;
+            flush_marking(out, &mut outbuf, &mut stdout_failed)?;
             return Err(Error::Interrupted { signal });
         }
         // Discover producers.
@@ -1052,7 +1056,6 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
             }
         }
         let mut progressed = false;
-        let mut acked = false;
         for s in streams.values_mut() {
             if s.done {
                 continue;
@@ -1063,7 +1066,8 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                 Layout::SingleFile => s.dir.join(".failed"),
             };
             if let Ok(reason) = fs::read_to_string(&failed_path) {
-                flush_out(out, &mut outbuf)?;
+                // What the streams before this one gave in this round is printed and committed
+                // on the way out (below).
                 if layout == Layout::SingleFile {
                     let _ = fsio::write_atomic(opts.channel.join(".consumer_failed"), reason.as_bytes());
                 }
@@ -1084,10 +1088,9 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                 };
             }
             let closed_now = s.closed.is_some();
-            let r = read_stream(s, layout, opts, latest.map(|l| l.0), &mut cursor, &mut summary, &mut outbuf, &mut stale_out, closed_now)?;
+            let r = read_stream(s, layout, opts, latest.map(|l| l.0), &mut cursor, &mut summary, &mut outbuf, &mut stale_out, closed_now, &mut unacked)?;
             progressed |= r.0;
-            acked |= r.1;
-            if closed_now && r.2 {
+            if closed_now && r.1 {
                 if let Some(n) = s.closed.filter(|&n| n != u64::MAX) {
                     if s.pos.next_seq < n {
                         return Err(Error::bad_input(
@@ -1099,27 +1102,21 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                 s.done = true;
             }
         }
-        if acked {
-            flush_out(out, &mut outbuf)?;
-            if let Some(path) = &cursor_path {
-                for s in streams.values() {
-                    cursor.producers.insert(s.name.clone(), s.pos.clone());
-                }
-                fsio::write_atomic(path, format!("{}\n", serde_json::to_string(&cursor).expect("serializes")).as_bytes())?;
-                if layout == Layout::SingleFile {
-                    let own: u64 = cursor.producers.values().map(|p| p.consumed).sum();
-                    write_consumed_count(opts, &cursor.name, own, false)?;
-                    consumed_count = Some(Instant::now());
-                }
+        if unacked {
+            // Cleared first: a commit that fails is not tried again on the way out.
+            unacked = false;
+            commit(out, &mut outbuf, &mut stdout_failed, cursor_path.as_deref(), &mut cursor, &streams, opts, layout)?;
+            if cursor_path.is_some() && layout == Layout::SingleFile {
+                consumed_count = Some(Instant::now());
             }
         }
         let all_done = !streams.is_empty() && streams.len() >= opts.expect_producers && streams.values().all(|s| s.done);
         if all_done {
-            flush_out(out, &mut outbuf)?;
+            flush_marking(out, &mut outbuf, &mut stdout_failed)?;
             if layout == Layout::SingleFile && opts.follow {
                 fsio::write_atomic(opts.channel.join(".consumer_done"), b"")?;
             }
-            return Ok(summary);
+            return Ok(summary.clone());
         }
         if progressed {
             last_activity = Instant::now();
@@ -1127,8 +1124,8 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
             continue;
         }
         if !opts.follow {
-            flush_out(out, &mut outbuf)?;
-            return Ok(summary);
+            flush_marking(out, &mut outbuf, &mut stdout_failed)?;
+            return Ok(summary.clone());
         }
         // Idle while other ranks may still be acknowledging: a write of theirs that raced with
         // this rank's last one can leave `.consumed_count` short, which would hold a SpecForge
@@ -1171,10 +1168,65 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                 last_activity = Instant::now();
             }
         }
-        flush_out(out, &mut outbuf)?;
+        flush_marking(out, &mut outbuf, &mut stdout_failed)?;
         std::thread::sleep(sleep);
         sleep = (sleep * 2).min(Duration::from_millis(10));
+    })();
+    // A run that ends in an error (a producer failed, bad input, an I/O error, a stop) still
+    // prints what it handled and commits the cursor for it: a rerun does not deliver it again,
+    // nor append its stale refs to --stale-out again. Not when writing to stdout failed: what
+    // that write held may not be out, and nothing of it is acknowledged.
+    let Err(e) = run else { return run };
+    if stdout_failed {
+        return Err(e);
     }
+    let flushed = flush_marking(out, &mut outbuf, &mut stdout_failed);
+    if let Err(f) = flushed {
+        // The output is incomplete: that is the error reported (exit 10, as it was when the
+        // failed producer's path flushed first), the other one a warning.
+        eprintln!("ref-tail: warning: {e}");
+        return Err(f);
+    }
+    if unacked {
+        if let Err(c) = commit(out, &mut outbuf, &mut stdout_failed, cursor_path.as_deref(), &mut cursor, &streams, opts, layout) {
+            eprintln!("ref-tail: warning: the refs handled before the error are not acknowledged: {c}");
+        }
+    }
+    Err(e)
+}
+
+/// [`flush_out`], recording in `failed` that a write to stdout failed.
+fn flush_marking(out: &mut dyn Write, buf: &mut Vec<u8>, failed: &mut bool) -> Result<()> {
+    let r = flush_out(out, buf);
+    *failed |= r.is_err();
+    r
+}
+
+/// Acknowledge what the streams handled: print the lines buffered for stdout, then (with a
+/// cursor) commit the cursor and, single file, `.consumed_count`. A ref is acknowledged only
+/// once it was written to stdout and flushed.
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    out: &mut dyn Write,
+    outbuf: &mut Vec<u8>,
+    stdout_failed: &mut bool,
+    cursor_path: Option<&Path>,
+    cursor: &mut Cursor,
+    streams: &BTreeMap<String, Stream>,
+    opts: &TailOptions,
+    layout: Layout,
+) -> Result<()> {
+    flush_marking(out, outbuf, stdout_failed)?;
+    let Some(path) = cursor_path else { return Ok(()) };
+    for s in streams.values() {
+        cursor.producers.insert(s.name.clone(), s.pos.clone());
+    }
+    fsio::write_atomic(path, format!("{}\n", serde_json::to_string(&cursor).expect("serializes")).as_bytes())?;
+    if layout == Layout::SingleFile {
+        let own: u64 = cursor.producers.values().map(|p| p.consumed).sum();
+        write_consumed_count(opts, &cursor.name, own, false)?;
+    }
+    Ok(())
 }
 
 /// A write of at most this many bytes to a pipe is atomic (POSIX `PIPE_BUF`, 4096 on Linux).
@@ -1229,7 +1281,10 @@ fn ack_lost(s: &mut Stream, opts: &TailOptions, first: u64, end: u64) -> bool {
     n > 0
 }
 
-/// Read what is new in one stream. Returns (progressed, acknowledged something, at end of data).
+/// Read what is new in one stream. Returns (progressed, at end of data); sets `acked` when it
+/// acknowledged something. On an error, `s.pos` and `cursor` cover exactly the lines handled
+/// before it (delivered lines are in `out`, stale ones in `--stale-out`), so that what was
+/// handled can still be committed.
 #[allow(clippy::too_many_arguments)]
 fn read_stream(
     s: &mut Stream,
@@ -1241,9 +1296,9 @@ fn read_stream(
     out: &mut Vec<u8>,
     stale_out: &mut Option<(File, PathBuf)>,
     closed: bool,
-) -> Result<(bool, bool, bool)> {
+    acked: &mut bool,
+) -> Result<(bool, bool)> {
     let mut progressed = false;
-    let mut acked = false;
     let mut budget = MAX_LINES_PER_ROUND;
     loop {
         // Which segment are we in, and is there a later one?
@@ -1256,7 +1311,7 @@ fn read_stream(
                 (cur, later)
             }
         };
-        let Some(cur) = cur else { return Ok((progressed, acked, true)) };
+        let Some(cur) = cur else { return Ok((progressed, true)) };
         if s.pos.segment != cur {
             s.pos.segment = cur.clone();
             s.pos.offset = 0;
@@ -1265,7 +1320,7 @@ fn read_stream(
         let path = s.dir.join(&cur);
         let mut f = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && layout == Layout::SingleFile => return Ok((progressed, acked, true)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && layout == Layout::SingleFile => return Ok((progressed, true)),
             Err(e) => return Err(Error::io(&path, e)),
         };
         let mut want = (budget * 1024).clamp(1 << 16, 16 << 20) as u64;
@@ -1286,6 +1341,7 @@ fn read_stream(
         let n_lines = lines.len().min(budget);
         let mut consumed_bytes = 0usize;
         for line in lines.into_iter().take(n_lines) {
+            let line_at = consumed_bytes;
             consumed_bytes += line.len() + 1;
             let stamp = match layout {
                 Layout::Segments => check_line_ref(line).and_then(|(producer, seq)| {
@@ -1309,7 +1365,7 @@ fn read_stream(
                     eprintln!(
                         "ref-tail: warning: {}: skipping corrupt line at byte {}: {e}",
                         path.display(),
-                        s.pos.offset + (consumed_bytes - line.len() - 1) as u64
+                        s.pos.offset + line_at as u64
                     );
                     summary.corrupt += 1;
                     if layout == Layout::SingleFile {
@@ -1317,7 +1373,7 @@ fn read_stream(
                         // takes its line index as seq (segments: the gap it leaves, below).
                         let seq = s.pos.next_seq;
                         s.pos.next_seq += 1;
-                        acked |= ack_lost(s, opts, seq, seq + 1);
+                        *acked |= ack_lost(s, opts, seq, seq + 1);
                         progressed = true;
                     }
                     continue;
@@ -1327,21 +1383,11 @@ fn read_stream(
                 summary.duplicates += 1;
                 continue;
             }
-            if seq > s.pos.next_seq {
-                eprintln!("ref-tail: warning: {}: sequence jumps from {} to {seq}", path.display(), s.pos.next_seq);
-                // The missing seqs were published (a corrupt line, skipped above, or lost):
-                // acknowledged as lost, or in-flight backpressure would never drain.
-                acked |= ack_lost(s, opts, s.pos.next_seq, seq);
-            }
-            s.pos.next_seq = seq + 1;
-            progressed = true;
-            if shard_of(&s.name, seq, opts.world) != opts.rank {
-                summary.other_shards += 1;
-                continue;
-            }
-            acked = true;
-            s.pos.consumed += 1;
-            if let (Some(latest), Some(k)) = (latest, opts.max_staleness) {
+            let mine = shard_of(&s.name, seq, opts.world) == opts.rank;
+            // Staleness first: a stale line is appended to --stale-out before anything counts it
+            // as handled, so a failed write leaves the position before it (not acknowledged).
+            let mut stale = false;
+            if let (true, Some(latest), Some(k)) = (mine, latest, opts.max_staleness) {
                 // Only the version fields are read: the line passed its checks above, and
                 // SampleRef::parse would refuse a ref at MAX_REF_BYTES once stamped (the stamp
                 // is what MAX_LINE_BYTES leaves room for). A version that cannot be read is not
@@ -1351,16 +1397,34 @@ fn read_stream(
                     eprintln!("ref-tail: warning: {}: line with seq {seq}: weight version unreadable, delivered as unversioned: {e}", path.display());
                     None
                 });
-                if staleness::is_stale_version(oldest, latest, k) {
-                    summary.stale += 1;
-                    cursor.stale += 1;
-                    if let Some((f, p)) = stale_out {
-                        let mut l = line.to_vec();
-                        l.push(b'\n');
-                        f.write_all(&l).at(&*p)?;
+                stale = staleness::is_stale_version(oldest, latest, k);
+                if let (true, Some((f, p))) = (stale, stale_out.as_mut()) {
+                    let mut l = line.to_vec();
+                    l.push(b'\n');
+                    if let Err(e) = f.write_all(&l) {
+                        s.pos.offset += line_at as u64;
+                        return Err(Error::io(&*p, e));
                     }
-                    continue;
                 }
+            }
+            if seq > s.pos.next_seq {
+                eprintln!("ref-tail: warning: {}: sequence jumps from {} to {seq}", path.display(), s.pos.next_seq);
+                // The missing seqs were published (a corrupt line, skipped above, or lost):
+                // acknowledged as lost, or in-flight backpressure would never drain.
+                *acked |= ack_lost(s, opts, s.pos.next_seq, seq);
+            }
+            s.pos.next_seq = seq + 1;
+            progressed = true;
+            if !mine {
+                summary.other_shards += 1;
+                continue;
+            }
+            *acked = true;
+            s.pos.consumed += 1;
+            if stale {
+                summary.stale += 1;
+                cursor.stale += 1;
+                continue;
             }
             out.extend_from_slice(line);
             out.push(b'\n');
@@ -1372,7 +1436,7 @@ fn read_stream(
         let rest = &buf[consumed_bytes..];
         if budget == 0 {
             s.partial = if consumed_bytes == used { rest.to_vec() } else { Vec::new() };
-            return Ok((progressed, acked, false));
+            return Ok((progressed, false));
         }
         if rest.len() > MAX_LINE_BYTES {
             eprintln!("ref-tail: warning: {}: skipping a line longer than {MAX_LINE_BYTES} bytes at byte {}", path.display(), s.pos.offset);
@@ -1383,7 +1447,7 @@ fn read_stream(
             if layout == Layout::SingleFile && skip.is_some() {
                 let seq = s.pos.next_seq;
                 s.pos.next_seq += 1;
-                acked |= ack_lost(s, opts, seq, seq + 1);
+                *acked |= ack_lost(s, opts, seq, seq + 1);
             }
             s.pos.offset += skip.map_or(rest.len(), |p| p + 1) as u64;
             progressed = true;
@@ -1426,7 +1490,7 @@ fn read_stream(
                 } else {
                     s.partial = rest.to_vec();
                 }
-                return Ok((progressed, acked, closed));
+                return Ok((progressed, closed));
             }
         }
     }
