@@ -1409,3 +1409,48 @@ fn a_failing_tail_commits_what_it_printed_and_nothing_unprinted() {
     let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
     assert_eq!((c.producers["a"].consumed, c.delivered), (3, 3));
 }
+
+/// Stale refs land in `--stale-out` once, also when the run that wrote them ends in an error
+/// (here bad input: the producer's `closed` says more refs than its segments hold, exit 3) and
+/// is run again. Before, the rerun appended them a second time.
+#[test]
+fn stale_out_gets_each_stale_ref_once_across_a_failed_run() {
+    let d = temp_dir("stale-once");
+    let ch = d.join("ch");
+    let w = d.join("w");
+    fs::create_dir_all(&w).unwrap();
+    fs::write(w.join("latest"), "weight_v000010\n").unwrap();
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "a", "--close"], &refs_text("s", 3)));
+    fs::write(ch.join("producers/a/closed"), "{\"published\":5}\n").unwrap();
+    let stale = d.join("stale.jsonl");
+    let args = [p(&ch), "--cursor", "c", "--follow", "--max-staleness", "2", "--pointer", p(&w), "--stale-out", p(&stale)];
+    for _ in 0..2 {
+        let o = run(TAIL, &args, "");
+        assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let dropped: Vec<String> = parse_out(&fs::read_to_string(&stale).unwrap()).into_iter().map(|l| l.2).collect();
+    assert_eq!(dropped, ["s-0", "s-1", "s-2"]);
+
+    // A run whose write to stdout fails acknowledges nothing of its batch (the fresh refs were
+    // not printed), but its stale refs are in --stale-out already: the rerun, which delivers the
+    // batch again, does not append them again. Before, it did.
+    let ch2 = d.join("ch2");
+    let text: String = (0..6).map(|i| format!("{}\n", sample_ref(&format!("m-{i}"), Some(if i % 2 == 0 { 1 } else { 10 })))).collect();
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", "a", "--close"], &text));
+    let stale2 = d.join("stale2.jsonl");
+    let args = [p(&ch2), "--cursor", "c", "--follow", "--max-staleness", "2", "--pointer", p(&w), "--stale-out", p(&stale2)];
+    let o = Command::new(TAIL).args(args).stdout(fs::File::create("/dev/full").unwrap()).output().unwrap();
+    assert_eq!(o.status.code(), Some(10), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(TAIL, &args, "");
+    let ids: Vec<String> = parse_out(&ok(&o)).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, ["m-1", "m-3", "m-5"]);
+    let dropped: Vec<String> = parse_out(&fs::read_to_string(&stale2).unwrap()).into_iter().map(|l| l.2).collect();
+    assert_eq!(dropped, ["m-0", "m-2", "m-4"]);
+    let c: Cursor = serde_json::from_slice(&fs::read(ch2.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["a"].consumed, c.delivered, c.stale), (6, 3, 3));
+    // Into another file, the stale refs of a rerun from scratch are all written.
+    let stale3 = d.join("stale3.jsonl");
+    let args = [p(&ch2), "--cursor", "c2", "--follow", "--max-staleness", "2", "--pointer", p(&w), "--stale-out", p(&stale3)];
+    ok(&run(TAIL, &args, ""));
+    assert_eq!(parse_out(&fs::read_to_string(&stale3).unwrap()).len(), 3);
+}

@@ -898,6 +898,19 @@ pub struct Cursor {
     pub producers: BTreeMap<String, Position>,
     pub delivered: u64,
     pub stale: u64,
+    /// Stale refs already in a `--stale-out` file beyond what the positions cover (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_out: Option<StaleOutMark>,
+}
+
+/// The stale refs a tail appended to its `--stale-out` file: per producer, every stale ref with
+/// a seq below `through[P]` is in `path` (canonical). A run whose write to stdout failed
+/// acknowledges nothing of its batch, but that batch's stale refs are out: a rerun that handles
+/// the batch again appends those below the mark to the same file only once.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StaleOutMark {
+    pub path: PathBuf,
+    pub through: BTreeMap<String, u64>,
 }
 
 /// The rank (of `world`) that owns the ref stamped (producer, seq): `xxh3_64("P:SEQ") % world`.
@@ -1003,6 +1016,13 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
         Some(p) => Some((OpenOptions::new().append(true).create(true).open(p).at(p)?, p.clone())),
         None => None,
     };
+    if let Some(p) = &opts.stale_out {
+        // A mark for another file says nothing of this one.
+        let path = fs::canonicalize(p).at(p)?;
+        if cursor.stale_out.as_ref().is_none_or(|m| m.path != path) {
+            cursor.stale_out = Some(StaleOutMark { path, through: BTreeMap::new() });
+        }
+    }
     let mut streams: BTreeMap<String, Stream> = BTreeMap::new();
     let mut summary = TailSummary::default();
     let mut latest: Option<(u64, Instant)> = None;
@@ -1178,6 +1198,12 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
     // that write held may not be out, and nothing of it is acknowledged.
     let Err(e) = run else { return run };
     if stdout_failed {
+        // The committed cursor stays as it was, but learns which stale refs are out already.
+        if let (Some(path), Some(mark)) = (&cursor_path, &cursor.stale_out) {
+            if let Err(m) = commit_stale_mark(path, &cursor, mark) {
+                eprintln!("ref-tail: warning: the stale refs appended to --stale-out in this batch are not recorded: {m}");
+            }
+        }
         return Err(e);
     }
     let flushed = flush_marking(out, &mut outbuf, &mut stdout_failed);
@@ -1193,6 +1219,18 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
         }
     }
     Err(e)
+}
+
+/// Record `mark` in the committed cursor at `path` (or in a new one at the start of every
+/// stream, when none was committed yet), its positions and counts left as they are.
+fn commit_stale_mark(path: &Path, live: &Cursor, mark: &StaleOutMark) -> Result<()> {
+    let mut committed =
+        read_cursor(path)?.unwrap_or_else(|| Cursor { schema_version: 1, name: live.name.clone(), rank: live.rank, world: live.world, ..Default::default() });
+    if committed.stale_out.as_ref() == Some(mark) {
+        return Ok(());
+    }
+    committed.stale_out = Some(mark.clone());
+    fsio::write_atomic(path, format!("{}\n", serde_json::to_string(&committed).expect("serializes")).as_bytes())
 }
 
 /// [`flush_out`], recording in `failed` that a write to stdout failed.
@@ -1398,12 +1436,21 @@ fn read_stream(
                     None
                 });
                 stale = staleness::is_stale_version(oldest, latest, k);
-                if let (true, Some((f, p))) = (stale, stale_out.as_mut()) {
-                    let mut l = line.to_vec();
-                    l.push(b'\n');
-                    if let Err(e) = f.write_all(&l) {
-                        s.pos.offset += line_at as u64;
-                        return Err(Error::io(&*p, e));
+                if let (true, Some((f, p)), Some(mark)) = (stale, stale_out.as_mut(), cursor.stale_out.as_mut()) {
+                    // Below the mark: appended by a run that acknowledged nothing of its batch.
+                    if mark.through.get(&s.name).is_none_or(|&t| seq >= t) {
+                        let mut l = line.to_vec();
+                        l.push(b'\n');
+                        if let Err(e) = f.write_all(&l) {
+                            s.pos.offset += line_at as u64;
+                            return Err(Error::io(&*p, e));
+                        }
+                        match mark.through.get_mut(&s.name) {
+                            Some(t) => *t = seq + 1,
+                            None => {
+                                mark.through.insert(s.name.clone(), seq + 1);
+                            }
+                        }
                     }
                 }
             }
