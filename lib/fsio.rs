@@ -577,6 +577,18 @@ fn jitter_ms(scale: u64) -> u64 {
     (nanos as u64 ^ std::process::id() as u64) % (scale + 1)
 }
 
+/// Wait for an exclusive flock of the open file `f` (`path` names it in errors). False, without
+/// a lock, where the file system has none (some FUSE mounts answer ENOSYS, EOPNOTSUPP or
+/// ENOLCK): for a caller whose lock only guards against a second instance of itself, which
+/// then rests on the operator. Released by `f.unlock()` or when `f` is closed.
+pub fn lock_where_supported(f: &File, path: &Path) -> Result<bool> {
+    match f.lock() {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::Unsupported || matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::ENOLCK)) => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// Set by a process that runs a command while it holds a [`HostLock`] (delta-follow's reload):
 /// the lock file's absolute path. A descendant that asks for that lock would wait for its own
 /// ancestor, which waits for it: it is refused at once instead.

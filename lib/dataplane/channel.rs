@@ -295,16 +295,12 @@ pub fn published_sample_ids(channel: &Path, producer: &str) -> Result<Vec<String
     Ok(ids)
 }
 
-/// Take the exclusive lock (flock) of a single-file channel's `refs.jsonl`, which `ref-publish`
-/// holds while it writes a batch and while it repairs a torn tail. False where the file system
-/// has no locks (some FUSE mounts): there, that one producer runs at a time is the operator's
-/// promise alone, as for a SpecForge producer (which takes no lock).
+/// Take the exclusive lock of a single-file channel's `refs.jsonl`, which `ref-publish` holds
+/// while it writes a batch and while it repairs a torn tail ([`fsio::lock_where_supported`]).
+/// False where the file system has no locks (some FUSE mounts): there, that one producer runs
+/// at a time is the operator's promise alone, as for a SpecForge producer (which takes no lock).
 fn lock_single_file(f: &File, path: &Path) -> Result<bool> {
-    match f.lock() {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::Unsupported || matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::ENOLCK)) => Ok(false),
-        Err(e) => Err(Error::io(path, e)),
-    }
+    fsio::lock_where_supported(f, path)
 }
 
 /// Open a single-file channel's `refs.jsonl` for appending (created if missing) and count its
