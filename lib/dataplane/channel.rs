@@ -257,6 +257,31 @@ fn complete_lines(buf: &[u8]) -> (Vec<&[u8]>, usize) {
     (lines, at)
 }
 
+/// Bytes [`count_complete_lines`] reads at a time.
+const COUNT_CHUNK: usize = 1 << 20;
+
+/// Complete lines of the file open as `f`, read from its start `chunk` bytes at a time (memory
+/// bounded whatever its size): (lines, bytes up to and including the last newline, bytes read).
+fn count_complete_lines(f: &File, chunk: usize) -> io::Result<(u64, u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; chunk];
+    let (mut lines, mut used, mut at) = (0u64, 0u64, 0u64);
+    loop {
+        let n = match f.read_at(&mut buf, at) {
+            Ok(0) => return Ok((lines, used, at)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let got = &buf[..n];
+        lines += got.iter().filter(|&&b| b == b'\n').count() as u64;
+        if let Some(last) = got.iter().rposition(|&b| b == b'\n') {
+            used = at + last as u64 + 1;
+        }
+        at += n as u64;
+    }
+}
+
 /// The last valid sequence number in a segment (None if it holds no valid line).
 fn last_valid_seq(path: &Path, producer: &str) -> Result<Option<u64>> {
     let bytes = fs::read(path).at(path)?;
@@ -314,19 +339,19 @@ fn open_single_file(path: &Path) -> Result<(File, u64)> {
     let f = OpenOptions::new().read(true).append(true).create(true).open(path).at(path)?;
     let locked = lock_single_file(&f, path)?;
     let counted = (|| {
-        let bytes = fs::read(path).at(path)?;
-        let (lines, used) = complete_lines(&bytes);
-        if used != bytes.len() {
+        // Streamed: the file grows with every ref the channel ever carried.
+        let (lines, used, len) = count_complete_lines(&f, COUNT_CHUNK).at(path)?;
+        if used != len {
             eprintln!(
                 "ref-publish: warning: {}: cutting a torn last line ({} bytes after the last newline, at byte {used}; its writer was killed mid-write)",
                 path.display(),
-                bytes.len() - used
+                len - used
             );
             crate::failpoint!("publish.before_repair");
-            f.set_len(used as u64).at(path)?;
+            f.set_len(used).at(path)?;
             f.sync_data().at(path)?;
         }
-        Ok(lines.len() as u64)
+        Ok(lines)
     })();
     if locked {
         f.unlock().at(path)?;
@@ -1583,6 +1608,20 @@ pub fn run_tail(opts: &TailOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn complete_lines_are_counted_across_chunks_as_complete_lines_counts_them() {
+        let path = std::env::temp_dir().join(format!("disagg-count-lines-{}", std::process::id()));
+        for text in [&b""[..], b"a\n", b"a\nbb\nccc", b"\n\n\n", b"torn", b"x\nyy\nzzz\n"] {
+            fs::write(&path, text).unwrap();
+            let f = File::open(&path).unwrap();
+            let (lines, used) = complete_lines(text);
+            for chunk in [1, 2, 3, 64] {
+                assert_eq!(count_complete_lines(&f, chunk).unwrap(), (lines.len() as u64, used as u64, text.len() as u64), "{text:?} in chunks of {chunk}");
+            }
+        }
+        fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn flush_out_writes_whole_lines_of_at_most_pipe_buf() {
