@@ -320,24 +320,19 @@ pub fn published_sample_ids(channel: &Path, producer: &str) -> Result<Vec<String
     Ok(ids)
 }
 
-/// Take the exclusive lock of a single-file channel's `refs.jsonl`, which `ref-publish` holds
-/// while it writes a batch and while it repairs a torn tail ([`fsio::lock_where_supported`]).
-/// False where the file system has no locks (some FUSE mounts): there, that one producer runs
-/// at a time is the operator's promise alone, as for a SpecForge producer (which takes no lock).
-fn lock_single_file(f: &File, path: &Path) -> Result<bool> {
-    fsio::lock_where_supported(f, path)
-}
-
 /// Open a single-file channel's `refs.jsonl` for appending (created if missing) and count its
 /// lines, every complete one (what the channel has published). Bytes after the last `\n` are a
 /// line whose writer was killed in the middle of it: never committed (no reader takes a line
 /// before its newline), so they are cut off, under the file's lock (no write of a live producer
 /// of ours is in progress then), before anything is appended. Cutting them keeps every complete
 /// byte where it is, which readers rely on (their offsets stay valid); a kill before the cut is
-/// durable leaves the tail for the next producer to cut.
+/// durable leaves the tail for the next producer to cut. The file's lock is also held while a
+/// batch is written ([`RefProducer::append`]); where the file system has no locks (some FUSE
+/// mounts), that one producer runs at a time is the operator's promise alone, as for a
+/// SpecForge producer (which takes no lock).
 fn open_single_file(path: &Path) -> Result<(File, u64)> {
     let f = OpenOptions::new().read(true).append(true).create(true).open(path).at(path)?;
-    let locked = lock_single_file(&f, path)?;
+    let locked = fsio::lock_where_supported(&f, path)?;
     let counted = (|| {
         // Streamed: the file grows with every ref the channel ever carried.
         let (lines, used, len) = count_complete_lines(&f, COUNT_CHUNK).at(path)?;
@@ -525,18 +520,15 @@ impl RefProducer {
                     fsio::fsync_dir(&self.dir)?;
                     (path, f)
                 }
-                Layout::SingleFile => {
-                    let path = self.channel.join(SINGLE_FILE);
-                    let (f, _) = open_single_file(&path)?;
-                    (path, f)
-                }
+                // Opened (and its torn tail cut) by RefProducer::open, and never rotated.
+                Layout::SingleFile => unreachable!("a single-file producer's file is opened by RefProducer::open"),
             };
             self.segment = Some((file, path, 0));
         }
         let (file, path, len) = self.segment.as_mut().expect("segment opened above");
         // Single file: the batch is written under the file's lock, so that a producer starting
         // meanwhile never takes a write in progress for a torn tail (open_single_file).
-        let locked = self.layout == Layout::SingleFile && lock_single_file(file, path)?;
+        let locked = self.layout == Layout::SingleFile && fsio::lock_where_supported(file, path)?;
         crate::failpoint!("publish.before_write");
         let written = file.write_all(bytes);
         if locked {
