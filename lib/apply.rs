@@ -503,7 +503,8 @@ fn foreign(recorded: &SyncState, v: u64, source: &Path) -> Option<String> {
         Some(r) => source.join(r),
         None => source.to_path_buf(),
     };
-    let now = VersionDir::open(&root, v).and_then(|d| d.fingerprint()).ok()?;
+    let dir = VersionDir::open(&root, v).ok()?;
+    let now = dir.fingerprint(&dir.validate_files().ok()?);
     (now != *fp).then(|| format!("version {v} in {} was published again since LOCAL applied it (fingerprint {now}, LOCAL has {fp})", root.display()))
 }
 
@@ -638,7 +639,7 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
         validated.push(v.validate_files()?);
     }
     let source = Some(source_id(&opts.source));
-    let recorded = |v: &VersionDir| -> Result<SyncState> { Ok(SyncState { version: version_str(v.number), run_id: run_id.clone(), source: source.clone(), fingerprint: Some(v.fingerprint()?) }) };
+    let recorded = |v: &VersionDir, files: &[SafetensorsFile]| SyncState { version: version_str(v.number), run_id: run_id.clone(), source: source.clone(), fingerprint: Some(v.fingerprint(files)) };
     // A stop signal (crate::stop) is honoured where LOCAL is consistent: here, before any
     // mutation; between files of a seed; and between seed and patch. A patch pass in progress
     // is finished and recorded first: it is short, and stopping inside it would force a reseed.
@@ -652,7 +653,7 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
             steps.next().expect("seed version is first in the chain").0.path.clone()
         };
         let to = match chain.first() {
-            Some(v) if s > 0 => recorded(v)?,
+            Some(v) if s > 0 => recorded(v, &validated[0]),
             _ => SyncState { version: version_str(0), run_id: run_id.clone(), source: source.clone(), fingerprint: None },
         };
         let t = Instant::now();
@@ -677,9 +678,9 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
         }
         expect_base = Some(v.number);
     }
-    if let Some(&(last, _, _)) = deltas.last() {
+    if let Some(&(last, _, files)) = deltas.last() {
         crate::stop::check()?;
-        let to = recorded(last)?;
+        let to = recorded(last, files);
         let plan = local.plan_chain(&deltas)?;
         report.tensors_patched += local.mutate("apply", version_now, &to, durable, || local.apply_chain(plan, &deltas, durable))?;
         report.applied = deltas.iter().map(|(v, _, _)| v.number).collect();

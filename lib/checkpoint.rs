@@ -67,6 +67,8 @@ pub struct SafetensorsFile {
     /// Kept open for [`Self::input`]: the diff may read tensors with pread (codec::PreadPair).
     file: File,
     map: InputMap,
+    /// Bytes of the header JSON, after the 8-byte length.
+    header_len: usize,
     /// Tensors in data order.
     tensors: Vec<TensorEntry>,
     /// Tensor name → its position in `tensors`: MoE checkpoints hold tens of thousands of
@@ -102,11 +104,15 @@ impl SafetensorsFile {
         tensors.sort_by_key(|t| t.offset);
         let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
-        Ok(SafetensorsFile { path, file, map, tensors, by_name, metadata })
+        Ok(SafetensorsFile { path, file, map, header_len, tensors, by_name, metadata })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+    /// The header JSON as it is in the file (validated), without the 8-byte length.
+    pub fn header(&self) -> &[u8] {
+        &self.map[8..8 + self.header_len]
     }
     pub fn tensors(&self) -> &[TensorEntry] {
         &self.tensors
@@ -196,12 +202,16 @@ pub fn is_plain_file_name(name: &str) -> bool {
 
 impl IndexFile {
     pub fn read(path: &Path) -> Result<Self> {
+        Self::parse(path, &Self::read_text(path)?)
+    }
+
+    /// The index file's bytes, refused past [`MAX_INDEX_BYTES`].
+    pub fn read_text(path: &Path) -> Result<Vec<u8>> {
         let meta = std::fs::metadata(path).at(path)?;
         if meta.len() > MAX_INDEX_BYTES {
             return Err(Error::bad_input(path, format!("index is {} bytes, over the {MAX_INDEX_BYTES}-byte cap", meta.len())));
         }
-        let text = std::fs::read(path).at(path)?;
-        Self::parse(path, &text)
+        std::fs::read(path).at(path)
     }
 
     pub fn parse(path: &Path, text: &[u8]) -> Result<Self> {

@@ -104,6 +104,8 @@ pub struct VersionDir {
     pub kind: VersionKind,
     /// None only for a full version written by another tool as a lone `model.safetensors`.
     pub index: Option<IndexFile>,
+    /// The index file's bytes as read (for [`Self::fingerprint`]).
+    index_text: Option<Vec<u8>>,
 }
 
 impl VersionDir {
@@ -117,13 +119,14 @@ impl VersionDir {
         let index_path = path.join(INDEX_NAME);
         if !index_path.exists() {
             if path.join(SINGLE_NAME).exists() && !path.join(INCOMPLETE_MARKER).exists() {
-                return Ok(VersionDir { number, path, kind: VersionKind::Full, index: None });
+                return Ok(VersionDir { number, path, kind: VersionKind::Full, index: None, index_text: None });
             }
             return Err(Error::conflict(&path, format!("incomplete weight version: no {INDEX_NAME} (its writer has not finished, or crashed)")));
         }
-        let index = IndexFile::read(&index_path)?;
+        let text = IndexFile::read_text(&index_path)?;
+        let index = IndexFile::parse(&index_path, &text)?;
         let kind = Self::kind_of(&index_path, &index, number)?;
-        Ok(VersionDir { number, path, kind, index: Some(index) })
+        Ok(VersionDir { number, path, kind, index: Some(index), index_text: Some(text) })
     }
 
     fn kind_of(index_path: &Path, index: &IndexFile, number: u64) -> Result<VersionKind> {
@@ -171,40 +174,26 @@ impl VersionDir {
     /// records it with the version it applied, so a version published again under the same
     /// number with other bytes is not taken for the one LOCAL holds. Content only, no inode or
     /// mtime: a pre-read hook that fetches the same version again gives the same fingerprint.
-    pub fn fingerprint(&self) -> Result<String> {
-        use std::io::Read;
+    /// Of the bytes already read, not read again: the index as [`Self::open`] read it and
+    /// `files` as [`Self::validate_files`] returned them, so what is recorded is what was applied
+    /// even if the directory is replaced meanwhile.
+    pub fn fingerprint(&self, files: &[SafetensorsFile]) -> String {
+        use std::os::unix::ffi::OsStrExt;
         let mut h = twox_hash::XxHash3_128::new();
         let mut part = |bytes: &[u8]| {
             h.write(&(bytes.len() as u64).to_le_bytes());
             h.write(bytes);
         };
-        let names = match &self.index {
-            Some(index) => {
-                let path = self.path.join(INDEX_NAME);
-                let text = read_capped(&path, crate::checkpoint::MAX_INDEX_BYTES)?;
-                part(b"index");
-                part(&text);
-                index.files()
-            }
-            None => vec![SINGLE_NAME.to_string()],
-        };
-        for name in names {
-            let path = self.path.join(&name);
-            let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-            let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
-            let mut n = [0u8; 8];
-            f.read_exact(&mut n).map_err(|e| Error::bad_input(&path, format!("not a safetensors file: {e}")))?;
-            let header_len = u64::from_le_bytes(n);
-            if header_len > MAX_FINGERPRINT_HEADER_BYTES || header_len > len - 8 {
-                return Err(Error::bad_input(&path, format!("safetensors header length {header_len} does not fit the file ({len} bytes) or is over {MAX_FINGERPRINT_HEADER_BYTES}")));
-            }
-            let mut header = vec![0u8; header_len as usize];
-            f.read_exact(&mut header).map_err(|e| Error::io(&path, e))?;
-            part(name.as_bytes());
-            part(&len.to_le_bytes());
-            part(&header);
+        if let Some(text) = &self.index_text {
+            part(b"index");
+            part(text);
         }
-        Ok(format!("{:032x}", h.finish_128()))
+        for f in files {
+            part(f.path().file_name().map(|n| n.as_bytes()).unwrap_or_default());
+            part(&(f.len() as u64).to_le_bytes());
+            part(f.header());
+        }
+        format!("{:032x}", h.finish_128())
     }
 
     /// Open every data file the index names and validate its header (and, for a delta, that
@@ -235,22 +224,6 @@ impl VersionDir {
         }
         Ok(files)
     }
-}
-
-/// Header bytes [`VersionDir::fingerprint`] reads at most per data file (the `safetensors`
-/// crate's own cap).
-pub const MAX_FINGERPRINT_HEADER_BYTES: u64 = 100_000_000;
-
-/// The whole of a small file, refused past `cap` bytes.
-fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut text = Vec::new();
-    f.take(cap + 1).read_to_end(&mut text).map_err(|e| Error::io(path, e))?;
-    if text.len() as u64 > cap {
-        return Err(Error::bad_input(path, format!("over the {cap}-byte cap")));
-    }
-    Ok(text)
 }
 
 /// Every version number present under `root` (complete or not), ascending.
