@@ -384,31 +384,7 @@ impl LocalCheckpoint {
     /// a delta that patches a tensor LOCAL lacks is refused (exit 4) while LOCAL is still
     /// clean, so the next run finds nothing to repair.
     fn plan_chain<'a>(&self, deltas: &'a [(&'a VersionDir, &'a DeltaMeta, &'a [SafetensorsFile])]) -> Result<ChainPlan<'a>> {
-        let layout = Checkpoint::open(&self.dir)?;
-        // tensor → its payloads in chain order: (delta, data file).
-        let mut touched: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
-        for (di, (v, _, _)) in deltas.iter().enumerate() {
-            let index = v.index.as_ref().expect("a delta always has an index");
-            let names = index.files();
-            for (tensor, file) in &index.weight_map {
-                let fi = names.iter().position(|n| n == file).expect("listed file");
-                touched.entry(tensor.as_str()).or_default().push((di, fi));
-            }
-        }
-        let mut per_local: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
-        for (&tensor, payloads) in &touched {
-            let Some(loc) = layout.loc(tensor) else {
-                let v = deltas[payloads[0].0].0;
-                return Err(Error::Incompatible(format!(
-                    "{}: delta {} patches tensor {tensor:?}, which the local checkpoint {} does not have",
-                    v.path.display(),
-                    v.number,
-                    self.dir.display()
-                )));
-            };
-            per_local.entry(loc.file).or_default().push(tensor);
-        }
-        Ok(ChainPlan { layout, touched, per_local })
+        ChainPlan::new(Checkpoint::open(&self.dir)?, deltas)
     }
 
     /// Apply a chain of validated deltas (oldest first, each based on the one before) in place,
@@ -516,6 +492,37 @@ struct ChainPlan<'a> {
     per_local: BTreeMap<usize, Vec<&'a str>>,
 }
 
+impl<'a> ChainPlan<'a> {
+    /// Map every tensor `deltas` patch to its file in `layout` (LOCAL, or the seed it is about
+    /// to be reset to); a tensor `layout` lacks is refused (exit 4).
+    fn new(layout: Checkpoint, deltas: &'a [(&'a VersionDir, &'a DeltaMeta, &'a [SafetensorsFile])]) -> Result<Self> {
+        // tensor → its payloads in chain order: (delta, data file).
+        let mut touched: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+        for (di, (v, _, _)) in deltas.iter().enumerate() {
+            let index = v.index.as_ref().expect("a delta always has an index");
+            let names = index.files();
+            for (tensor, file) in &index.weight_map {
+                let fi = names.iter().position(|n| n == file).expect("listed file");
+                touched.entry(tensor.as_str()).or_default().push((di, fi));
+            }
+        }
+        let mut per_local: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+        for (&tensor, payloads) in &touched {
+            let Some(loc) = layout.loc(tensor) else {
+                let v = deltas[payloads[0].0].0;
+                return Err(Error::Incompatible(format!(
+                    "{}: delta {} patches tensor {tensor:?}, which the checkpoint {} does not have",
+                    v.path.display(),
+                    v.number,
+                    layout.root().display()
+                )));
+            };
+            per_local.entry(loc.file).or_default().push(tensor);
+        }
+        Ok(ChainPlan { layout, touched, per_local })
+    }
+}
+
 /// LOCAL is patched in place: it must not be the base checkpoint, however spelled. Callers
 /// check before they take LOCAL's lock, whose sync directory would be a write into BASE.
 pub fn check_local_is_not_base(local: &Path, base: Option<&Path>) -> Result<()> {
@@ -561,9 +568,30 @@ fn check_pull_options(opts: &ApplyOptions) -> Result<()> {
     check_local_is_not_base(&opts.local, opts.base.as_deref())
 }
 
-/// The pull itself, once [`check_pull_options`] passed, under `lock`.
+/// The pull itself, once [`check_pull_options`] passed, under `lock`. A LOCAL whose state
+/// checked out but whose bytes are not the version it records (its content sample is not the
+/// one the next delta was made against) is pulled again as foreign: reseeded and replayed.
 fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(PullPlan) -> Result<()>) -> Result<ApplyReport> {
     let start = Instant::now();
+    match pull_once(opts, lock, before_read, start, None)? {
+        Pulled::Done(r) => Ok(r),
+        Pulled::Diverged(reason) => match pull_once(opts, lock, before_read, start, Some(reason))? {
+            Pulled::Done(r) => Ok(r),
+            // A pull of a LOCAL taken as foreign seeds it, and a seeded LOCAL is checked before the copy.
+            Pulled::Diverged(reason) => Err(Error::Internal(format!("LOCAL diverged again after a reseed: {reason}"))),
+        },
+    }
+}
+
+/// How one pass of [`pull_checked`] ended.
+enum Pulled {
+    Done(ApplyReport),
+    /// LOCAL, not seeded in this pass, does not hold the bytes of the version it records.
+    Diverged(String),
+}
+
+/// One pass of the pull. `foreign`: take LOCAL as foreign for this reason, whatever its state says.
+fn pull_once(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(PullPlan) -> Result<()>, start: Instant, foreign: Option<String>) -> Result<Pulled> {
     let local = LocalCheckpoint::new(&opts.local);
     local.check_lock(lock)?;
 
@@ -576,7 +604,11 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
     let mut report = ApplyReport { version: target.version, run_id: run_id.clone(), threads: crate::cli::worker_threads(), ..Default::default() };
     let durable = !opts.no_fsync;
 
-    let applied = match local.status(lock, &opts.source, &run_id)? {
+    let status = match foreign {
+        Some(reason) => LocalStatus::Foreign(reason),
+        None => local.status(lock, &opts.source, &run_id)?,
+    };
+    let applied = match status {
         LocalStatus::Clean(v) => Some(v),
         LocalStatus::Fresh => None,
         LocalStatus::Dirty(reason) => {
@@ -594,7 +626,7 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
         report.noop = true;
         report.durable = !local.is_marked_unsynced();
         report.seconds = start.elapsed().as_secs_f64();
-        return Ok(report);
+        return Ok(Pulled::Done(report));
     }
 
     // Walk down from the target along base links to the applied version, a full version, or 0.
@@ -640,54 +672,112 @@ fn pull_checked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMu
     }
     let source = Some(source_id(&opts.source));
     let recorded = |v: &VersionDir, files: &[SafetensorsFile]| SyncState { version: version_str(v.number), run_id: run_id.clone(), source: source.clone(), fingerprint: Some(v.fingerprint(files)) };
-    // A stop signal (crate::stop) is honoured where LOCAL is consistent: here, before any
-    // mutation; between files of a seed; and between seed and patch. A patch pass in progress
-    // is finished and recorded first: it is short, and stopping inside it would force a reseed.
-    crate::stop::check()?;
-    let mut version_now = applied;
-    let mut steps = chain.iter().zip(validated.iter()).peekable();
-    if let Some(s) = seed {
-        let seed_dir = if s == 0 {
-            opts.base.clone().ok_or_else(|| Error::Usage(format!("reaching version {} needs the base checkpoint (version 0): pass --base", target.version)))?
-        } else {
-            steps.next().expect("seed version is first in the chain").0.path.clone()
-        };
-        let to = match chain.first() {
-            Some(v) if s > 0 => recorded(v, &validated[0]),
-            _ => SyncState { version: version_str(0), run_id: run_id.clone(), source: source.clone(), fingerprint: None },
-        };
-        let t = Instant::now();
-        let names = seed_files(&seed_dir)?;
-        local.check_room_for(&seed_dir, &names)?;
-        local.mutate("seed", version_now, &to, durable, || {
-            local.seed_from(&seed_dir, &names, durable)?;
-            // The seed must be a loadable checkpoint before we call it a version.
-            Checkpoint::open(&opts.local).map(|_| ())
-        })?;
-        report.seeded_from = Some(s);
-        report.seconds_seed = t.elapsed().as_secs_f64();
-        version_now = Some(s);
-    }
-    let t = Instant::now();
+    let seeded_version = usize::from(seed.is_some_and(|s| s > 0));
     let deltas: Vec<(&VersionDir, &DeltaMeta, &[SafetensorsFile])> =
-        steps.map(|(v, files)| (v, v.delta().expect("only deltas after the seed"), files.as_slice())).collect();
-    let mut expect_base = version_now;
+        chain[seeded_version..].iter().zip(&validated[seeded_version..]).map(|(v, files)| (v, v.delta().expect("only deltas after the seed"), files.as_slice())).collect();
+    let mut expect_base = seed.or(applied);
     for (v, meta, _) in &deltas {
         if Some(meta.base_version) != expect_base {
             return Err(Error::conflict(&v.path, format!("delta base_version {} is not the applied version {:?}", meta.base_version, expect_base)));
         }
         expect_base = Some(v.number);
     }
+    // A stop signal (crate::stop) is honoured where LOCAL is consistent: here, before any
+    // mutation; between files of a seed; and between seed and patch. A patch pass in progress
+    // is finished and recorded first: it is short, and stopping inside it would force a reseed.
+    crate::stop::check()?;
+    let mut version_now = applied;
+    if let Some(s) = seed {
+        let seed_dir = if s == 0 {
+            opts.base.clone().ok_or_else(|| Error::Usage(format!("reaching version {} needs the base checkpoint (version 0): pass --base", target.version)))?
+        } else {
+            chain[0].path.clone()
+        };
+        let to = match chain.first() {
+            Some(v) if s > 0 => recorded(v, &validated[0]),
+            _ => SyncState { version: version_str(0), run_id: run_id.clone(), source: source.clone(), fingerprint: None },
+        };
+        // What the seed holds, before a byte of it is copied: the version's own record of it,
+        // and the first delta's record of what it was made against, must agree with it.
+        let seed_checkpoint = Checkpoint::open(&seed_dir)?;
+        let seed_sample = seed_checkpoint.content_sample();
+        // A seed lacking a tensor the deltas patch is refused now, not after it was copied.
+        ChainPlan::new(seed_checkpoint, &deltas)?;
+        if let Some(recorded) = chain.first().filter(|_| s > 0).and_then(|v| v.sample()) {
+            if recorded != seed_sample {
+                return Err(Error::Content {
+                    path: seed_dir,
+                    reason: format!("full version {s} holds weights with content sample {seed_sample}, but its index records {recorded}: its files are not the ones it was published with"),
+                });
+            }
+        }
+        if let Some(&(first, meta, _)) = deltas.first() {
+            if let Some(expected) = meta.base_sample.as_ref().filter(|e| **e != seed_sample) {
+                return Err(Error::conflict(&seed_dir, if s == 0 {
+                    format!("--base holds other weights (content sample {seed_sample}) than the ones version {} was made against (its base_sample {expected}): it is not the checkpoint the trainer started from", first.number)
+                } else {
+                    format!("version {} was made against other weights (base_sample {expected}) than full version {s} holds ({seed_sample}): the chain in {} is inconsistent", first.number, root.display())
+                }));
+            }
+        }
+        let t = Instant::now();
+        let names = seed_files(&seed_dir)?;
+        local.check_room_for(&seed_dir, &names)?;
+        local.mutate("seed", version_now, &to, durable, || {
+            local.seed_from(&seed_dir, &names, durable)?;
+            // The seed must be a loadable checkpoint, holding what was read, before we call it a version.
+            let copied = Checkpoint::open(&opts.local)?.content_sample();
+            if copied != seed_sample {
+                return Err(Error::Content {
+                    path: opts.local.clone(),
+                    reason: format!("the copy of {} has content sample {copied}, the seed {seed_sample}: the seed changed while it was copied, or the copy is damaged", seed_dir.display()),
+                });
+            }
+            Ok(())
+        })?;
+        report.seeded_from = Some(s);
+        report.seconds_seed = t.elapsed().as_secs_f64();
+        version_now = Some(s);
+    }
+    let t = Instant::now();
     if let Some(&(last, _, files)) = deltas.last() {
         crate::stop::check()?;
         let to = recorded(last, files);
         let plan = local.plan_chain(&deltas)?;
-        report.tensors_patched += local.mutate("apply", version_now, &to, durable, || local.apply_chain(plan, &deltas, durable))?;
+        let (first, meta, _) = deltas[0];
+        if let (None, Some(expected)) = (seed, &meta.base_sample) {
+            // LOCAL's state and headers checked out (§6 step 2); its bytes must be the version
+            // it records too, or the deltas would patch other weights than they were made against.
+            let actual = plan.layout.content_sample();
+            if actual != *expected {
+                return Ok(Pulled::Diverged(format!(
+                    "LOCAL's content sample {actual} is not the base_sample {expected} that version {} was made against: its bytes are not version {}'s",
+                    first.number, meta.base_version
+                )));
+            }
+        }
+        report.tensors_patched += local.mutate("apply", version_now, &to, durable, || {
+            let patched = local.apply_chain(plan, &deltas, durable)?;
+            if let Some(expected) = last.sample() {
+                // Checksums cover the patched tensors; this covers the rest too, so a chain whose
+                // links do not meet (a delta made against other weights than the one before it)
+                // is not recorded as the version it claims to reach.
+                let actual = Checkpoint::open(&opts.local)?.content_sample();
+                if actual != expected {
+                    let from = deltas[0].0.number;
+                    return Err(Error::Content {
+                        path: opts.local.clone(),
+                        reason: format!("after versions {from}..={} were applied, LOCAL's content sample is {actual}, but version {} records {expected}: the deltas do not lead from LOCAL's bytes to the published version (state not advanced)", last.number, last.number),
+                    });
+                }
+            }
+            Ok(patched)
+        })?;
         report.applied = deltas.iter().map(|(v, _, _)| v.number).collect();
         report.folded = deltas.len() > 1;
     }
     report.seconds_apply = t.elapsed().as_secs_f64();
     report.seconds = start.elapsed().as_secs_f64();
     report.durable = durable;
-    Ok(report)
+    Ok(Pulled::Done(report))
 }

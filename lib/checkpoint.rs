@@ -49,6 +49,11 @@ pub fn pad_header_bytes(mut head: Vec<u8>, total: usize) -> Option<Vec<u8>> {
     Some(head)
 }
 
+/// [`Checkpoint::content_sample`] reads this many windows of each tensor larger than all of them
+/// together, spread evenly from its first byte to its last, of [`SAMPLE_WINDOW`] bytes each.
+pub const SAMPLE_WINDOWS: usize = 4;
+pub const SAMPLE_WINDOW: usize = 1024;
+
 /// One tensor of a safetensors file: where its bytes are, and what they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorEntry {
@@ -357,5 +362,32 @@ impl Checkpoint {
     /// Sum of tensor byte lengths.
     pub fn total_bytes(&self) -> u64 {
         self.files.iter().flat_map(|f| f.tensors.iter()).map(|t| t.len as u64).sum()
+    }
+
+    /// The checkpoint's content sample (docs/FORMATS.md §4, "Content sample"): a cheap identity
+    /// of its weights, read from at most 4 KiB per tensor. `delta-diff` records it for OLD
+    /// (`base_sample`) and NEW (`sample`), so a trainer diffing against the wrong OLD, and a
+    /// host whose LOCAL or `--base` holds other weights than a delta was made against, are
+    /// refused before a byte is patched, and a chain applied folded is checked end to end,
+    /// tensors it never touched included. A real RL step changes ~1 % of the elements of
+    /// nearly every tensor, so four 1 KiB windows per tensor tell consecutive versions apart.
+    pub fn content_sample(&self) -> String {
+        let mut h = crate::checksum::PartHasher::default();
+        for (name, loc) in &self.by_name {
+            let (f, t) = self.entry(*loc);
+            let bytes = f.bytes(t);
+            h.part(name.as_bytes());
+            h.part(t.dtype.as_bytes());
+            h.part(&(t.len as u64).to_le_bytes());
+            if bytes.len() <= SAMPLE_WINDOWS * SAMPLE_WINDOW {
+                h.part(bytes);
+            } else {
+                let span = (bytes.len() - SAMPLE_WINDOW) as u128;
+                let at = |i: usize| (i as u128 * span / (SAMPLE_WINDOWS as u128 - 1)) as usize;
+                let windows: Vec<&[u8]> = (0..SAMPLE_WINDOWS).map(|i| &bytes[at(i)..at(i) + SAMPLE_WINDOW]).collect();
+                h.part_of(&windows);
+            }
+        }
+        h.finish_hex()
     }
 }

@@ -119,6 +119,40 @@ impl Hasher {
     }
 }
 
+/// xxh3-128 over a sequence of parts, each fed as its length (u64 little-endian) then its
+/// bytes, so no two sequences of parts hash the same stream (docs/FORMATS.md §6, "Fingerprint",
+/// and §4, "Content sample"). Text form: 32 lowercase hex digits.
+pub struct PartHasher(twox_hash::XxHash3_128);
+
+impl Default for PartHasher {
+    fn default() -> Self {
+        PartHasher(twox_hash::XxHash3_128::new())
+    }
+}
+
+impl PartHasher {
+    pub fn part(&mut self, bytes: &[u8]) {
+        self.0.write(&(bytes.len() as u64).to_le_bytes());
+        self.0.write(bytes);
+    }
+    /// A part made of several pieces written back to back (its length is their sum).
+    pub fn part_of(&mut self, pieces: &[&[u8]]) {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        self.0.write(&(len as u64).to_le_bytes());
+        for p in pieces {
+            self.0.write(p);
+        }
+    }
+    pub fn finish_hex(&self) -> String {
+        format!("{:032x}", self.0.finish_128())
+    }
+}
+
+/// True for 32 lowercase hex digits (a [`PartHasher`] value).
+pub fn is_xxh3_128_hex(s: &str) -> bool {
+    ChecksumAlg::Xxh3_128.is_valid_hex(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

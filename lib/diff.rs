@@ -19,7 +19,7 @@ use crate::codec::PayloadError;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio::{self, AtomicFile};
 use crate::inputmap::InputRead;
-use crate::version::{version_dir_name, version_str, Encoding, INCOMPLETE_MARKER};
+use crate::version::{version_dir_name, version_str, Encoding, VersionDir, INCOMPLETE_MARKER};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -118,8 +118,12 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
         }
     }
     let mut ride_along_changed = Vec::new();
+    let mut old_sample = None;
     if let Some(old) = &old {
         check_compatible(old, &new, &opts.old, &opts.new)?;
+        let sample = old.content_sample();
+        check_old_is_published_base(&opts.publish, base_version.expect("delta has a base"), &sample, &opts.old)?;
+        old_sample = Some(sample);
         ride_along_changed = ride_along_changes(old, &new)?;
     }
     // GPU or CPU per tensor (lib/gpu); chosen before anything is written, `--device cuda` with no GPU is a usage error.
@@ -133,7 +137,7 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     let dir = create_version_dir(&opts.publish, opts.version, opts.replace_incomplete)?;
     let unpublished = Unpublished(&dir);
     let mut report = match &old {
-        Some(old) => write_delta(old, &new, &dir, opts, base_version.expect("delta has a base"), &engine)?,
+        Some(old) => write_delta(old, &new, &dir, opts, base_version.expect("delta has a base"), old_sample.as_deref().expect("sampled with OLD"), &engine)?,
         None => write_full(&new, &dir, opts)?,
     };
     std::mem::forget(unpublished);
@@ -156,6 +160,29 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
     }
     report.ride_along_changed = ride_along_changed.into_iter().map(|c| c.name).collect();
     Ok(report)
+}
+
+/// Refuse, before anything is written, a delta whose OLD is not version `base` as published in
+/// `src`: one made against other weights would be applied onto version `base` on every host
+/// and fail its checksums there (xor) or leave its unchanged tensors wrong (overwrite). Compared
+/// by content sample (docs/FORMATS.md §4) with the `sample` the base version's index records;
+/// a base that is 0 (the engine's own checkpoint), not in `src` (collected, or published
+/// elsewhere), unreadable, or written without a sample (slime, older disagg) is not checked.
+fn check_old_is_published_base(src: &Path, base: u64, old_sample: &str, old_path: &Path) -> Result<()> {
+    if base == 0 {
+        return Ok(());
+    }
+    let Ok(published) = VersionDir::open(src, base) else { return Ok(()) };
+    match published.sample() {
+        Some(s) if s != old_sample => Err(Error::conflict(
+            old_path,
+            format!(
+                "holds other weights than version {base} as published in {} (content sample {old_sample}; version {base} records {s}): a delta against it would not apply to what the hosts hold. Pass the checkpoint version {base} was published from as OLD, or the version OLD is as --base-version",
+                published.path.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Ride-along files are compared byte for byte up to this size and by length above it: a
@@ -493,7 +520,7 @@ pub fn resolve_input_read(mode: InputRead, old: &Checkpoint, new: &Checkpoint) -
     }
 }
 
-fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOptions, base: u64, engine: &crate::gpu::Engine) -> Result<DiffReport> {
+fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOptions, base: u64, old_sample: &str, engine: &crate::gpu::Engine) -> Result<DiffReport> {
     let encode_start = Instant::now();
     let read = resolve_input_read(opts.input_read, old, new);
     // Tests change the inputs here, after they are opened and before they are read.
@@ -567,6 +594,8 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
             "delta_encoding": opts.encoding.name(),
             "compression_format": "zstd",
             "checksum_format": opts.checksum.name(),
+            "base_sample": old_sample,
+            "sample": new.content_sample(),
         },
         "weight_map": weight_map,
     });
@@ -935,8 +964,10 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
     }
     let mut metadata = new.index().map(|i| i.metadata.clone()).unwrap_or_default();
     metadata.remove("delta_encoding");
+    metadata.remove("base_sample");
     metadata.insert("version".into(), Value::String(version_str(opts.version)));
     metadata.insert("total_size".into(), json!(total_bytes));
+    metadata.insert("sample".into(), Value::String(new.content_sample()));
     let index = json!({"metadata": metadata, "weight_map": weight_map});
     let wire_bytes = wire + write_index(dir, &index)?;
     Ok(DiffReport {

@@ -24,7 +24,7 @@ pub mod exit {
     pub const CONFLICT: i32 = 5;
     /// Something that must exist does not: version directory, tensor, base checkpoint.
     pub const NOT_FOUND: i32 = 6;
-    /// Bytes do not match their checksum.
+    /// Bytes do not match their checksum (or their content sample).
     pub const CHECKSUM: i32 = 7;
     /// A user hook (post-write, pre-read, reload) failed.
     pub const HOOK: i32 = 8;
@@ -69,6 +69,10 @@ pub enum Error {
     NotFound { path: PathBuf, reason: String },
     #[error("{path}: checksum mismatch for tensor {tensor:?}: expected {expected}, got {actual}{note}")]
     Checksum { path: PathBuf, tensor: String, expected: String, actual: String, note: String },
+    /// Weights whose content sample (docs/FORMATS.md §4) is not the one recorded for them: a
+    /// seed or patched LOCAL, or a full version's files, that do not hold what was published.
+    #[error("{path}: {reason}")]
+    Content { path: PathBuf, reason: String },
     #[error("hook `{command}` failed: {reason}")]
     Hook { command: String, reason: String },
     #[error("{path}: lock busy: {reason}")]
@@ -89,7 +93,7 @@ impl Error {
             Error::Incompatible(_) => exit::INCOMPATIBLE,
             Error::Conflict { .. } => exit::CONFLICT,
             Error::NotFound { .. } => exit::NOT_FOUND,
-            Error::Checksum { .. } => exit::CHECKSUM,
+            Error::Checksum { .. } | Error::Content { .. } => exit::CHECKSUM,
             Error::Hook { .. } => exit::HOOK,
             Error::Locked { .. } => exit::LOCKED,
             Error::Usage(_) => exit::USAGE,

@@ -88,6 +88,9 @@ pub struct DeltaMeta {
     pub base_version: u64,
     pub encoding: Encoding,
     pub checksum: ChecksumAlg,
+    /// Content sample of the checkpoint the delta was made against (`base_sample`, written by
+    /// disagg; absent from slime's deltas): what LOCAL must hold before it is patched.
+    pub base_sample: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +134,7 @@ impl VersionDir {
 
     fn kind_of(index_path: &Path, index: &IndexFile, number: u64) -> Result<VersionKind> {
         let bad = |reason: String| Error::bad_input(index_path, reason);
+        Self::sample_key(index_path, index, "sample")?;
         if let Some(v) = index.metadata.get("version") {
             let v = v.as_str().and_then(parse_version_str).ok_or_else(|| bad(format!("metadata.version {v} is not a decimal string")))?;
             if v != number {
@@ -155,7 +159,24 @@ impl VersionDir {
             .ok_or_else(|| bad("delta index has no metadata.checksum_format".into()))?
             .parse::<ChecksumAlg>()
             .map_err(bad)?;
-        Ok(VersionKind::Delta(DeltaMeta { base_version, encoding, checksum }))
+        let base_sample = Self::sample_key(index_path, index, "base_sample")?;
+        Ok(VersionKind::Delta(DeltaMeta { base_version, encoding, checksum, base_sample }))
+    }
+
+    /// A content sample key of the index metadata (`sample`, `base_sample`): absent, or 32 hex
+    /// digits; anything else is a damaged index.
+    fn sample_key(index_path: &Path, index: &IndexFile, key: &str) -> Result<Option<String>> {
+        match index.metadata.get(key) {
+            None => Ok(None),
+            Some(serde_json::Value::String(s)) if crate::checksum::is_xxh3_128_hex(s) => Ok(Some(s.clone())),
+            Some(v) => Err(Error::bad_input(index_path, format!("metadata.{key} {v} is not a content sample (32 lowercase hex digits)"))),
+        }
+    }
+
+    /// The content sample of the checkpoint this version holds ([`crate::checkpoint::Checkpoint::content_sample`]),
+    /// as its index records it (`sample`; absent in versions other tools or older disagg wrote).
+    pub fn sample(&self) -> Option<&str> {
+        self.index.as_ref()?.metadata_str("sample")
     }
 
     pub fn is_delta(&self) -> bool {
@@ -179,21 +200,17 @@ impl VersionDir {
     /// even if the directory is replaced meanwhile.
     pub fn fingerprint(&self, files: &[SafetensorsFile]) -> String {
         use std::os::unix::ffi::OsStrExt;
-        let mut h = twox_hash::XxHash3_128::new();
-        let mut part = |bytes: &[u8]| {
-            h.write(&(bytes.len() as u64).to_le_bytes());
-            h.write(bytes);
-        };
+        let mut h = crate::checksum::PartHasher::default();
         if let Some(text) = &self.index_text {
-            part(b"index");
-            part(text);
+            h.part(b"index");
+            h.part(text);
         }
         for f in files {
-            part(f.path().file_name().map(|n| n.as_bytes()).unwrap_or_default());
-            part(&(f.len() as u64).to_le_bytes());
-            part(f.header());
+            h.part(f.path().file_name().map(|n| n.as_bytes()).unwrap_or_default());
+            h.part(&(f.len() as u64).to_le_bytes());
+            h.part(f.header());
         }
-        format!("{:032x}", h.finish_128())
+        h.finish_hex()
     }
 
     /// Open every data file the index names and validate its header (and, for a delta, that

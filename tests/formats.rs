@@ -2,6 +2,7 @@
 //! the code here, so the text and the implementation cannot drift apart.
 
 use disagg::apply::{Intent, SyncState};
+use disagg::checkpoint::Checkpoint;
 use disagg::checksum::ChecksumAlg;
 use disagg::pointer::Pointer;
 use disagg::version::{Encoding, VersionDir, VersionKind};
@@ -85,11 +86,13 @@ fn delta_index_example_is_read_as_documented() {
     std::fs::create_dir_all(&vdir).unwrap();
     std::fs::write(vdir.join("model.safetensors.index.json"), block("delta-index")).unwrap();
     let v = VersionDir::open(&dir, 2).unwrap();
+    assert_eq!(v.sample(), Some("7d2a91c4e8b05f36a1d9c2e4f6b8a013"));
     match v.kind {
         VersionKind::Delta(d) => {
             assert_eq!(d.base_version, 1);
             assert_eq!(d.encoding, Encoding::Xor);
             assert_eq!(d.checksum, ChecksumAlg::Xxh3_128);
+            assert_eq!(d.base_sample.as_deref(), Some("1c0f8e5e3a7d4b29a6c1e0f2d3b4a596"));
         }
         VersionKind::Full => panic!("documented delta index read as a full version"),
     }
@@ -259,5 +262,79 @@ fn version_fingerprint_example() {
     other.extend_from_slice(&data);
     std::fs::write(vdir.join(&name), &other).unwrap();
     assert_ne!(fingerprint(), want);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// §4.6: the documented checkpoint has the documented content sample, by the text's recipe
+/// computed here and by `Checkpoint::content_sample`; resharding does not change it, a byte in
+/// a window does.
+#[test]
+fn content_sample_example() {
+    let b = block("content-sample");
+    let tensors: Vec<(String, String, usize)> = b
+        .lines()
+        .filter_map(|l| l.strip_prefix("tensor:"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let n: usize = f[2].trim_matches(['[', ']']).parse().unwrap();
+            let size = match f[1] { "F32" => 4, "BF16" => 2, other => panic!("{other}") };
+            (f[0].to_string(), f[1].to_string(), n * size)
+        })
+        .collect();
+    assert!(b.contains("byte i of every tensor is i mod 251"));
+    let want = b.lines().find_map(|l| l.strip_prefix("sample:")).unwrap().trim().to_string();
+    let data = |len: usize| (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+
+    let mut sorted = tensors.clone();
+    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut part = |p: &[u8]| {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    };
+    for (name, dtype, len) in &sorted {
+        let d = data(*len);
+        part(name.as_bytes());
+        part(dtype.as_bytes());
+        part(&(*len as u64).to_le_bytes());
+        if *len <= 4096 {
+            part(&d);
+        } else {
+            let w: Vec<u8> = (0..4).flat_map(|i| d[i * (len - 1024) / 3..][..1024].to_vec()).collect();
+            part(&w);
+        }
+    }
+    assert_eq!(format!("{:032x}", h.digest128()), want, "the recipe in the text");
+
+    // The same tensors as one file and as two shards.
+    let root = std::env::temp_dir().join(format!("disagg-content-sample-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let file = |names: &[&(String, String, usize)], flip: Option<usize>| {
+        let mut header = serde_json::Map::new();
+        let mut body = Vec::new();
+        for (name, dtype, len) in names {
+            let n = len / if dtype == "F32" { 4 } else { 2 };
+            header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": [n], "data_offsets": [body.len(), body.len() + len]}));
+            body.extend(data(*len));
+        }
+        if let Some(at) = flip {
+            body[at] ^= 1;
+        }
+        let h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend(body);
+        out
+    };
+    let all: Vec<&(String, String, usize)> = tensors.iter().collect();
+    std::fs::create_dir_all(root.join("one")).unwrap();
+    std::fs::write(root.join("one/model.safetensors"), file(&all, None)).unwrap();
+    assert_eq!(Checkpoint::open(root.join("one")).unwrap().content_sample(), want, "Checkpoint::content_sample");
+    std::fs::create_dir_all(root.join("two")).unwrap();
+    std::fs::write(root.join("two/a.safetensors"), file(&all[..1], None)).unwrap();
+    std::fs::write(root.join("two/b.safetensors"), file(&all[1..], None)).unwrap();
+    assert_eq!(Checkpoint::open(root.join("two")).unwrap().content_sample(), want, "sharding does not enter it");
+    std::fs::write(root.join("one/model.safetensors"), file(&all, Some(8 + 5))).unwrap();
+    assert_ne!(Checkpoint::open(root.join("one")).unwrap().content_sample(), want, "a byte in a window does");
     std::fs::remove_dir_all(&root).unwrap();
 }

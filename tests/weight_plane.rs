@@ -50,7 +50,8 @@ fn check_delta(src: &Path, v: u64, base: u64, old: &Model, new: &Model, enc: &st
     assert_eq!(
         index["metadata"],
         json!({"version": format!("{v:06}"), "base_version": format!("{base:06}"), "delta_encoding": enc,
-               "compression_format": "zstd", "checksum_format": ck}),
+               "compression_format": "zstd", "checksum_format": ck,
+               "base_sample": content_sample(old), "sample": content_sample(new)}),
         "index metadata of v{v}"
     );
     let wm = index["weight_map"].as_object().expect("weight_map object");
@@ -404,7 +405,8 @@ fn diff_warns_about_ride_along_files_that_a_delta_does_not_carry() {
     fs::write(new.join("config.json"), &changed).unwrap();
     fs::write(new.join("chat_template.jinja"), "{{ messages }}").unwrap();
     fs::remove_file(new.join("tokenizer.json")).unwrap();
-    let (r, err) = diff("2", &c.ckpts[0], &new, &[]);
+    // (Base 0: version 1 holds other weights than OLD, and a delta against OLD as version 1 is refused.)
+    let (r, err) = diff("2", &c.ckpts[0], &new, &["--base-version", "0"]);
     assert_eq!(r["kind"], "delta", "the delta is still published");
     assert_eq!(r["ride_along_changed"], json!(["chat_template.jinja", "config.json", "tokenizer.json"]));
     let w = r["warnings"].as_array().unwrap();
@@ -417,7 +419,7 @@ fn diff_warns_about_ride_along_files_that_a_delta_does_not_carry() {
     assert_eq!(file_names(&vdir(&src, 2)).iter().filter(|n| !n.ends_with(".safetensors") && *n != INDEX).count(), 0, "a delta holds no config");
 
     // A lone file on either side has no ride-along files to compare; a full version carries them.
-    let (r, _) = diff("3", &c.ckpts[0].join("model-00001-of-00002.safetensors"), &new.join("model-00001-of-00002.safetensors"), &[]);
+    let (r, _) = diff("3", &c.ckpts[0].join("model-00001-of-00002.safetensors"), &new.join("model-00001-of-00002.safetensors"), &["--base-version", "0"]);
     assert_eq!(r["ride_along_changed"], json!([]));
     let (r, err) = diff("4", &c.ckpts[0], &new, &["--full"]);
     assert_eq!((r["ride_along_changed"].clone(), r["warnings"].clone()), (json!([]), json!([])));
@@ -1482,9 +1484,13 @@ fn apply_base_checks() {
     let partial = t.join("partial-base");
     write_checkpoint(&partial, &model_without(&c.models[0], EMBED), 1);
     let local2 = t.join("local2");
+    apply(&local2, Some(&partial), &src, "1", &[]).code(4).stderr_contains(EMBED).stderr_contains(partial.s());
+    // Refused before LOCAL was touched: BASE is not copied (the refusal used to come after the
+    // copy, and before that to leave an apply intent, so that the next run reseeded).
+    assert!(!local2.join(SINGLE).exists() && !local2.join(".weight_sync/state.json").exists());
+    // A clean LOCAL at version 0 that lacks the tensor is refused the same way, untouched.
+    apply(&local2, Some(&partial), &src, "0", &[]).ok();
     apply(&local2, Some(&partial), &src, "1", &[]).code(4).stderr_contains(EMBED);
-    // Refused before LOCAL was touched: still the clean seed of version 0, nothing to repair
-    // (the refusal used to leave an apply intent, and the next run reseeded).
     assert_eq!(state_version(&local2), "000000");
     assert!(!intent_exists(&local2), "no apply intent left");
     let r = apply(&local2, Some(&partial), &src, "0", &["--json"]).ok().json();
@@ -1764,4 +1770,165 @@ fn json_results_have_the_documented_keys() {
         let r = apply(&local, Some(&c.ckpts[0]), &src, target, &["--json"]).ok().json();
         assert_eq!(keys(&r), documented("delta-apply"), "delta-apply --json --target {target}");
     }
+}
+
+// ================================================================================================
+// content samples (docs/FORMATS.md §4): which weights a version was made against and holds
+// ================================================================================================
+
+const LM_HEAD: &str = "lm_head.weight";
+
+/// Flip one byte of `tensor`'s data in a checkpoint file, in place (same size, headers intact).
+fn flip_tensor_byte(file: &Path, tensor: &str, at: usize) {
+    let st = StFile::read(file);
+    let r = st.range(tensor);
+    assert!(at < r.len());
+    let mut bytes = fs::read(file).unwrap();
+    bytes[r.start + at] ^= 0x5a;
+    fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn diff_refuses_an_old_that_is_not_the_published_base() {
+    let t = TestDir::new("diff_old_not_base");
+    let c = make_chain(&t.path, 3, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    // Version 2 of a trainer that diffed against its step-0 checkpoint instead of step 1: every
+    // host would patch version 1's bytes with a delta made against version 0's.
+    run(DIFF, [c.ckpts[0].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "2"])
+        .code(5)
+        .stderr_contains(c.ckpts[0].s())
+        .stderr_contains("other weights than version 1");
+    assert!(!vdir(&src, 2).exists(), "nothing written");
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 2, &[]);
+    // A full version records its sample too.
+    publish(&c.ckpts[2], &c.ckpts[2], &src, 3, &["--full"]);
+    run(DIFF, [c.ckpts[1].s(), c.ckpts[3].s(), "--publish", src.s(), "--version", "4"]).code(5).stderr_contains("version 3");
+    publish(&c.ckpts[2], &c.ckpts[3], &src, 4, &[]);
+    // Not checked: base 0 (the engine's own checkpoint), a base not in SRC, one without a sample.
+    publish(&c.ckpts[1], &c.ckpts[3], &src, 5, &["--base-version", "0"]);
+    publish(&c.ckpts[1], &c.ckpts[3], &src, 7, &["--base-version", "6"]);
+    let index = vdir(&src, 4).join(INDEX);
+    let mut v = read_json(&index);
+    v["metadata"].as_object_mut().unwrap().remove("sample");
+    fs::write(&index, serde_json::to_vec(&v).unwrap()).unwrap();
+    publish(&c.ckpts[0], &c.ckpts[3], &src, 8, &["--base-version", "4"]);
+    // A sample key that is not 32 hex digits is a damaged index.
+    v["metadata"]["sample"] = json!("not-a-sample");
+    fs::write(&index, serde_json::to_vec(&v).unwrap()).unwrap();
+    run(ADVANCE, [src.s(), "4"]).code(3).stderr_contains("metadata.sample");
+}
+
+/// A host whose --base holds other weights than the trainer started from (another revision of
+/// the same model: same names, shapes and dtypes) is refused before anything is copied. Before,
+/// with `overwrite` the apply succeeded and served the wrong BASE's bytes wherever the deltas
+/// did not write (here: lm_head and the norms, which training never changes).
+#[test]
+fn apply_refuses_a_base_that_is_not_the_trainers() {
+    let t = TestDir::new("apply_wrong_base");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    for v in 1..=2u64 {
+        publish(&c.ckpts[v as usize - 1], &c.ckpts[v as usize], &src, v, &["--encoding", "overwrite"]);
+    }
+    let other = t.join("other-base");
+    write_checkpoint(&other, &base_model(99), 1);
+    let local = t.join("local");
+    for wrong in [&other, &c.ckpts[1]] {
+        apply(&local, Some(wrong), &src, "2", &[]).code(5).stderr_contains(wrong.s()).stderr_contains("--base holds other weights");
+        assert!(!local.join(SINGLE).exists() && !local.join(".weight_sync/state.json").exists(), "nothing copied");
+    }
+    // A LOCAL at version 0 holding the wrong BASE (seeded by an older tool): not patched either.
+    fs::create_dir_all(local.join(".weight_sync")).unwrap();
+    fs::copy(other.join(SINGLE), local.join(SINGLE)).unwrap();
+    fs::write(local.join(".weight_sync/state.json"), r#"{"version":"000000"}"#).unwrap();
+    apply(&local, Some(&other), &src, "2", &[]).code(5).stderr_contains("--base holds other weights");
+    assert_eq!(state_version(&local), "000000");
+    // The right BASE: the LOCAL is taken as foreign, reseeded and patched.
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &["--json"]).ok().json();
+    assert!(r["foreign_reason"].as_str().unwrap().contains("content sample"), "{r}");
+    assert_eq!(r["seeded_from"], 0);
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+}
+
+/// LOCAL's state and headers check out, but its bytes are not its version's (edited in place,
+/// or rotted): the next delta is not patched onto them. LOCAL is reseeded and replayed. Before,
+/// a byte of a tensor no delta touches stayed wrong forever.
+#[test]
+fn apply_reseeds_a_local_whose_bytes_are_not_its_version() {
+    let t = TestDir::new("apply_diverged");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    flip_tensor_byte(&local.join(SINGLE), LM_HEAD, 0);
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &["--json"]).ok().json();
+    let why = r["foreign_reason"].as_str().unwrap_or_else(|| panic!("{r}"));
+    assert!(why.contains("content sample") && why.contains("version 1"), "{why}");
+    assert_eq!((r["seeded_from"].clone(), applied(&r)), (json!(0), vec![1, 2]), "{r}");
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+}
+
+/// A chain whose links do not meet: version 2 claims base 1 but was made against version 0's
+/// weights (published where version 1 was not, then moved in). Its checksums hold for what it
+/// patches; the tensors it leaves alone are not version 2's. The end-to-end sample refuses to
+/// record it (exit 7, state not advanced), folded or one version at a time.
+#[test]
+fn apply_refuses_a_chain_whose_links_do_not_meet() {
+    let t = TestDir::new("apply_links");
+    let a = base_model(7);
+    let m1 = step(&a, 1);
+    // Version 2 = version 1 with lm_head back at its base value... and version 1 changed lm_head.
+    let mut m1 = m1;
+    m1.iter_mut().find(|x| x.name == LM_HEAD).unwrap().data[0] ^= 1;
+    let m2: Model = m1.iter().map(|x| if x.name == LM_HEAD { a.iter().find(|y| y.name == LM_HEAD).unwrap().clone() } else { x.clone() }).collect();
+    let (c0, c1, c2) = (t.join("c0"), t.join("c1"), t.join("c2"));
+    write_checkpoint(&c0, &a, 1);
+    write_checkpoint(&c1, &m1, 1);
+    write_checkpoint(&c2, &m2, 1);
+    let (src, elsewhere) = (t.join("src"), t.join("elsewhere"));
+    publish(&c0, &c1, &src, 1, &["--encoding", "overwrite"]);
+    publish(&c0, &c2, &elsewhere, 2, &["--encoding", "overwrite", "--base-version", "1"]);
+    fs::rename(vdir(&elsewhere, 2), vdir(&src, 2)).unwrap();
+    let local = t.join("local");
+    apply(&local, Some(&c0), &src, "2", &[]).code(7).stderr_contains("content sample").stderr_contains("version 2 records");
+    assert!(intent_exists(&local), "not recorded: the apply intent stays and the next run reseeds");
+    apply(&local, Some(&c0), &src, "1", &[]).ok();
+    assert_holds(&local, &m1);
+    apply(&local, Some(&c0), &src, "2", &[]).code(7).stderr_contains("content sample");
+}
+
+/// A full version published again under the same number with other weights but the same layout
+/// (a trainer restarted without a run id) is no longer taken for the one LOCAL holds: its index
+/// records its content sample, so its fingerprint changes.
+#[test]
+fn apply_notices_a_full_version_republished_with_other_weights() {
+    let t = TestDir::new("apply_full_again");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--full"]);
+    let local = t.join("local");
+    apply(&local, None, &src, "1", &[]).ok();
+    fs::remove_dir_all(vdir(&src, 1)).unwrap();
+    publish(&c.ckpts[0], &c.ckpts[2], &src, 1, &["--full"]);
+    let r = apply(&local, None, &src, "1", &["--json"]).ok().json();
+    assert_eq!(r["noop"], false, "{r}");
+    assert!(r["foreign_reason"].as_str().unwrap().contains("published again"), "{r}");
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+}
+
+/// A full version whose files no longer hold what its index records (a byte changed in place
+/// on the shared directory) is refused before LOCAL is touched.
+#[test]
+fn apply_refuses_a_full_version_whose_files_are_not_its_sample() {
+    let t = TestDir::new("apply_full_rot");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--full"]);
+    flip_tensor_byte(&vdir(&src, 1).join(SINGLE), LM_HEAD, 8191);
+    let local = t.join("local");
+    apply(&local, None, &src, "1", &[]).code(7).stderr_contains("content sample").stderr_contains(vdir(&src, 1).s());
+    assert!(!local.join(SINGLE).exists(), "nothing copied");
 }

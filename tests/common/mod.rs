@@ -543,3 +543,34 @@ pub fn rewrite_payload(path: &Path, tensor: &str, f: impl FnOnce(&mut Vec<u8>)) 
     let refs: Vec<&Tensor> = tensors.iter().collect();
     fs::write(path, safetensors_bytes(&refs, Some(&meta))).unwrap();
 }
+
+/// The content sample of a model (docs/FORMATS.md §4, "Content sample"), written here from the
+/// text: xxh3-128 over parts (u64 LE length, bytes): per tensor in byte order of names, its
+/// name, dtype, byte length (8 bytes LE) and its bytes, whole up to 4096, else four 1024-byte
+/// windows at ⌊i·(L−1024)/3⌋.
+pub fn content_sample(model: &Model) -> String {
+    let mut sorted: Vec<&Tensor> = model.iter().collect();
+    sorted.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut part = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    for t in sorted {
+        part(t.name.as_bytes());
+        part(t.dtype.as_bytes());
+        part(&(t.data.len() as u64).to_le_bytes());
+        let l = t.data.len();
+        if l <= 4096 {
+            part(&t.data);
+        } else {
+            let mut w = Vec::with_capacity(4096);
+            for i in 0..4 {
+                let at = i * (l - 1024) / 3;
+                w.extend_from_slice(&t.data[at..at + 1024]);
+            }
+            part(&w);
+        }
+    }
+    format!("{:032x}", h.digest128())
+}

@@ -205,6 +205,29 @@ class Tensor:
     data: bytes
 
 
+def content_sample(tensors: dict[str, Tensor]) -> str:
+    """disagg's content sample of a checkpoint (FORMATS §4): xxh3-128 over parts, each its u64 LE
+    length then its bytes; per tensor in byte order of names: name, dtype, byte length (8 bytes
+    LE), and the bytes (whole up to 4096, else four 1024-byte windows at i*(L-1024)//3)."""
+    h = xxhash.xxh3_128()
+
+    def part(b: bytes) -> None:
+        h.update(struct.pack("<Q", len(b)))
+        h.update(b)
+
+    for name in sorted(tensors, key=lambda n: n.encode()):
+        t = tensors[name]
+        data = t.data
+        part(name.encode())
+        part(t.dtype.encode())
+        part(struct.pack("<Q", len(data)))
+        if len(data) <= 4096:
+            part(data)
+        else:
+            part(b"".join(data[i * (len(data) - 1024) // 3:][:1024] for i in range(4)))
+    return h.hexdigest()
+
+
 def checkpoint_files(ckpt) -> list[Path]:
     """The safetensors files of a checkpoint dir (through the index when present) or a single file."""
     ckpt = Path(ckpt)

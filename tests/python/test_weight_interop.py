@@ -71,13 +71,17 @@ def check_delta_dir(src, version: int, base_version: int, old: dict, new: dict, 
     d = ref.vdir(src, version)
     index = json.loads((d / ref.INDEX).read_text())
     assert set(index) >= {"metadata", "weight_map"}, index
-    assert index["metadata"] == {
+    want_meta = {
         "version": f"{version:06d}",
         "base_version": f"{base_version:06d}",
         "delta_encoding": encoding,
         "compression_format": "zstd",
         "checksum_format": ck,
-    }, f"index metadata not as in the spec: {index['metadata']}"
+    }
+    if ours:
+        # disagg's additions, which a slime reader ignores: the content samples of OLD and NEW.
+        want_meta |= {"base_sample": ref.content_sample(old), "sample": ref.content_sample(new)}
+    assert index["metadata"] == want_meta, f"index metadata not as in the spec: {index['metadata']}"
     wm = index["weight_map"]
     changed = {n for n in new if new[n].data != old[n].data}
     assert set(wm) == changed, (f"weight_map must list exactly the changed tensors; "
@@ -166,11 +170,13 @@ def check_diff_summary(s: dict, version, base_version, encoding, ck, old, new, f
     assert isinstance(s["seconds"], (int, float)) and s["seconds"] >= 0, s
 
 
-def check_full_dir(src, version: int, tensors: dict) -> None:
+def check_full_dir(src, version: int, tensors: dict, ours: bool = True) -> None:
     d = ref.vdir(src, version)
     index = json.loads((d / ref.INDEX).read_text())
-    assert index["metadata"] == {"version": f"{version:06d}", "total_size": sum(len(t.data) for t in tensors.values())}, \
-        index["metadata"]
+    want = {"version": f"{version:06d}", "total_size": sum(len(t.data) for t in tensors.values())}
+    if ours:
+        want["sample"] = ref.content_sample(tensors)
+    assert index["metadata"] == want, index["metadata"]
     assert set(index["weight_map"]) == set(tensors)
     assert "delta_encoding" not in index["metadata"]
     assert_tensors_equal(d, tensors, f"full version {version}")
@@ -309,7 +315,7 @@ def test_mixed_chain_both_appliers_converge(cli, make_ckpts, tmp_path, encoding,
         cli.diff(ck[2][0], ck[3][0], src, 3, full=True)
     else:
         ref.write_full(ck[3][0], src, 3)
-    check_full_dir(src, 3, ck[3][1])
+    check_full_dir(src, 3, ck[3][1], ours=full_writer == "rust")
     cli.diff(ck[3][0], ck[4][0], src, 4, base_version=3, encoding=encoding, checksum="xxh3-128")
     ref.write_delta(ck[4][0], ck[5][0], src, 5, 4, other, ck5)
     for v, b, e, c in [(2, 1, other, "adler32"), (4, 3, encoding, "xxh3-128")]:
@@ -458,7 +464,7 @@ def test_reference_roundtrip(make_ckpts, tmp_path, encoding, checksum):
     ref.write_full(ck[2][0], src, 2)
     ref.write_delta(ck[2][0], ck[3][0], src, 3, 2, encoding, checksum)
     check_delta_dir(src, 1, 0, ck[0][1], ck[1][1], encoding, checksum, ours=False)
-    check_full_dir(src, 2, ck[2][1])
+    check_full_dir(src, 2, ck[2][1], ours=False)
     local = tmp_path / "local"
     assert ref.pull(local, ck[0][0], src, 1)["applied"] == [1]
     assert_tensors_equal(local, ck[1][1], "ref at 1")
