@@ -1454,3 +1454,57 @@ fn stale_out_gets_each_stale_ref_once_across_a_failed_run() {
     ok(&run(TAIL, &args, ""));
     assert_eq!(parse_out(&fs::read_to_string(&stale3).unwrap()).len(), 3);
 }
+
+/// A channel of `n` refs alternating weight version 1 (stale against `weight_v000010` with
+/// `--max-staleness 2`: m-0, m-2, …) and 10 (fresh), closed, and the pointer dir.
+fn stale_channel(d: &Path, n: usize) -> (PathBuf, PathBuf) {
+    let (ch, w) = (d.join("ch"), d.join("w"));
+    fs::create_dir_all(&w).unwrap();
+    fs::write(w.join("latest"), "weight_v000010\n").unwrap();
+    let text: String = (0..n).map(|i| format!("{}\n", sample_ref(&format!("m-{i}"), Some(if i % 2 == 0 { 1 } else { 10 })))).collect();
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "a", "--close"], &text));
+    (ch, w)
+}
+
+/// The sample ids in a `--stale-out` file, which must hold only whole, checked lines.
+fn stale_ids(path: &Path) -> Vec<String> {
+    let text = fs::read_to_string(path).unwrap();
+    assert!(text.is_empty() || text.ends_with('\n'), "{} ends in a partial line", path.display());
+    parse_out(&text).into_iter().map(|l| l.2).collect()
+}
+
+/// The stale refs appended to `--stale-out` are synced before a cursor that acknowledges them
+/// is written (the cursor commit of a batch, and the stale_out mark of a run whose stdout
+/// failed): a sync that fails (here the failpoint standing in for EIO) leaves them
+/// unacknowledged (exit 10, no cursor), so a crash can never keep the cursor and lose them.
+/// Before, the file was never synced, and the cursor acknowledged them regardless. A run that
+/// appends nothing has nothing to sync.
+#[cfg(feature = "failpoints")]
+#[test]
+fn stale_out_is_synced_before_the_cursor_acknowledges_it() {
+    let d = temp_dir("stale-sync");
+    let (ch, w) = stale_channel(&d, 6);
+    let stale = d.join("stale.jsonl");
+    let cursor = ch.join("cursors/c.json");
+    let args = [p(&ch), "--cursor", "c", "--follow", "--max-staleness", "2", "--pointer", p(&w), "--stale-out", p(&stale)];
+    let fail_sync = ("DISAGG_FAILPOINT", "tail.stale_out_sync:error");
+    let o = Command::new(TAIL).args(args).env(fail_sync.0, fail_sync.1).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(10), "{err}");
+    assert!(err.contains(p(&stale)), "{err}");
+    assert!(!cursor.exists(), "a cursor acknowledged stale refs that were not synced");
+    // Stdout fails: the stale_out mark is a cursor write that acknowledges them too.
+    let o = Command::new(TAIL).args(args).env(fail_sync.0, fail_sync.1).stdout(fs::File::create("/dev/full").unwrap()).output().unwrap();
+    assert_eq!(o.status.code(), Some(10), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!cursor.exists(), "a stale_out mark covers stale refs that were not synced");
+    // With a sync that works, they are acknowledged; none was lost on the way.
+    let ids: Vec<String> = parse_out(&ok(&run(TAIL, &args, ""))).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, ["m-1", "m-3", "m-5"]);
+    let got: BTreeSet<String> = stale_ids(&stale).into_iter().collect();
+    assert_eq!(got, names(&["m-0", "m-2", "m-4"]).into_iter().collect());
+    let c: Cursor = serde_json::from_slice(&fs::read(&cursor).unwrap()).unwrap();
+    assert_eq!((c.producers["a"].consumed, c.delivered, c.stale), (6, 3, 3));
+    // Caught up: nothing appended, nothing to sync, the failing sync is never reached.
+    let o = Command::new(TAIL).args(args).env(fail_sync.0, fail_sync.1).output().unwrap();
+    assert_eq!(ok(&o), "");
+}

@@ -1026,7 +1026,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
         cursor.name = opts.cursor.clone().unwrap_or_default();
     }
     let mut stale_out = match &opts.stale_out {
-        Some(p) => Some((OpenOptions::new().append(true).create(true).open(p).at(p)?, p.clone())),
+        Some(p) => Some(StaleOut::open(p)?),
         None => None,
     };
     if let Some(p) = &opts.stale_out {
@@ -1138,7 +1138,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
         if unacked {
             // Cleared first: a commit that fails is not tried again on the way out.
             unacked = false;
-            commit(out, &mut outbuf, &mut stdout_failed, cursor_path.as_deref(), &mut cursor, &streams, opts, layout)?;
+            commit(out, &mut outbuf, &mut stdout_failed, cursor_path.as_deref(), &mut cursor, &streams, &mut stale_out, opts, layout)?;
             if cursor_path.is_some() && layout == Layout::SingleFile {
                 consumed_count = Some(Instant::now());
             }
@@ -1213,7 +1213,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
     if stdout_failed {
         // The committed cursor stays as it was, but learns which stale refs are out already.
         if let (Some(path), Some(mark)) = (&cursor_path, &cursor.stale_out) {
-            if let Err(m) = commit_stale_mark(path, &cursor, mark) {
+            if let Err(m) = commit_stale_mark(path, &cursor, mark, &mut stale_out) {
                 eprintln!("ref-tail: warning: the stale refs appended to --stale-out in this batch are not recorded: {m}");
             }
         }
@@ -1227,7 +1227,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
         return Err(f);
     }
     if unacked {
-        if let Err(c) = commit(out, &mut outbuf, &mut stdout_failed, cursor_path.as_deref(), &mut cursor, &streams, opts, layout) {
+        if let Err(c) = commit(out, &mut outbuf, &mut stdout_failed, cursor_path.as_deref(), &mut cursor, &streams, &mut stale_out, opts, layout) {
             eprintln!("ref-tail: warning: the refs handled before the error are not acknowledged: {c}");
         }
     }
@@ -1235,14 +1235,16 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
 }
 
 /// Record `mark` in the committed cursor at `path` (or in a new one at the start of every
-/// stream, when none was committed yet), its positions and counts left as they are.
-fn commit_stale_mark(path: &Path, live: &Cursor, mark: &StaleOutMark) -> Result<()> {
+/// stream, when none was committed yet), its positions and counts left as they are; the stale
+/// refs it covers are synced first.
+fn commit_stale_mark(path: &Path, live: &Cursor, mark: &StaleOutMark, stale_out: &mut Option<StaleOut>) -> Result<()> {
     let mut committed =
         read_cursor(path)?.unwrap_or_else(|| Cursor { schema_version: 1, name: live.name.clone(), rank: live.rank, world: live.world, ..Default::default() });
     if committed.stale_out.as_ref() == Some(mark) {
         return Ok(());
     }
     committed.stale_out = Some(mark.clone());
+    sync_stale_out(stale_out)?;
     fsio::write_atomic(path, format!("{}\n", serde_json::to_string(&committed).expect("serializes")).as_bytes())
 }
 
@@ -1254,8 +1256,9 @@ fn flush_marking(out: &mut dyn Write, buf: &mut Vec<u8>, failed: &mut bool) -> R
 }
 
 /// Acknowledge what the streams handled: print the lines buffered for stdout, then (with a
-/// cursor) commit the cursor and, single file, `.consumed_count`. A ref is acknowledged only
-/// once it was written to stdout and flushed.
+/// cursor) make the stale refs appended to `--stale-out` durable and commit the cursor and,
+/// single file, `.consumed_count`. A ref is acknowledged only once it was written to stdout
+/// and flushed, or (stale) synced in the stale-out file.
 #[allow(clippy::too_many_arguments)]
 fn commit(
     out: &mut dyn Write,
@@ -1264,11 +1267,13 @@ fn commit(
     cursor_path: Option<&Path>,
     cursor: &mut Cursor,
     streams: &BTreeMap<String, Stream>,
+    stale_out: &mut Option<StaleOut>,
     opts: &TailOptions,
     layout: Layout,
 ) -> Result<()> {
     flush_marking(out, outbuf, stdout_failed)?;
     let Some(path) = cursor_path else { return Ok(()) };
+    sync_stale_out(stale_out)?;
     for s in streams.values() {
         cursor.producers.insert(s.name.clone(), s.pos.clone());
     }
@@ -1312,6 +1317,52 @@ fn heartbeat_age(dir: &Path) -> Option<Duration> {
     Some(Duration::from_millis(unix_ms().saturating_sub(hb.unix_ms)))
 }
 
+/// The `--stale-out` file of one tail (its only writer): stale lines are appended one `write`
+/// each, and made durable before any cursor write that acknowledges them.
+struct StaleOut {
+    file: File,
+    path: PathBuf,
+    /// A regular file, which can be synced (not a pipe or a terminal).
+    regular: bool,
+    /// Lines were appended since the last sync.
+    unsynced: bool,
+}
+
+impl StaleOut {
+    /// Open (create) `path` for appending.
+    fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new().append(true).create(true).open(path).at(path)?;
+        let regular = file.metadata().at(path)?.file_type().is_file();
+        Ok(StaleOut { file, path: path.to_path_buf(), regular, unsynced: false })
+    }
+
+    /// Append `line` and its newline in one write.
+    fn append_line(&mut self, line: &[u8]) -> Result<()> {
+        let mut l = Vec::with_capacity(line.len() + 1);
+        l.extend_from_slice(line);
+        l.push(b'\n');
+        self.file.write_all(&l).at(&self.path)?;
+        self.unsynced |= self.regular;
+        Ok(())
+    }
+
+    /// fdatasync what was appended since the last sync (nothing to do when nothing was).
+    fn sync(&mut self) -> Result<()> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        // Tests stand in for a failing fsync with `tail.stale_out_sync:error` (failpoints build).
+        crate::failpoint::hit("tail.stale_out_sync").and_then(|()| self.file.sync_data()).at(&self.path)?;
+        self.unsynced = false;
+        Ok(())
+    }
+}
+
+/// [`StaleOut::sync`] when there is a `--stale-out` file.
+fn sync_stale_out(stale_out: &mut Option<StaleOut>) -> Result<()> {
+    stale_out.as_mut().map_or(Ok(()), StaleOut::sync)
+}
+
 /// Most seqs of one gap [`ack_lost`] checks one by one for their rank (world > 1); a longer
 /// gap is no run of skipped lines but a producer's bug, and is not acknowledged.
 const MAX_LOST_GAP: u64 = 1 << 24;
@@ -1345,7 +1396,7 @@ fn read_stream(
     cursor: &mut Cursor,
     summary: &mut TailSummary,
     out: &mut Vec<u8>,
-    stale_out: &mut Option<(File, PathBuf)>,
+    stale_out: &mut Option<StaleOut>,
     closed: bool,
     acked: &mut bool,
 ) -> Result<(bool, bool)> {
@@ -1449,14 +1500,12 @@ fn read_stream(
                     None
                 });
                 stale = staleness::is_stale_version(oldest, latest, k);
-                if let (true, Some((f, p)), Some(mark)) = (stale, stale_out.as_mut(), cursor.stale_out.as_mut()) {
+                if let (true, Some(so), Some(mark)) = (stale, stale_out.as_mut(), cursor.stale_out.as_mut()) {
                     // Below the mark: appended by a run that acknowledged nothing of its batch.
                     if mark.through.get(&s.name).is_none_or(|&t| seq >= t) {
-                        let mut l = line.to_vec();
-                        l.push(b'\n');
-                        if let Err(e) = f.write_all(&l) {
+                        if let Err(e) = so.append_line(line) {
                             s.pos.offset += line_at as u64;
-                            return Err(Error::io(&*p, e));
+                            return Err(e);
                         }
                         match mark.through.get_mut(&s.name) {
                             Some(t) => *t = seq + 1,
