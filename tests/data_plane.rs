@@ -1508,3 +1508,43 @@ fn stale_out_is_synced_before_the_cursor_acknowledges_it() {
     let o = Command::new(TAIL).args(args).env(fail_sync.0, fail_sync.1).output().unwrap();
     assert_eq!(ok(&o), "");
 }
+
+/// A `--stale-out` file that fills (writes capped with `ulimit -f`, SIGXFSZ ignored: EFBIG in
+/// the middle of a line) is cut back to its last whole line (before, the half line stayed, and
+/// the rerun's first line was glued to it: two refs lost to every reader of the file); the
+/// run fails with exit 10 naming the file and acknowledges the stale refs it wrote whole; a
+/// rerun with room appends the rest, each stale ref once. A torn last line that a crash left
+/// (no newline) is cut off before a tail appends.
+#[test]
+fn a_stale_out_file_that_fills_keeps_only_whole_lines() {
+    let d = temp_dir("stale-full");
+    let (ch, w) = stale_channel(&d, 40);
+    let stale = d.join("stale.jsonl");
+    let args = [p(&ch), "--cursor", "c", "--follow", "--max-staleness", "2", "--pointer", p(&w), "--stale-out", p(&stale)];
+    let cmd = args.iter().fold(TAIL.to_string(), |c, a| format!("{c} '{a}'"));
+    let out = Command::new("bash").arg("-c").arg(format!("trap '' XFSZ; ulimit -f 2 && exec {cmd} >/dev/null")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{err}");
+    assert!(err.contains(p(&stale)), "{err}");
+    let len = fs::metadata(&stale).unwrap().len();
+    assert!(len > 0 && len < 2048, "{len}");
+    let first = stale_ids(&stale);
+    assert!(!first.is_empty() && first.len() < 20, "{first:?}");
+    // What the full run wrote whole is acknowledged; the rerun appends the rest once.
+    ok(&run(TAIL, &args, ""));
+    let want: Vec<String> = (0..40).step_by(2).map(|i| format!("m-{i}")).collect();
+    assert_eq!(stale_ids(&stale), want);
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["a"].consumed, c.stale), (40, 20));
+    // A torn last line (a crash mid-write) is cut before anything is appended.
+    let (ch2, w2) = stale_channel(&d.join("torn"), 2);
+    let stale2 = d.join("stale2.jsonl");
+    let bytes = fs::read(&stale).unwrap();
+    let line = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    fs::write(&stale2, &bytes[..line + 40]).unwrap();
+    let args = [p(&ch2), "--follow", "--max-staleness", "2", "--pointer", p(&w2), "--stale-out", p(&stale2)];
+    let o = run(TAIL, &args, "");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("torn"), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
+    assert_eq!(stale_ids(&stale2), ["m-0", "m-0"]);
+}

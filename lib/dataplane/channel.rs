@@ -1317,32 +1317,67 @@ fn heartbeat_age(dir: &Path) -> Option<Duration> {
     Some(Duration::from_millis(unix_ms().saturating_sub(hb.unix_ms)))
 }
 
-/// The `--stale-out` file of one tail (its only writer): stale lines are appended one `write`
-/// each, and made durable before any cursor write that acknowledges them.
+/// The `--stale-out` file of one tail (its only writer): stale lines are appended whole, one
+/// `write` each, and made durable before any cursor write that acknowledges them.
 struct StaleOut {
     file: File,
     path: PathBuf,
-    /// A regular file, which can be synced (not a pipe or a terminal).
+    /// A regular file, which can be cut back and synced (not a pipe or a terminal).
     regular: bool,
+    /// Its length after the last whole line: what a failed append is cut back to.
+    len: u64,
     /// Lines were appended since the last sync.
     unsynced: bool,
 }
 
 impl StaleOut {
-    /// Open (create) `path` for appending.
+    /// Open (create) `path` for appending. A regular file that does not end in a newline holds
+    /// a line whose write a crash cut short: never acknowledged (a stale line is synced before
+    /// the cursor that covers it is written), so it is cut off, warned, before anything is
+    /// appended; otherwise the next line would be glued to it.
     fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new().append(true).create(true).open(path).at(path)?;
-        let regular = file.metadata().at(path)?.file_type().is_file();
-        Ok(StaleOut { file, path: path.to_path_buf(), regular, unsynced: false })
+        let file = OpenOptions::new().read(true).append(true).create(true).open(path).at(path)?;
+        let meta = file.metadata().at(path)?;
+        let regular = meta.file_type().is_file();
+        let mut len = 0;
+        if regular {
+            len = meta.len();
+            let used = last_line_end(&file, len).at(path)?;
+            if used != len {
+                eprintln!(
+                    "ref-tail: warning: {}: cutting a torn last line ({} bytes after the last newline, at byte {used}; its write was cut short)",
+                    path.display(),
+                    len - used
+                );
+                file.set_len(used).at(path)?;
+                file.sync_data().at(path)?;
+                len = used;
+            }
+        }
+        Ok(StaleOut { file, path: path.to_path_buf(), regular, len, unsynced: false })
     }
 
-    /// Append `line` and its newline in one write.
+    /// Append `line` and its newline in one write. On a failure (a full disk, EFBIG) the file
+    /// is cut back to its length before the line, so it only ever holds whole lines.
     fn append_line(&mut self, line: &[u8]) -> Result<()> {
         let mut l = Vec::with_capacity(line.len() + 1);
         l.extend_from_slice(line);
         l.push(b'\n');
-        self.file.write_all(&l).at(&self.path)?;
-        self.unsynced |= self.regular;
+        if let Err(e) = self.file.write_all(&l) {
+            if self.regular {
+                if let Err(c) = self.file.set_len(self.len) {
+                    return Err(Error::io(
+                        &self.path,
+                        io::Error::new(e.kind(), format!("{e}; cutting the partial line back to byte {} failed too: {c}", self.len)),
+                    ));
+                }
+            }
+            return Err(Error::io(&self.path, e));
+        }
+        if self.regular {
+            self.len += l.len() as u64;
+            self.unsynced = true;
+        }
         Ok(())
     }
 
@@ -1361,6 +1396,24 @@ impl StaleOut {
 /// [`StaleOut::sync`] when there is a `--stale-out` file.
 fn sync_stale_out(stale_out: &mut Option<StaleOut>) -> Result<()> {
     stale_out.as_mut().map_or(Ok(()), StaleOut::sync)
+}
+
+/// The length of the first `len` bytes of `f` up to and including their last newline (0 if
+/// there is none), read backwards from the end a chunk at a time.
+fn last_line_end(f: &File, len: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut end = len;
+    while end > 0 {
+        let n = (buf.len() as u64).min(end) as usize;
+        let at = end - n as u64;
+        f.read_exact_at(&mut buf[..n], at)?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            return Ok(at + i as u64 + 1);
+        }
+        end = at;
+    }
+    Ok(0)
 }
 
 /// Most seqs of one gap [`ack_lost`] checks one by one for their rank (world > 1); a longer
