@@ -1548,3 +1548,57 @@ fn a_stale_out_file_that_fills_keeps_only_whole_lines() {
     ok(&o);
     assert_eq!(stale_ids(&stale2), ["m-0", "m-0"]);
 }
+
+/// The segment of a producer that wrote a single one.
+fn only_segment(ch: &Path, producer: &str) -> PathBuf {
+    fs::read_dir(ch.join("producers").join(producer)).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(".jsonl")).unwrap()
+}
+
+/// A corrupt last line of a producer that closed is skipped like any other corrupt line
+/// (warned, counted, its seq acknowledged as lost, by the rank whose shard it is), also when a
+/// run read it before the producer closed (the cursor keeps `corrupt_after`). Before, its seq
+/// had no later line to show the gap, the segments "ended short" of the `closed` count, and
+/// every run failed with exit 3, nothing of the stream ever done. A shortfall beyond the corrupt
+/// lines is still exit 3.
+#[test]
+fn a_corrupt_last_line_of_a_closed_producer_is_skipped() {
+    let d = temp_dir("corrupt-last");
+    let ch = d.join("ch");
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "q", "--close"], &refs_text("c", 4)));
+    let seg = only_segment(&ch, "q");
+    let text = fs::read_to_string(&seg).unwrap().replacen("c-2\"", "c-Y\"", 1).replacen("c-3\"", "c-Z\"", 1);
+    fs::write(&seg, text).unwrap();
+    let o = run(TAIL, &[p(&ch), "--cursor", "one", "--follow", "--json"], "");
+    let ids: Vec<String> = parse_out(&ok(&o)).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, ["c-0", "c-1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("\"corrupt\":2") && err.contains("corrupt lines: acknowledged as lost"), "{err}");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/one.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["q"].next_seq, c.producers["q"].consumed, c.producers["q"].corrupt_after), (4, 4, 0));
+    for r in 0..2 {
+        ok(&run(TAIL, &[p(&ch), "--cursor", "two", "--follow", "--rank", &r.to_string(), "--world", "2"], ""));
+    }
+    assert_eq!(channel::consumed_by_cursors(&ch, "q").unwrap(), 8, "each group acknowledges all 4");
+    // Done: a rerun delivers nothing and succeeds.
+    assert_eq!(ok(&run(TAIL, &[p(&ch), "--cursor", "one", "--follow"], "")), "");
+
+    // Read before the producer closed: the cursor remembers the corrupt line after seq 1.
+    let ch2 = d.join("ch2");
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", "q"], &refs_text("c", 3)));
+    let seg = only_segment(&ch2, "q");
+    fs::write(&seg, fs::read_to_string(&seg).unwrap().replacen("c-2\"", "c-Z\"", 1)).unwrap();
+    let ids: Vec<String> = parse_out(&ok(&run(TAIL, &[p(&ch2), "--cursor", "c"], ""))).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, ["c-0", "c-1"]);
+    let c: Cursor = serde_json::from_slice(&fs::read(ch2.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["q"].next_seq, c.producers["q"].corrupt_after), (2, 1));
+    // What the producer that wrote the three lines records when it closes.
+    fs::write(ch2.join("producers/q/closed"), "{\"published\":3}\n").unwrap();
+    assert_eq!(ok(&run(TAIL, &[p(&ch2), "--cursor", "c", "--follow"], "")), "");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch2.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["q"].next_seq, c.producers["q"].consumed), (3, 3));
+
+    // More missing than corrupt lines: the segments do end short.
+    fs::write(ch2.join("producers/q/closed"), "{\"published\":5}\n").unwrap();
+    let o = run(TAIL, &[p(&ch2), "--cursor", "fresh", "--follow"], "");
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+}

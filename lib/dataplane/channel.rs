@@ -899,6 +899,15 @@ pub struct Position {
     pub offset: u64,
     pub next_seq: u64,
     pub consumed: u64,
+    /// Segments: corrupt lines skipped since the last valid line (absent: none). Their seqs are
+    /// only known from the next valid line (a jump), or, when the producer closed with none
+    /// after them, from its `closed` count.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub corrupt_after: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A cursor file: positions per producer plus counters.
@@ -1125,6 +1134,20 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
             progressed |= r.0;
             if closed_now && r.1 {
                 if let Some(n) = s.closed.filter(|&n| n != u64::MAX) {
+                    if s.pos.next_seq < n && n - s.pos.next_seq <= s.pos.corrupt_after {
+                        // The last seqs are the corrupt lines skipped after the last valid one:
+                        // published, lost, acknowledged as a jump to them would have been.
+                        let (first, missing) = (s.pos.next_seq, n - s.pos.next_seq);
+                        eprintln!(
+                            "ref-tail: warning: {}: the last {missing} seqs of producer {} (from {first}) were corrupt lines: acknowledged as lost",
+                            s.dir.display(),
+                            s.name
+                        );
+                        ack_lost(s, opts, first, n);
+                        s.pos.next_seq = n;
+                        s.pos.corrupt_after = 0;
+                        unacked = true;
+                    }
                     if s.pos.next_seq < n {
                         return Err(Error::bad_input(
                             &s.dir,
@@ -1530,6 +1553,8 @@ fn read_stream(
                         s.pos.next_seq += 1;
                         *acked |= ack_lost(s, opts, seq, seq + 1);
                         progressed = true;
+                    } else {
+                        s.pos.corrupt_after += 1;
                     }
                     continue;
                 }
@@ -1569,6 +1594,7 @@ fn read_stream(
                     }
                 }
             }
+            s.pos.corrupt_after = 0;
             if seq > s.pos.next_seq {
                 eprintln!("ref-tail: warning: {}: sequence jumps from {} to {seq}", path.display(), s.pos.next_seq);
                 // The missing seqs were published (a corrupt line, skipped above, or lost):
