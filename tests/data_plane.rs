@@ -1602,3 +1602,73 @@ fn a_corrupt_last_line_of_a_closed_producer_is_skipped() {
     let o = run(TAIL, &[p(&ch2), "--cursor", "fresh", "--follow"], "");
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A following tail; waits until its stderr has a line containing `what`, then returns the
+/// child with the rest of its stderr collected by a thread (joined for the whole text).
+fn tail_until_stderr(args: &[&str], what: &str) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    let mut child = Command::new(TAIL).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        if err.read_line(&mut l).unwrap() == 0 {
+            panic!("the tail ended before printing {what:?}: {seen}");
+        }
+        seen.push_str(&l);
+        if l.contains(what) {
+            break;
+        }
+    }
+    let rest = std::thread::spawn(move || {
+        let mut s = seen;
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    (child, rest)
+}
+
+/// A line longer than the line cap whose newline comes in a later read (here: written after
+/// the tail skipped the first part) is one corrupt line, counted once; in the single-file
+/// layout it also takes one line index (one seq, acknowledged once). Before, the rest of it
+/// was read as a line of its own and counted corrupt again (`"corrupt":2`).
+#[test]
+fn an_over_long_line_split_across_reads_is_counted_once() {
+    let d = temp_dir("long-split");
+    let long = "x".repeat(disagg::dataplane::channel::MAX_LINE_BYTES + 2000);
+    // Single file.
+    let ch = d.join("ch");
+    fs::create_dir_all(&ch).unwrap();
+    let refs = ch.join("refs.jsonl");
+    fs::write(&refs, format!("{}\n{long}", sample_ref("x0", None))).unwrap();
+    let (child, err) = tail_until_stderr(&[p(&ch), "--cursor", "c", "--follow", "--json", "--idle-timeout", "60"], "longer than");
+    fs::OpenOptions::new().append(true).open(&refs).unwrap().write_all(format!("yyyy\n{}\n", sample_ref("x2", None)).as_bytes()).unwrap();
+    fs::write(ch.join(".closed"), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = err.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let ids: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(|l| SampleRef::parse(l.as_bytes()).unwrap().sample_id).collect();
+    assert_eq!(ids, ["x0", "x2"]);
+    assert!(err.contains("\"corrupt\":1,"), "{err}");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join(".cursor-c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["refs.jsonl"].next_seq, c.producers["refs.jsonl"].consumed), (3, 3));
+    assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "3\n");
+
+    // Segments: the seq it took is learnt from the next valid line.
+    let ch2 = d.join("ch2");
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", "q"], &refs_text("c", 1)));
+    let seg = only_segment(&ch2, "q");
+    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(long.as_bytes()).unwrap();
+    let (child, err) = tail_until_stderr(&[p(&ch2), "--cursor", "c", "--follow", "--json", "--idle-timeout", "60"], "longer than");
+    let next = SampleRef::parse(sample_ref("c-2", None).to_string().as_bytes()).unwrap();
+    let line = channel::encode_line(&next, "q", 2);
+    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(format!("yyyy\n{line}\n").as_bytes()).unwrap();
+    fs::write(ch2.join("producers/q/closed"), "{\"published\":3}\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = err.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let ids: Vec<String> = parse_out(&String::from_utf8(out.stdout).unwrap()).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, ["c-0", "c-2"]);
+    assert!(err.contains("\"corrupt\":1,"), "{err}");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch2.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["q"].next_seq, c.producers["q"].consumed), (3, 3));
+}

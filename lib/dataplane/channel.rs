@@ -986,6 +986,9 @@ struct Stream {
     pos: Position,
     /// Bytes read past `pos.offset` that do not yet end in a newline.
     partial: Vec<u8>,
+    /// `pos.offset` is inside a line longer than [`MAX_LINE_BYTES`], skipped (and counted) up
+    /// to there: what follows up to its newline is the rest of it, not a line of its own.
+    long_line: bool,
     closed: Option<u64>,
     done: bool,
 }
@@ -1074,7 +1077,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                         let name = ent.file_name().to_string_lossy().into_owned();
                         if valid_name(&name) && !streams.contains_key(&name) {
                             let pos = cursor.producers.get(&name).cloned().unwrap_or_default();
-                            streams.insert(name.clone(), Stream { dir: ent.path(), name, pos, partial: Vec::new(), closed: None, done: false });
+                            streams.insert(name.clone(), Stream { dir: ent.path(), name, pos, partial: Vec::new(), long_line: false, closed: None, done: false });
                         }
                     }
                 }
@@ -1084,7 +1087,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                     let name = SINGLE_FILE.to_string();
                     let mut pos = cursor.producers.get(&name).cloned().unwrap_or_default();
                     pos.segment = SINGLE_FILE.into();
-                    streams.insert(name.clone(), Stream { dir: opts.channel.clone(), name, pos, partial: Vec::new(), closed: None, done: false });
+                    streams.insert(name.clone(), Stream { dir: opts.channel.clone(), name, pos, partial: Vec::new(), long_line: false, closed: None, done: false });
                 }
             }
         }
@@ -1494,6 +1497,7 @@ fn read_stream(
             s.pos.segment = cur.clone();
             s.pos.offset = 0;
             s.partial.clear();
+            s.long_line = false;
         }
         let path = s.dir.join(&cur);
         let mut f = match File::open(&path) {
@@ -1521,6 +1525,17 @@ fn read_stream(
         for line in lines.into_iter().take(n_lines) {
             let line_at = consumed_bytes;
             consumed_bytes += line.len() + 1;
+            if std::mem::take(&mut s.long_line) {
+                // The end of the over-long line skipped below, counted corrupt there. Single
+                // file: the line is one of the file's, and takes its index now.
+                if layout == Layout::SingleFile {
+                    let seq = s.pos.next_seq;
+                    s.pos.next_seq += 1;
+                    *acked |= ack_lost(s, opts, seq, seq + 1);
+                }
+                progressed = true;
+                continue;
+            }
             let stamp = match layout {
                 Layout::Segments => check_line_ref(line).and_then(|(producer, seq)| {
                     if producer == s.name {
@@ -1627,17 +1642,18 @@ fn read_stream(
             return Ok((progressed, false));
         }
         if rest.len() > MAX_LINE_BYTES {
-            eprintln!("ref-tail: warning: {}: skipping a line longer than {MAX_LINE_BYTES} bytes at byte {}", path.display(), s.pos.offset);
-            summary.corrupt += 1;
-            let skip = rest.iter().position(|&b| b == b'\n');
-            // Single file: a line, counted once, where it ends (with no newline read yet, the
-            // rest of it is read as a line of its own next, and counted then).
-            if layout == Layout::SingleFile && skip.is_some() {
-                let seq = s.pos.next_seq;
-                s.pos.next_seq += 1;
-                *acked |= ack_lost(s, opts, seq, seq + 1);
+            // No newline in `rest` (the complete lines were all taken): skipped up to here, the
+            // rest of the line up to its newline is skipped when it is read (above). Warned and
+            // counted once, here, however many reads it spans.
+            if !s.long_line {
+                eprintln!("ref-tail: warning: {}: skipping a line longer than {MAX_LINE_BYTES} bytes at byte {}", path.display(), s.pos.offset);
+                summary.corrupt += 1;
+                if layout == Layout::Segments {
+                    s.pos.corrupt_after += 1;
+                }
+                s.long_line = true;
             }
-            s.pos.offset += skip.map_or(rest.len(), |p| p + 1) as u64;
+            s.pos.offset += rest.len() as u64;
             progressed = true;
             continue;
         }
@@ -1649,7 +1665,8 @@ fn read_stream(
         // At the end of the bytes written so far.
         match later {
             Some(next) => {
-                if !rest.is_empty() {
+                // The rest of a skipped over-long line was counted (corrupt) already.
+                if !rest.is_empty() && !s.long_line {
                     eprintln!(
                         "ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; its writer was restarted)",
                         path.display(),
@@ -1661,11 +1678,15 @@ fn read_stream(
                 s.pos.segment = next;
                 s.pos.offset = 0;
                 s.partial.clear();
+                s.long_line = false;
                 progressed = true;
                 continue;
             }
             None => {
-                if closed && !rest.is_empty() {
+                if closed && !rest.is_empty() && s.long_line {
+                    s.pos.offset += rest.len() as u64;
+                    progressed = true;
+                } else if closed && !rest.is_empty() {
                     eprintln!(
                         "ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; the producer closed)",
                         path.display(),
