@@ -1672,3 +1672,34 @@ fn an_over_long_line_split_across_reads_is_counted_once() {
     let c: Cursor = serde_json::from_slice(&fs::read(ch2.join("cursors/c.json")).unwrap()).unwrap();
     assert_eq!((c.producers["q"].next_seq, c.producers["q"].consumed), (3, 3));
 }
+
+/// Files whose sample ids collide: every one after the first (in sorted order) is skipped
+/// with a reason naming it and the first file, which keeps the id. Before, the third named the
+/// second (the previous duplicate, itself skipped) as the file the id came from.
+#[test]
+fn a_duplicate_sample_id_names_the_file_and_the_first_with_it() {
+    let d = temp_dir("ingest-dup");
+    let input = d.join("in");
+    fs::create_dir_all(&input).unwrap();
+    fs::copy(GOOD_CKPT, input.join("a.ckpt")).unwrap();
+    fs::copy(GOOD_CKPT, input.join("a.ckpt.gz")).unwrap();
+    fs::copy(GOOD_SAFETENSORS, input.join("a.safetensors")).unwrap();
+    let store = d.join("store");
+    let o = run(INGEST, &[p(&input), "--store", p(&store), "--manifest", p(&d.join("refs.json")), "--json"], "");
+    let s: Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!((s["ingested"].as_u64(), s["invalid"].as_u64()), (Some(1), Some(2)));
+    let reasons: BTreeMap<String, String> = s["invalid_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["file"].as_str().unwrap().rsplit('/').next().unwrap().to_string(), f["reason"].as_str().unwrap().to_string()))
+        .collect();
+    for dup in ["a.ckpt.gz", "a.safetensors"] {
+        assert_eq!(reasons[dup], format!("sample id \"a\" of {dup} is also derived from a.ckpt, the first file with it, which keeps it"));
+    }
+    // --strict: fatal (exit 3), naming the file and the first one.
+    let o = run(INGEST, &[p(&input), "--store", p(&d.join("store2")), "--strict"], "");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains(p(&input.join("a.ckpt.gz"))) && err.contains("also derived from a.ckpt,"), "{err}");
+}

@@ -404,8 +404,9 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     } else {
         None
     };
-    // Duplicate sample ids (data_1.ckpt and data_1.ckpt.gz) cannot both be stored.
-    let mut seen = std::collections::HashMap::new();
+    // Duplicate sample ids (data_1.ckpt and data_1.ckpt.gz) cannot both be stored: the first
+    // file (in INPUT's sorted order) keeps the id, every later one is skipped naming it.
+    let mut first_with_id: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
     let dirs = crate::fsio::DirSync::default();
     // Ingest is I/O bound (reads, O_DIRECT writes, fsyncs): run more files at once than there
     // are cores so that one file's fsync overlaps other files' work.
@@ -413,7 +414,13 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
     let results: Vec<std::result::Result<Outcome, Failure>> = pool.install(|| inputs
         .iter()
-        .map(|f| seen.insert(sample_id_for(&f.rel), f.rel.clone()))
+        .map(|f| match first_with_id.entry(sample_id_for(&f.rel)) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(&f.rel);
+                None
+            }
+        })
         .collect::<Vec<_>>()
         .into_iter()
         .zip(&inputs)
@@ -429,7 +436,10 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
             }
             let r = match (dup, broken) {
                 (_, Some(reason)) => Err(Failure::Invalid(reason.clone())),
-                (Some(other), _) if other != *rel => Err(Failure::Invalid(format!("sample id {} is also derived from {other}", sample_id_for(rel)))),
+                (Some(first), _) => Err(Failure::Invalid(format!(
+                    "sample id {:?} of {rel} is also derived from {first}, the first file with it, which keeps it",
+                    sample_id_for(rel)
+                ))),
                 // Moving the link's target would take a file from wherever it lives, outside
                 // INPUT perhaps; moving the link would store a link.
                 _ if *linked && opts.mode == PlaceMode::Move => {
