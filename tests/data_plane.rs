@@ -1703,3 +1703,41 @@ fn a_duplicate_sample_id_names_the_file_and_the_first_with_it() {
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(err.contains(p(&input.join("a.ckpt.gz"))) && err.contains("also derived from a.ckpt,"), "{err}");
 }
+
+/// A resumed ingest publish that stores a sample again (its source changed since the killed
+/// run published it: a new generation) publishes its new ref, and not again the refs of the
+/// samples it found intact. Before, refs were matched by sample id alone: the new generation
+/// was never published, and the channel kept only the ref to the old object, which the new
+/// put had deleted.
+#[cfg(feature = "failpoints")]
+#[test]
+fn ingest_publish_resumed_republishes_a_sample_stored_again() {
+    let d = temp_dir("ingest-restored");
+    let input = d.join("in");
+    fs::create_dir_all(&input).unwrap();
+    for f in ["a", "b"] {
+        fs::copy(GOOD_CKPT, input.join(format!("{f}.ckpt"))).unwrap();
+    }
+    let (store, ch) = (d.join("store"), d.join("ch"));
+    let args = [p(&input), "--store", p(&store), "--publish", p(&ch), "--json"];
+    // Dies right after the refs are written (not closed).
+    let o = Command::new(INGEST).args(args).env("DISAGG_FAILPOINT", "publish.after_write").output().unwrap();
+    assert_eq!(o.status.code(), None, "killed: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(ref_ids_published(&ch), names(&["a", "b"]));
+    // a's source changes (a new mtime is enough for the ingest to store it again).
+    let a = fs::OpenOptions::new().write(true).open(input.join("a.ckpt")).unwrap();
+    a.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000)).unwrap();
+    drop(a);
+    let s: Value = serde_json::from_str(&ok(&run(INGEST, &args, ""))).unwrap();
+    assert_eq!((s["ingested"].as_u64(), s["skipped_intact"].as_u64(), s["published"].as_u64()), (Some(1), Some(1), Some(3)));
+    let lines = ok(&run(TAIL, &[p(&ch), "--follow"], ""));
+    let got: Vec<(String, u64)> = lines.lines().map(|l| { let r = unstamped(l); (r.sample_id, r.metadata["generation"].as_u64().unwrap()) }).collect();
+    assert_eq!(got, [("a".to_string(), 1), ("b".to_string(), 1), ("a".to_string(), 2)]);
+    // The last ref of a names the object the store has now.
+    let last = unstamped(lines.lines().last().unwrap());
+    let key = last.metadata["store_key"].as_str().unwrap();
+    assert!(store.join(key).exists(), "{key}");
+    // Finished: a rerun has nothing to add.
+    ok(&run(INGEST, &args, ""));
+    assert_eq!(ref_ids(None, &ch), names(&["a", "a", "b"]));
+}

@@ -21,7 +21,7 @@
 //! `.consumer_done`, `.consumer_failed`) is read and written with [`Layout::SingleFile`]; there a
 //! restarted producer cuts a torn last line off (under the file's lock) before it appends.
 
-use super::sample_ref::{oldest_weight_version_in, sample_id_in, SampleRef, MAX_REF_BYTES, MAX_REF_TEXT_BYTES};
+use super::sample_ref::{oldest_weight_version_in, sample_id_and_keys_in, sample_id_in, SampleRef, MAX_REF_BYTES, MAX_REF_TEXT_BYTES};
 use super::staleness;
 use crate::error::{Error, IoContext, Result};
 use crate::fsio;
@@ -300,6 +300,18 @@ fn last_valid_seq(path: &Path, producer: &str) -> Result<Option<u64>> {
 /// that has not started. A resumed writer that cannot feed the same input again (`feature-ingest`,
 /// whose INPUT may have changed) appends only what is not among them.
 pub fn published_sample_ids(channel: &Path, producer: &str) -> Result<Vec<String>> {
+    published_in(channel, producer, sample_id_in)
+}
+
+/// [`published_sample_ids`] with each ref's `feature_keys`: which stored object it names. A
+/// resumed `feature-ingest` that stored a sample again (a new generation) publishes its new
+/// ref; one whose sample id and keys are both there is published already.
+pub fn published_sample_keys(channel: &Path, producer: &str) -> Result<Vec<(String, BTreeMap<String, String>)>> {
+    published_in(channel, producer, sample_id_and_keys_in)
+}
+
+/// `read(line)` for each ref `producer` has published into `channel`, in seq order, each seq once.
+fn published_in<T>(channel: &Path, producer: &str, read: impl Fn(&[u8]) -> std::result::Result<T, super::sample_ref::RefError>) -> Result<Vec<T>> {
     check_name("producer", producer)?;
     let dir = channel.join(PRODUCERS_DIR).join(producer);
     let mut ids = Vec::new();
@@ -313,7 +325,7 @@ pub fn published_sample_ids(channel: &Path, producer: &str) -> Result<Vec<String
                 continue;
             }
             // Not SampleRef::parse: a ref at MAX_REF_BYTES is over it once stamped.
-            ids.push(sample_id_in(line).map_err(|e| Error::bad_input(&path, format!("line with seq {seq}: {e}")))?);
+            ids.push(read(line).map_err(|e| Error::bad_input(&path, format!("line with seq {seq}: {e}")))?);
             next = seq + 1;
         }
     }

@@ -9,7 +9,8 @@
 //! from the same source (size and mtime recorded in the object, or the same inode for links).
 //! `--mode move` removes sources only once every ref is committed (manifest and its `.moved`
 //! journal, or the closed stream), so a failure or kill before then leaves INPUT whole; a
-//! rerun publishing into the same producer appends only refs whose sample id is not there yet.
+//! rerun publishing into the same producer appends only refs whose sample id is not there yet
+//! with the same feature keys (a sample stored again, as a new generation, is published again).
 
 use super::channel::{self, Layout, RefProducer};
 use super::sample_ref::{FeatureSpec, Manifest, SampleRef, SCHEMA_VERSION};
@@ -542,11 +543,14 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
             fsio::write_atomic(sentinel(path, "moved"), &text)?;
         }
     } else if let Some(ch) = &opts.publish {
-        // What an earlier run of this producer published is matched by sample id, not by
-        // position: this run's list need not line up with that one's (a file added, or one
-        // invalid then and fixed now, shifts every ref after it).
-        let published: std::collections::HashSet<String> = channel::published_sample_ids(ch, &opts.producer)?.into_iter().collect();
-        let todo: Vec<SampleRef> = refs.into_iter().filter(|r| !published.contains(&r.sample_id)).collect();
+        // What an earlier run of this producer published is matched by sample id and feature
+        // keys, not by position: this run's list need not line up with that one's (a file
+        // added, or one invalid then and fixed now, shifts every ref after it). A sample this
+        // run stored again (its source changed: a new generation, new keys) is published again;
+        // one published with the object it still has is not.
+        let published: std::collections::HashSet<(String, BTreeMap<String, String>)> =
+            channel::published_sample_keys(ch, &opts.producer)?.into_iter().collect();
+        let todo: Vec<SampleRef> = refs.into_iter().filter(|r| !published.contains(&(r.sample_id.clone(), r.feature_keys.clone()))).collect();
         let pdir = ch.join(channel::PRODUCERS_DIR).join(&opts.producer);
         if let Ok(b) = fs::read(pdir.join(channel::CLOSED_FILE)) {
             let closed: channel::Closed = serde_json::from_slice(&b).map_err(|e| Error::bad_input(pdir.join(channel::CLOSED_FILE), e))?;

@@ -232,6 +232,18 @@ pub fn sample_id_in(text: &[u8]) -> Result<String, RefError> {
     serde_json::from_slice::<Id>(text).map(|r| r.sample_id).map_err(|e| RefError::Json(e.to_string()))
 }
 
+/// The `sample_id` and `feature_keys` (where its tensors are) of the ref in `text`, reading
+/// nothing else, as [`sample_id_in`].
+pub fn sample_id_and_keys_in(text: &[u8]) -> Result<(String, BTreeMap<String, String>), RefError> {
+    #[derive(Deserialize)]
+    struct IdKeys {
+        sample_id: String,
+        #[serde(default)]
+        feature_keys: BTreeMap<String, String>,
+    }
+    serde_json::from_slice::<IdKeys>(text).map(|r| (r.sample_id, r.feature_keys)).map_err(|e| RefError::Json(e.to_string()))
+}
+
 fn check_versions(metadata: &Map<String, Value>) -> Result<(), RefError> {
     if let Some(v) = metadata.get("weight_version") {
         if !v.is_u64() {
