@@ -49,6 +49,26 @@ fn main() -> Result<(), GpuError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mib: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(256);
     let densities: Vec<f64> = if args.len() > 1 { args[1..].iter().filter_map(|a| a.parse::<f64>().ok()).map(|p| p / 100.0).collect() } else { vec![0.001, 0.02, 0.5] };
+    // `--device auto`'s pre-check (gpu::gpu_can_pay), measured on the CPU alone.
+    let s = Instant::now();
+    let c = gpu::measure_cpu_costs();
+    let t_measure = s.elapsed().as_secs_f64();
+    let s = Instant::now();
+    let driver = gpu::driver_present();
+    let t_driver = s.elapsed().as_secs_f64();
+    let threads = rayon::current_num_threads();
+    println!(
+        "auto pre-check (one CPU thread, measured in {:.1} ms; driver library {} in {:.1} ms): copy {:.1} GB/s, compare {:.1} GB/s; for a 16 GiB model on {threads} threads: {}",
+        t_measure * 1e3,
+        if driver.is_ok() { "opened" } else { "absent" },
+        t_driver * 1e3,
+        c.copy / 1e9,
+        c.compare / 1e9,
+        match gpu::gpu_can_pay(&c, 16 << 30, threads) {
+            Ok(()) => "would open the GPU".to_string(),
+            Err(why) => why,
+        }
+    );
     let info = match gpu::probe() {
         GpuStatus::Available(info) => info,
         GpuStatus::Unavailable(reason) => {
@@ -56,8 +76,10 @@ fn main() -> Result<(), GpuError> {
             return Ok(());
         }
     };
+    let s = Instant::now();
     let g = GpuDiffer::new()?;
     let r = g.rates();
+    println!("opening the GPU (context, NVRTC, rates): {:.0} ms", s.elapsed().as_secs_f64() * 1e3);
     println!("device: {info}");
     println!(
         "rates: host->device {:.1} GB/s, device->host {:.1} GB/s, staging copy {:.1} GB/s, CPU thread xor {:.1} GB/s, overwrite {:.1} GB/s",
@@ -67,7 +89,6 @@ fn main() -> Result<(), GpuError> {
         r.cpu_xor / 1e9,
         r.cpu_overwrite / 1e9
     );
-    let threads = rayon::current_num_threads();
     let len = mib << 20;
     for &d in &densities {
         let (old, new) = pair(len, d);

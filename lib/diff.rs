@@ -86,6 +86,8 @@ pub struct DiffReport {
     pub payloads_spilled: usize,
     /// `cuda` if any tensor was diffed on the GPU, else `cpu`.
     pub device: &'static str,
+    /// Why `--device auto` left the GPU out (`null` otherwise).
+    pub device_note: Option<String>,
     /// Worker threads the tensors were encoded on (`--threads`).
     pub threads: usize,
     /// How the CPU read the tensors: `mmap` or `pread` (`--input-read`, what `auto` chose);
@@ -127,7 +129,12 @@ pub fn publish(opts: &DiffOptions) -> Result<DiffReport> {
         ride_along_changed = ride_along_changes(old, &new)?;
     }
     // GPU or CPU per tensor (lib/gpu); chosen before anything is written, `--device cuda` with no GPU is a usage error.
-    let engine = if opts.full { crate::gpu::Engine::cpu() } else { crate::gpu::Engine::select(opts.device)? };
+    let engine = if opts.full {
+        crate::gpu::Engine::cpu()
+    } else {
+        let candidates = new.files().iter().flat_map(|f| f.tensors()).map(|t| t.len as u64).filter(|&l| l >= crate::gpu::AUTO_MIN_BYTES as u64).sum();
+        crate::gpu::Engine::select(opts.device, candidates, crate::cli::worker_threads())?
+    };
     if opts.full {
         // A full version is a copy of NEW: refuse one that cannot fit before the version
         // directory exists, rather than fill the shared disk under the other writers on it.
@@ -622,6 +629,7 @@ fn write_delta(old: &Checkpoint, new: &Checkpoint, dir: &Path, opts: &DiffOption
         payloads_spilled: area.spilled.load(Ordering::Relaxed),
         threads: 0,
         device: engine.device_used(),
+        device_note: engine.note().map(str::to_string),
         input_read: Some(read.as_str()),
         ride_along_changed: Vec::new(),
         warnings: Vec::new(),
@@ -992,6 +1000,7 @@ fn write_full(new: &Checkpoint, dir: &Path, opts: &DiffOptions) -> Result<DiffRe
         payloads_spilled: 0,
         threads: 0,
         device: "cpu",
+        device_note: None,
         input_read: None,
         ride_along_changed: Vec::new(),
         warnings: Vec::new(),

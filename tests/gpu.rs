@@ -207,8 +207,9 @@ fn device_cpu_and_auto_publish_the_same_bytes() {
     let (old, new) = big_pair(&t.path);
     for enc in ["xor", "overwrite"] {
         let cpu = t.join(format!("cpu-{enc}"));
-        let r = publish_with(&old, &new, &cpu, enc, Some("cpu"));
-        assert_eq!(r.ok().json()["device"], "cpu");
+        let r = publish_with(&old, &new, &cpu, enc, Some("cpu")).ok().json();
+        assert_eq!(r["device"], "cpu");
+        assert!(r["device_note"].is_null(), "--device cpu needs no note: {}", r["device_note"]);
         let reference = data_files(&cpu);
         assert!(!reference.is_empty());
         for device in [None, Some("auto")] {
@@ -216,6 +217,12 @@ fn device_cpu_and_auto_publish_the_same_bytes() {
             let j = publish_with(&old, &new, &src, enc, device).ok().json();
             let d = j["device"].as_str().unwrap().to_string();
             assert!(d == "cpu" || d == "cuda", "device {d}");
+            // auto says why it left the GPU out; a GPU it opened leaves no note.
+            match (d.as_str(), j["device_note"].as_str()) {
+                ("cpu", Some(note)) => assert!(note.starts_with("auto: "), "{note}"),
+                ("cuda", None) => {}
+                (d, note) => panic!("device {d} with device_note {note:?}"),
+            }
             assert!(data_files(&src) == reference, "{enc} --device {device:?}: data files differ from --device cpu");
         }
     }

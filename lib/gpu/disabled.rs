@@ -6,6 +6,11 @@ use std::io::Write;
 
 const NOT_ENABLED: &str = "GPU support not enabled in this build (rebuild with --features cuda)";
 
+/// No CUDA in this build, whatever libraries the machine has.
+pub fn driver_present() -> Result<(), String> {
+    Err(NOT_ENABLED.into())
+}
+
 /// Always unavailable in this build.
 pub fn probe() -> GpuStatus {
     GpuStatus::Unavailable(NOT_ENABLED.into())

@@ -61,10 +61,7 @@ static SHARED: OnceLock<Result<Arc<Shared>, String>> = OnceLock::new();
 fn shared() -> Result<Arc<Shared>, String> {
     SHARED
         .get_or_init(|| {
-            // SAFETY: only tries to dlopen the library names.
-            if !unsafe { cudarc::driver::sys::is_culib_present() } {
-                return Err("CUDA driver library (libcuda.so) not found".into());
-            }
+            driver_present()?;
             if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
                 return Err("NVRTC library (libnvrtc.so) not found; install the CUDA runtime's NVRTC".into());
             }
@@ -108,6 +105,15 @@ fn compile(cc: (i32, i32)) -> Result<nvrtc::Ptx, String> {
     match nvrtc::compile_ptx_with_opts(KERNELS, opts(Some(arch))) {
         Ok(ptx) => Ok(ptx),
         Err(first) => nvrtc::compile_ptx_with_opts(KERNELS, opts(None)).map_err(|e| format!("NVRTC could not compile the diff kernels: {e} (for {arch}: {first})")),
+    }
+}
+
+/// Whether the CUDA driver library can be opened (a dlopen only; no device is touched).
+pub fn driver_present() -> Result<(), String> {
+    // SAFETY: only tries to dlopen the library names.
+    match unsafe { cudarc::driver::sys::is_culib_present() } {
+        true => Ok(()),
+        false => Err("CUDA driver library (libcuda.so) not found".into()),
     }
 }
 

@@ -25,7 +25,7 @@ mod imp;
 #[path = "disabled.rs"]
 mod imp;
 
-pub use imp::{probe, DeviceBuffer, GpuDiffer};
+pub use imp::{driver_present, probe, DeviceBuffer, GpuDiffer};
 
 /// `--device`: which processor computes the diffs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -166,29 +166,125 @@ pub fn gpu_faster(r: &Rates, encoding: Encoding, len: usize) -> bool {
     GPU_TENSOR_OVERHEAD_S + l * per_byte < cpu
 }
 
+/// What opening the GPU costs a publish before its first tensor: the CUDA context, NVRTC
+/// compiling the kernels, measuring [`Rates`] and allocating the first pipeline's buffers.
+/// Measured 0.42 s on an H200 host (driver 580, CUDA 13): `--device auto` took 0.50 s on a
+/// 532 MiB pair that `--device cpu` diffed in 0.08 s, and then chose the CPU for every tensor.
+pub const GPU_OPEN_COST_S: f64 = 0.5;
+
+/// One CPU thread's rates, bytes/s, measured without touching CUDA: the `auto` pre-check.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuCosts {
+    /// Copying a buffer into another: what staging host inputs into pinned memory costs the
+    /// CPU on the GPU path (bytes copied per second).
+    pub copy: f64,
+    /// Comparing two buffers ([`codec::count_changed`]): the CPU path's pass over OLD and NEW
+    /// (tensor bytes per second).
+    pub compare: f64,
+}
+
+/// Measure [`CpuCosts`] on 4 MiB buffers (best of 2; a few milliseconds).
+pub fn measure_cpu_costs() -> CpuCosts {
+    const N: usize = 4 << 20;
+    // Filled a word at a time: making the inputs must cost less than measuring them.
+    let mut old = vec![0u8; N];
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for w in old.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    let mut new = old.clone();
+    for b in new.iter_mut().step_by(97) {
+        *b = !*b;
+    }
+    let mut dst = vec![1u8; N];
+    let best = |f: &mut dyn FnMut()| {
+        let mut t = f64::MAX;
+        for _ in 0..2 {
+            let s = std::time::Instant::now();
+            f();
+            t = t.min(s.elapsed().as_secs_f64());
+        }
+        N as f64 / t.max(1e-9)
+    };
+    let copy = best(&mut || {
+        dst.copy_from_slice(std::hint::black_box(&old));
+        std::hint::black_box(&dst);
+    });
+    let compare = best(&mut || {
+        std::hint::black_box(codec::count_changed(std::hint::black_box(&old), &new));
+    });
+    CpuCosts { copy, compare }
+}
+
+/// `auto`'s first question, asked before CUDA is touched: can the GPU repay opening it?
+///
+/// On host inputs (mmapped files, all `delta-diff` has) the GPU path still makes the CPU copy
+/// OLD and NEW into pinned memory, 2 bytes copied per tensor byte, where the CPU path makes one
+/// compare pass reading both; zstd and the frame are the same CPU work on either path. So the
+/// GPU saves CPU time only if `2/copy < 1/compare`, and the saving over the tensors it could
+/// take (`candidate_bytes`: tensors of at least [`AUTO_MIN_BYTES`]), shared by the `threads`
+/// that would otherwise do it, must exceed [`GPU_OPEN_COST_S`]. `Err` says why not, in words
+/// for `--json`'s `device_note`.
+pub fn gpu_can_pay(c: &CpuCosts, candidate_bytes: u64, threads: usize) -> Result<(), String> {
+    if candidate_bytes == 0 {
+        return Err(format!("auto: no tensor of {} MiB or more, the GPU was not opened", AUTO_MIN_BYTES >> 20));
+    }
+    let (gpu_ns, cpu_ns) = (2.0 / c.copy * 1e9, 1.0 / c.compare * 1e9);
+    if gpu_ns >= cpu_ns {
+        return Err(format!(
+            "auto: the GPU was not opened: staging host inputs for it costs the CPU {gpu_ns:.3} ns per tensor byte (copying OLD and NEW), the CPU diff's compare {cpu_ns:.3} ns"
+        ));
+    }
+    let saved = candidate_bytes as f64 * (cpu_ns - gpu_ns) / 1e9 / threads.max(1) as f64;
+    if saved <= GPU_OPEN_COST_S {
+        return Err(format!("auto: the GPU was not opened: it could save about {saved:.3} s on this pair, opening it costs about {GPU_OPEN_COST_S} s"));
+    }
+    Ok(())
+}
+
 /// What `delta-diff` holds for one publish: the chosen device and, when the GPU is in play,
 /// the differ. [`Engine::encode`] is a drop-in for [`codec::encode`].
 pub struct Engine {
     device: Device,
     gpu: Option<GpuDiffer>,
     gpu_tensors: AtomicU64,
+    /// Why `auto` left the GPU out, for `--json`'s `device_note`.
+    note: Option<String>,
 }
 
 impl Engine {
-    /// `cpu` never touches CUDA. `auto` uses the GPU if [`probe`] finds one, silently the CPU
-    /// otherwise. `cuda` without a usable GPU is a usage error naming the reason.
-    pub fn select(device: Device) -> Result<Engine, crate::error::Error> {
+    /// `cpu` never touches CUDA. `auto` opens the GPU only if [`gpu_can_pay`] for the pair at
+    /// hand and a driver library is present (`candidate_bytes`: NEW's bytes in tensors of at
+    /// least [`AUTO_MIN_BYTES`]; `threads`: the encoding pool), silently the CPU otherwise,
+    /// noting why. `cuda` without a usable GPU is a usage error naming the reason.
+    pub fn select(device: Device, candidate_bytes: u64, threads: usize) -> Result<Engine, crate::error::Error> {
+        let mut note = None;
         let gpu = match device {
             Device::Cpu => None,
-            Device::Auto => GpuDiffer::new().ok(),
+            Device::Auto => {
+                // Cheapest question first: the CPU measurement takes milliseconds, opening the
+                // driver library tens of them, opening the device half a second.
+                let tried = gpu_can_pay(&measure_cpu_costs(), candidate_bytes, threads)
+                    .and_then(|()| driver_present().map_err(|why| format!("auto: {why}")))
+                    .and_then(|()| GpuDiffer::new().map_err(|e| format!("auto: {e}")));
+                tried.map_err(|why| note = Some(why)).ok()
+            }
             Device::Cuda => Some(GpuDiffer::new().map_err(|e| crate::error::Error::Usage(format!("--device cuda: {e}; use --device cpu or auto")))?),
         };
-        Ok(Engine { device, gpu, gpu_tensors: AtomicU64::new(0) })
+        Ok(Engine { device, gpu, gpu_tensors: AtomicU64::new(0), note })
     }
 
     /// A CPU-only engine (full versions, tests).
     pub fn cpu() -> Engine {
-        Engine { device: Device::Cpu, gpu: None, gpu_tensors: AtomicU64::new(0) }
+        Engine { device: Device::Cpu, gpu: None, gpu_tensors: AtomicU64::new(0), note: None }
+    }
+
+    /// Why `auto` did not use the GPU (`None` for `cpu`, `cuda`, or a GPU in use).
+    pub fn note(&self) -> Option<&str> {
+        self.note.as_deref()
     }
 
     /// `"cuda"` once any tensor went through the GPU, else `"cpu"`.
@@ -278,6 +374,26 @@ mod tests {
     }
 
     #[test]
+    fn auto_opens_the_gpu_only_if_it_can_pay() {
+        let gb = 1e9;
+        // The H200 host's figures (one thread: copy ~7 GB/s, compare ~12 GB/s): copying OLD
+        // and NEW costs the CPU more than comparing them, whatever the model size.
+        let h200 = CpuCosts { copy: 7.0 * gb, compare: 12.0 * gb };
+        let why = gpu_can_pay(&h200, 1 << 40, 16).unwrap_err();
+        assert!(why.contains("staging host inputs") && why.contains("ns"), "{why}");
+        // A CPU that compares slowly but copies fast: worth it for a big model, not a small one.
+        let slow = CpuCosts { copy: 20.0 * gb, compare: 2.0 * gb };
+        assert!(gpu_can_pay(&slow, 140 << 30, 16).is_ok());
+        let why = gpu_can_pay(&slow, 512 << 20, 16).unwrap_err();
+        assert!(why.contains("could save") && why.contains("opening it costs"), "{why}");
+        // No tensor big enough: nothing to take.
+        assert!(gpu_can_pay(&slow, 0, 16).unwrap_err().contains("no tensor of 16 MiB"));
+        // The measurement itself returns finite, positive rates.
+        let c = measure_cpu_costs();
+        assert!(c.copy.is_finite() && c.copy > 0.0 && c.compare.is_finite() && c.compare > 0.0, "{c:?}");
+    }
+
+    #[test]
     fn cpu_engine_matches_codec() {
         let old: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
         let mut new = old.clone();
@@ -285,7 +401,7 @@ mod tests {
         new[99_999] ^= 0x80;
         for enc in [Encoding::Xor, Encoding::Overwrite] {
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            let e = Engine::select(Device::Cpu).unwrap();
+            let e = Engine::select(Device::Cpu, 0, 1).unwrap();
             let mut h = crate::checksum::ChecksumAlg::Xxh3_128.hasher();
             let dir = std::env::temp_dir().join(format!("disagg-engine-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
