@@ -1741,3 +1741,54 @@ fn ingest_publish_resumed_republishes_a_sample_stored_again() {
     ok(&run(INGEST, &args, ""));
     assert_eq!(ref_ids(None, &ch), names(&["a", "a", "b"]));
 }
+
+/// An ingest into a closed stream whose source changed since its sample was stored and
+/// published is refused (exit 5, naming the stream and the file) before anything in the store
+/// changes. Before, the sample was stored again first (a new generation, which deleted the old
+/// object) and only then refused: the closed stream's ref named an object that was gone.
+#[test]
+fn ingest_into_a_closed_stream_refuses_a_changed_file_before_storing_it() {
+    let d = temp_dir("ingest-closed-changed");
+    for mode in ["copy", "move"] {
+        let d = d.join(mode);
+        let input = d.join("in");
+        fs::create_dir_all(&input).unwrap();
+        for f in ["a", "b"] {
+            fs::copy(GOOD_CKPT, input.join(format!("{f}.ckpt"))).unwrap();
+        }
+        fs::copy(GOOD_SAFETENSORS, input.join("c.safetensors")).unwrap();
+        let (store, ch) = (d.join("store"), d.join("ch"));
+        let args = [p(&input), "--store", p(&store), "--publish", p(&ch), "--mode", "copy"];
+        ok(&run(INGEST, &args, ""));
+        assert!(ch.join("producers/ingest/closed").exists());
+        let keys: Vec<String> = ok(&run(TAIL, &[p(&ch), "--follow"], ""))
+            .lines()
+            .map(|l| unstamped(l).metadata["store_key"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(keys.len(), 3);
+        let before = count_files(&store, ".safetensors");
+        // a's and c's sources change (a new mtime is enough for the ingest to store them again).
+        for f in ["a.ckpt", "c.safetensors"] {
+            let file = fs::OpenOptions::new().write(true).open(input.join(f)).unwrap();
+            file.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000)).unwrap();
+        }
+        let mut args = args.to_vec();
+        *args.last_mut().unwrap() = mode;
+        let o = run(INGEST, &args, "");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(5), "{err}");
+        // Nothing in the store changed: every object the closed stream names is still there,
+        // and no new generation was made.
+        for key in &keys {
+            assert!(store.join(key).exists(), "{key} named by the closed stream is gone: {err}");
+        }
+        assert_eq!(count_files(&store, ".safetensors"), before);
+        // The error names the stream and the file.
+        assert!(err.contains("producer ingest") && err.contains("closed"), "{err}");
+        assert!(err.contains(p(&input.join("a.ckpt"))), "{err}");
+        assert_eq!(fs::read_to_string(store.join("objects").join(&keys[0][8..10]).join("a/generation")).unwrap(), "1\n");
+        // Nothing was moved either, and the stream still reads the same.
+        assert_eq!(count_files(&input, ".ckpt") + count_files(&input, ".safetensors"), 3);
+        assert_eq!(ref_ids(None, &ch), names(&["a", "b", "c"]));
+    }
+}

@@ -11,6 +11,7 @@
 //! journal, or the closed stream), so a failure or kill before then leaves INPUT whole; a
 //! rerun publishing into the same producer appends only refs whose sample id is not there yet
 //! with the same feature keys (a sample stored again, as a new generation, is published again).
+//! Into a closed stream nothing is stored: a sample that would be stored again is refused first.
 
 use super::channel::{self, Layout, RefProducer};
 use super::sample_ref::{FeatureSpec, Manifest, SampleRef, SCHEMA_VERSION};
@@ -261,7 +262,54 @@ impl From<&str> for Failure {
     }
 }
 
-fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions, dirs: &crate::fsio::DirSync) -> std::result::Result<Outcome, Failure> {
+/// The stream `feature-ingest --publish` appends to, when it is closed already: no ref can join
+/// it, so no sample may be stored again either (a new generation supersedes, and deletes, the
+/// object that the stream's published ref names).
+struct ClosedStream {
+    /// `CHANNEL/producers/<producer>/closed`.
+    path: PathBuf,
+    producer: String,
+    published: u64,
+}
+
+impl ClosedStream {
+    /// `CHANNEL/producers/<producer>/closed`, read, if the stream is closed.
+    fn read(channel: &Path, producer: &str) -> Result<Option<ClosedStream>> {
+        let path = channel.join(channel::PRODUCERS_DIR).join(producer).join(channel::CLOSED_FILE);
+        let b = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let closed: channel::Closed = serde_json::from_slice(&b).map_err(|e| Error::bad_input(&path, e))?;
+        Ok(Some(ClosedStream { path, producer: producer.to_string(), published: closed.published }))
+    }
+
+    /// Refuse to store `id` from `src` into the store (exit 5), before anything is written.
+    fn refuse(&self, src: &Path, id: &str) -> Failure {
+        Failure::Fatal(Error::conflict(
+            &self.path,
+            format!(
+                "producer {} already closed with {} refs: {} (sample {id}) is new or changed since it was stored, and storing it again would supersede the object its published ref names; nothing was stored",
+                self.producer,
+                self.published,
+                src.display()
+            ),
+        ))
+    }
+}
+
+/// Ingest one file. With `closed` (the stream to publish into is closed), a file whose stored
+/// object is not intact is refused (after its checks, so a bad file is still reported as
+/// invalid) before the store is touched.
+fn ingest_one(
+    store: &FeatureStore,
+    src: &Path,
+    rel: &str,
+    opts: &IngestOptions,
+    dirs: &crate::fsio::DirSync,
+    closed: Option<&ClosedStream>,
+) -> std::result::Result<Outcome, Failure> {
     let id = sample_id_for(rel);
     if !super::store::valid_id(&id) {
         return Err(format!("sample id {id:?} derived from the path is not usable (too long?)").into());
@@ -287,6 +335,7 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
     md.insert("disagg.source_size".to_string(), src_meta.len().to_string());
     md.insert("disagg.source_mtime_ns".to_string(), mtime_ns(&src_meta).to_string());
     let is_safetensors = rel.ends_with(".safetensors");
+    let may_store = || closed.map_or(Ok(()), |c| Err(c.refuse(src, &id)));
     let (obj, specs) = if is_safetensors {
         let map = mmap(src).map_err(|e| e.to_string())?;
         let (specs, st) = safetensors_specs(&map)?;
@@ -299,6 +348,7 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
         }
         let copy_in = |tensors: &[TensorData<'_>]| -> std::result::Result<StoredObject, Failure> {
             check_header(tensors, &md)?;
+            may_store()?;
             store.put_in(&id, tensors, &md, opts.retain_on_release, dirs).map_err(Failure::Fatal)
         };
         let obj = match opts.mode {
@@ -306,6 +356,7 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             PlaceMode::Link => {
                 drop(tensors);
                 drop(map);
+                may_store()?;
                 store.put_file(&id, src, PlaceMode::Link, opts.retain_on_release).map_err(Failure::Fatal)?
             }
             // Move = hard link now, remove the source once its ref is committed: a rename
@@ -314,9 +365,9 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             // can be made (another file system) the file is stored as copy would store it,
             // with the source's size and mtime, so that a rerun still finds it intact.
             PlaceMode::Move if !same_file_system(src, store.root()) => copy_in(&tensors)?,
-            PlaceMode::Move => match store.put_file(&id, src, PlaceMode::Link, opts.retain_on_release) {
-                Err(Error::Io { source, .. }) if matches!(source.raw_os_error(), Some(libc::EXDEV | libc::EPERM | libc::EOPNOTSUPP)) => copy_in(&tensors)?,
-                r => r.map_err(Failure::Fatal)?,
+            PlaceMode::Move => match may_store().and_then(|()| store.put_file(&id, src, PlaceMode::Link, opts.retain_on_release).map_err(Failure::Fatal)) {
+                Err(Failure::Fatal(Error::Io { source, .. })) if matches!(source.raw_os_error(), Some(libc::EXDEV | libc::EPERM | libc::EOPNOTSUPP)) => copy_in(&tensors)?,
+                r => r?,
             },
         };
         (obj, specs)
@@ -341,6 +392,7 @@ fn ingest_one(store: &FeatureStore, src: &Path, rel: &str, opts: &IngestOptions,
             check_nan(&t.name, t.dtype, &t.data)?;
         }
         check_header(&tensors, &md)?;
+        may_store()?;
         // With --mode move the source goes only once the ref is committed ([`ingest`]).
         let obj = store.put_in(&id, &tensors, &md, opts.retain_on_release, dirs).map_err(Failure::Fatal)?;
         (obj, tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect())
@@ -398,6 +450,13 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     let start = Instant::now();
     let store = FeatureStore::open(&opts.store, StoreOptions { quota_bytes: opts.quota_bytes, quota_wait: opts.quota_wait })?;
     let inputs = list_inputs(&opts.input)?;
+    // A closed stream takes no new ref, and a sample stored again would need one: known before
+    // anything is stored, so that a refused ingest leaves the store (and every object the
+    // stream's refs name) as it was.
+    let closed = match &opts.publish {
+        Some(ch) => ClosedStream::read(ch, &opts.producer)?,
+        None => None,
+    };
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(inputs.len() as u64);
         b.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} files {elapsed} ETA {eta}").expect("template"));
@@ -446,7 +505,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
                 _ if *linked && opts.mode == PlaceMode::Move => {
                     Err(Failure::Invalid("a symbolic link: --mode move takes files, not links (use --mode copy or link)".into()))
                 }
-                _ => ingest_one(&store, src, rel, opts, &dirs),
+                _ => ingest_one(&store, src, rel, opts, &dirs, closed.as_ref()),
             };
             if let Some(b) = &bar {
                 b.inc(1);
@@ -551,14 +610,13 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         let published: std::collections::HashSet<(String, BTreeMap<String, String>)> =
             channel::published_sample_keys(ch, &opts.producer)?.into_iter().collect();
         let todo: Vec<SampleRef> = refs.into_iter().filter(|r| !published.contains(&(r.sample_id.clone(), r.feature_keys.clone()))).collect();
-        let pdir = ch.join(channel::PRODUCERS_DIR).join(&opts.producer);
-        if let Ok(b) = fs::read(pdir.join(channel::CLOSED_FILE)) {
-            let closed: channel::Closed = serde_json::from_slice(&b).map_err(|e| Error::bad_input(pdir.join(channel::CLOSED_FILE), e))?;
+        if let Some(closed) = &closed {
             // A rerun of an ingest that finished (a --mode move one included, whose INPUT
-            // may now be empty) has nothing to add; a new ref cannot join a closed stream.
+            // may now be empty) has nothing to add; a new ref cannot join a closed stream (the
+            // samples behind these refs were intact: nothing was stored for them).
             if let Some(first) = todo.first() {
                 return Err(Error::conflict(
-                    pdir.join(channel::CLOSED_FILE),
+                    &closed.path,
                     format!(
                         "producer {} already closed with {} refs; {} of this ingest's refs are not among them (the first: {})",
                         opts.producer,
