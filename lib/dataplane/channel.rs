@@ -381,6 +381,16 @@ pub struct Closed {
     pub published: u64,
 }
 
+/// The published count in the `closed` marker of the segments producer at `dir`, if it closed.
+pub fn read_closed_marker(dir: &Path) -> Result<Option<u64>> {
+    let path = dir.join(CLOSED_FILE);
+    match fs::read(&path) {
+        Ok(b) => serde_json::from_slice::<Closed>(&b).map(|c| Some(c.published)).map_err(|e| Error::bad_input(&path, format!("not a closed marker: {e}"))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
@@ -1133,13 +1143,10 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
             // Read `closed` before the data so that everything written before it is seen.
             if s.closed.is_none() {
                 s.closed = match layout {
-                    Layout::Segments => match fs::read(s.dir.join(CLOSED_FILE)) {
-                        Ok(b) => Some(
-                            serde_json::from_slice::<Closed>(&b)
-                                .map_err(|e| Error::bad_input(s.dir.join(CLOSED_FILE), format!("not a closed marker: {e}")))?
-                                .published,
-                        ),
-                        Err(_) => None,
+                    // A marker that cannot be read yet is looked for again next round.
+                    Layout::Segments => match read_closed_marker(&s.dir) {
+                        Err(Error::Io { .. }) => None,
+                        r => r?,
                     },
                     Layout::SingleFile => s.dir.join(".closed").exists().then_some(u64::MAX),
                 };

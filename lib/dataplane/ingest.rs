@@ -275,14 +275,8 @@ struct ClosedStream {
 impl ClosedStream {
     /// `CHANNEL/producers/<producer>/closed`, read, if the stream is closed.
     fn read(channel: &Path, producer: &str) -> Result<Option<ClosedStream>> {
-        let path = channel.join(channel::PRODUCERS_DIR).join(producer).join(channel::CLOSED_FILE);
-        let b = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        let closed: channel::Closed = serde_json::from_slice(&b).map_err(|e| Error::bad_input(&path, e))?;
-        Ok(Some(ClosedStream { path, producer: producer.to_string(), published: closed.published }))
+        let dir = channel.join(channel::PRODUCERS_DIR).join(producer);
+        Ok(channel::read_closed_marker(&dir)?.map(|published| ClosedStream { path: dir.join(channel::CLOSED_FILE), producer: producer.to_string(), published }))
     }
 
     /// Refuse to store `id` from `src` into the store (exit 5), before anything is written.

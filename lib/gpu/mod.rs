@@ -265,11 +265,11 @@ impl Engine {
         let gpu = match device {
             Device::Cpu => None,
             Device::Auto => {
-                // Cheapest question first: a build without CUDA costs nothing to ask, the CPU
-                // measurement milliseconds, the driver library more, the device half a second.
-                let built = if cfg!(feature = "cuda") { Ok(()) } else { driver_present().map_err(|why| format!("auto: {why}")) };
-                let tried = built
-                    .and_then(|()| gpu_can_pay(&measure_cpu_costs(), candidate_bytes, threads))
+                // Cheapest question first: the CPU measurement takes milliseconds, the driver
+                // library more, the device half a second; a build without CUDA measures nothing
+                // (its `driver_present` answers at once).
+                let pays = if cfg!(feature = "cuda") { gpu_can_pay(&measure_cpu_costs(), candidate_bytes, threads) } else { Ok(()) };
+                let tried = pays
                     .and_then(|()| driver_present().map_err(|why| format!("auto: {why}")))
                     .and_then(|()| GpuDiffer::new().map_err(|e| format!("auto: {e}")));
                 tried.map_err(|why| note = Some(why)).ok()
