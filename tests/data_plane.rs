@@ -1673,6 +1673,76 @@ fn an_over_long_line_split_across_reads_is_counted_once() {
     assert_eq!((c.producers["q"].next_seq, c.producers["q"].consumed), (3, 3));
 }
 
+/// Waits until the cursor file at `path` holds `delivered` = `n`.
+fn wait_for_cursor_delivered(path: &Path, n: u64) {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(b) = fs::read(path) {
+            if serde_json::from_slice::<Cursor>(&b).is_ok_and(|c| c.delivered == n) {
+                return;
+            }
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{} never showed {n} delivered", path.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A tail killed while it is skipping an over-long line resumes at the start of that line: the
+/// cursor never points inside one. Before, it committed the offset it had skipped to, and the
+/// restarted tail read what was appended to the line (here a valid ref, glued to it) as a line
+/// of its own and delivered it.
+#[test]
+fn a_cursor_committed_inside_an_over_long_line_resumes_at_its_start() {
+    let d = temp_dir("long-cursor");
+    let long = "x".repeat(disagg::dataplane::channel::MAX_LINE_BYTES + 2000);
+    // Single file.
+    let ch = d.join("ch");
+    fs::create_dir_all(&ch).unwrap();
+    let refs = ch.join("refs.jsonl");
+    fs::write(&refs, format!("{}\n{long}", sample_ref("x0", None))).unwrap();
+    let mut child = Command::new(TAIL).args([p(&ch), "--cursor", "c", "--follow"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_cursor_delivered(&ch.join(".cursor-c.json"), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join(".cursor-c.json")).unwrap()).unwrap();
+    assert_eq!(c.producers["refs.jsonl"].offset, sample_ref("x0", None).to_string().len() as u64 + 1, "the cursor is at the start of the long line");
+    fs::OpenOptions::new().append(true).open(&refs).unwrap().write_all(format!("{}\n{}\n", sample_ref("x1", None), sample_ref("x2", None)).as_bytes()).unwrap();
+    fs::write(ch.join(".closed"), "").unwrap();
+    let o = run(TAIL, &[p(&ch), "--cursor", "c", "--follow", "--json"], "");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let ids: Vec<String> = String::from_utf8(o.stdout).unwrap().lines().map(|l| SampleRef::parse(l.as_bytes()).unwrap().sample_id).collect();
+    assert_eq!(ids, ["x2"], "x1 is the end of the over-long line, not a ref");
+    assert!(err.contains("\"corrupt\":1,"), "{err}");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join(".cursor-c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["refs.jsonl"].next_seq, c.producers["refs.jsonl"].consumed), (3, 3));
+    assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "3\n");
+
+    // Segments.
+    let ch2 = d.join("ch2");
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", "q"], &refs_text("c", 1)));
+    let seg = only_segment(&ch2, "q");
+    let line0_len = fs::metadata(&seg).unwrap().len();
+    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(long.as_bytes()).unwrap();
+    let mut child = Command::new(TAIL).args([p(&ch2), "--cursor", "c", "--follow"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_cursor_delivered(&ch2.join("cursors/c.json"), 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let c: Cursor = serde_json::from_slice(&fs::read(ch2.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!(c.producers["q"].offset, line0_len, "the cursor is at the start of the long line");
+    let line = |id: &str, seq: u64| channel::encode_line(&SampleRef::parse(sample_ref(id, None).to_string().as_bytes()).unwrap(), "q", seq);
+    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(format!("{}\n{}\n", line("c-1", 1), line("c-2", 2)).as_bytes()).unwrap();
+    fs::write(ch2.join("producers/q/closed"), "{\"published\":3}\n").unwrap();
+    let o = run(TAIL, &[p(&ch2), "--cursor", "c", "--follow", "--json"], "");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let ids: Vec<String> = parse_out(&String::from_utf8(o.stdout).unwrap()).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, ["c-2"], "c-1 is the end of the over-long line, not a ref");
+    assert!(err.contains("\"corrupt\":1,"), "{err}");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch2.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["q"].next_seq, c.producers["q"].consumed), (3, 3));
+}
+
 /// Files whose sample ids collide: every one after the first (in sorted order) is skipped
 /// with a reason naming it and the first file, which keeps the id. Before, the third named the
 /// second (the previous duplicate, itself skipped) as the file the id came from.

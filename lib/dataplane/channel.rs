@@ -1009,10 +1009,19 @@ struct Stream {
     /// Bytes read past `pos.offset` that do not yet end in a newline.
     partial: Vec<u8>,
     /// `pos.offset` is inside a line longer than [`MAX_LINE_BYTES`], skipped (and counted) up
-    /// to there: what follows up to its newline is the rest of it, not a line of its own.
-    long_line: bool,
+    /// to there: what follows up to its newline is the rest of it, not a line of its own. Holds
+    /// the position at the start of that line, which is what a cursor commits: a restarted tail
+    /// knows nothing of the skip, and would read the rest of the line as a line of its own.
+    long_line: Option<Position>,
     closed: Option<u64>,
     done: bool,
+}
+
+impl Stream {
+    /// Where a cursor may resume: never inside a line, so that what it reads next starts one.
+    fn committable(&self) -> &Position {
+        self.long_line.as_ref().unwrap_or(&self.pos)
+    }
 }
 
 /// `ref-tail`: print complete, checked refs on `out`, in order per producer.
@@ -1099,7 +1108,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                         let name = ent.file_name().to_string_lossy().into_owned();
                         if valid_name(&name) && !streams.contains_key(&name) {
                             let pos = cursor.producers.get(&name).cloned().unwrap_or_default();
-                            streams.insert(name.clone(), Stream { dir: ent.path(), name, pos, partial: Vec::new(), long_line: false, closed: None, done: false });
+                            streams.insert(name.clone(), Stream { dir: ent.path(), name, pos, partial: Vec::new(), long_line: None, closed: None, done: false });
                         }
                     }
                 }
@@ -1109,7 +1118,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                     let name = SINGLE_FILE.to_string();
                     let mut pos = cursor.producers.get(&name).cloned().unwrap_or_default();
                     pos.segment = SINGLE_FILE.into();
-                    streams.insert(name.clone(), Stream { dir: opts.channel.clone(), name, pos, partial: Vec::new(), long_line: false, closed: None, done: false });
+                    streams.insert(name.clone(), Stream { dir: opts.channel.clone(), name, pos, partial: Vec::new(), long_line: None, closed: None, done: false });
                 }
             }
         }
@@ -1320,7 +1329,7 @@ fn commit(
     let Some(path) = cursor_path else { return Ok(()) };
     sync_stale_out(stale_out)?;
     for s in streams.values() {
-        cursor.producers.insert(s.name.clone(), s.pos.clone());
+        cursor.producers.insert(s.name.clone(), s.committable().clone());
     }
     fsio::write_atomic(path, format!("{}\n", serde_json::to_string(&cursor).expect("serializes")).as_bytes())?;
     if layout == Layout::SingleFile {
@@ -1516,7 +1525,7 @@ fn read_stream(
             s.pos.segment = cur.clone();
             s.pos.offset = 0;
             s.partial.clear();
-            s.long_line = false;
+            s.long_line = None;
         }
         let path = s.dir.join(&cur);
         let mut f = match File::open(&path) {
@@ -1544,7 +1553,7 @@ fn read_stream(
         for line in lines.into_iter().take(n_lines) {
             let line_at = consumed_bytes;
             consumed_bytes += line.len() + 1;
-            if std::mem::take(&mut s.long_line) {
+            if s.long_line.take().is_some() {
                 // The end of the over-long line skipped below, counted corrupt there. Single
                 // file: the line is one of the file's, and takes its index now.
                 if layout == Layout::SingleFile {
@@ -1664,13 +1673,13 @@ fn read_stream(
             // No newline in `rest` (the complete lines were all taken): skipped up to here, the
             // rest of the line up to its newline is skipped when it is read (above). Warned and
             // counted once, here, however many reads it spans.
-            if !s.long_line {
+            if s.long_line.is_none() {
+                s.long_line = Some(s.pos.clone());
                 eprintln!("ref-tail: warning: {}: skipping a line longer than {MAX_LINE_BYTES} bytes at byte {}", path.display(), s.pos.offset);
                 summary.corrupt += 1;
                 if layout == Layout::Segments {
                     s.pos.corrupt_after += 1;
                 }
-                s.long_line = true;
             }
             s.pos.offset += rest.len() as u64;
             progressed = true;
@@ -1685,7 +1694,7 @@ fn read_stream(
         match later {
             Some(next) => {
                 // The rest of a skipped over-long line was counted (corrupt) already.
-                if !rest.is_empty() && !s.long_line {
+                if !rest.is_empty() && s.long_line.is_none() {
                     eprintln!(
                         "ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; its writer was restarted)",
                         path.display(),
@@ -1697,13 +1706,15 @@ fn read_stream(
                 s.pos.segment = next;
                 s.pos.offset = 0;
                 s.partial.clear();
-                s.long_line = false;
+                s.long_line = None;
                 progressed = true;
                 continue;
             }
             None => {
-                if closed && !rest.is_empty() && s.long_line {
+                if closed && !rest.is_empty() && s.long_line.is_some() {
+                    // The producer closed inside the line: nothing of it is left to read.
                     s.pos.offset += rest.len() as u64;
+                    s.long_line = None;
                     progressed = true;
                 } else if closed && !rest.is_empty() {
                     eprintln!(
