@@ -115,6 +115,17 @@ pub fn source_id(source: &Path) -> String {
     source.canonicalize().unwrap_or_else(|_| std::path::absolute(source).unwrap_or_else(|_| source.to_path_buf())).to_string_lossy().into_owned()
 }
 
+/// Whether `recorded` (a [`source_id`] from state.json) and `source` are one directory under
+/// two paths, as a bind mount makes them: the same device and inode. A recorded path that no
+/// longer exists here, or another file system (an NFS export mounted twice may be), is not.
+fn same_directory(recorded: &Path, source: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(recorded), std::fs::metadata(source)) {
+        (Ok(a), Ok(b)) => a.is_dir() && (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// `LOCAL/.weight_sync/intent.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
@@ -464,13 +475,14 @@ impl LocalCheckpoint {
 }
 
 /// Why LOCAL's recorded version `v` is not `source`'s version `v` as published now, if it is
-/// not: another source directory, or a version directory whose fingerprint changed since it
+/// not: another source directory (the same one under another path, a bind mount, is not
+/// another), or a version directory whose fingerprint changed since it
 /// was applied (published again under the same number). A version no longer there (collected)
 /// or unreadable cannot be compared and passes; so do states without the fields.
 fn foreign(recorded: &SyncState, v: u64, source: &Path) -> Option<String> {
     if let Some(src) = &recorded.source {
         let now = source_id(source);
-        if *src != now {
+        if *src != now && !same_directory(Path::new(src), source) {
             return Some(format!("LOCAL holds version {v} of another source ({src}), not of {now}"));
         }
     }

@@ -1295,6 +1295,39 @@ fn state(local: &Path) -> Value {
     read_json(&local.join(".weight_sync/state.json"))
 }
 
+/// One source under two paths (a bind mount, as a container sees its host's shared directory)
+/// is one source: LOCAL's version is patched on, not reseeded. Before, the other canonical path
+/// made LOCAL foreign and every pull through the mount reseeded it in full. The mount is made
+/// in a private mount namespace; without the privilege for it the test says so and passes.
+#[test]
+fn a_source_seen_through_a_bind_mount_is_the_same_source() {
+    let t = TestDir::new("apply_bind_mount");
+    let c = make_chain(&t.path, 2, 1);
+    let a = t.join("a");
+    publish(&c.ckpts[0], &c.ckpts[1], &a, 1, &[]);
+    publish(&c.ckpts[1], &c.ckpts[2], &a, 2, &[]);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &a, "1", &[]).ok();
+    let mnt = t.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let script = r#"mount --bind "$1" "$2" 2>/dev/null || exit 77; shift 2; exec "$@""#;
+    let args = ["-m", "--propagation", "private", "sh", "-c", script, "sh", a.s(), mnt.s(), APPLY, "--local", local.s(), "--source", mnt.s(), "--target", "2", "--json"];
+    let r = run("unshare", args);
+    if r.out.status.code() == Some(77) || r.stderr().starts_with("unshare:") {
+        eprintln!("skipped: no bind mount here ({})", r.stderr().trim());
+        return;
+    }
+    let r = r.ok().json();
+    assert_eq!((r["foreign_reason"].clone(), r["seeded_from"].clone(), applied(&r)), (Value::Null, Value::Null, vec![2]), "{r}");
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+    // A directory that merely has the recorded path's name elsewhere is still another source.
+    let b = t.join("b");
+    publish(&c.ckpts[0], &c.ckpts[2], &b, 2, &["--base-version", "0"]);
+    let r = apply(&local, Some(&c.ckpts[0]), &b, "2", &["--json"]).ok().json();
+    assert!(r["foreign_reason"].as_str().is_some_and(|s| s.contains("another source")), "{r}");
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+}
+
 #[test]
 fn a_local_pointed_at_another_source_is_reseeded_not_patched() {
     let t = TestDir::new("apply_other_source");
