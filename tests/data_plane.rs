@@ -1765,13 +1765,40 @@ fn a_duplicate_sample_id_names_the_file_and_the_first_with_it() {
         .map(|f| (f["file"].as_str().unwrap().rsplit('/').next().unwrap().to_string(), f["reason"].as_str().unwrap().to_string()))
         .collect();
     for dup in ["a.ckpt.gz", "a.safetensors"] {
-        assert_eq!(reasons[dup], format!("sample id \"a\" of {dup} is also derived from a.ckpt, the first file with it, which keeps it"));
+        assert_eq!(reasons[dup], format!("sample id \"a\" of {dup} is also derived from a.ckpt, the first valid file with it, which keeps it"));
     }
     // --strict: fatal (exit 3), naming the file and the first one.
     let o = run(INGEST, &[p(&input), "--store", p(&d.join("store2")), "--strict"], "");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(err.contains(p(&input.join("a.ckpt.gz"))) && err.contains("also derived from a.ckpt,"), "{err}");
+}
+
+/// An invalid file does not take its sample id from a valid file after it: the first file of
+/// the id that ingests keeps it. Before, the first in sorted order kept it whatever became of
+/// it, and the id got no sample at all.
+#[test]
+fn an_invalid_file_does_not_take_the_sample_id_of_a_valid_one() {
+    let d = temp_dir("ingest-dup-invalid");
+    let input = d.join("in");
+    fs::create_dir_all(&input).unwrap();
+    fs::write(input.join("a.ckpt"), b"not a torch checkpoint").unwrap();
+    fs::write(input.join("a.ckpt.gz"), b"not gzip either").unwrap();
+    fs::copy(GOOD_SAFETENSORS, input.join("a.safetensors")).unwrap();
+    let store = d.join("store");
+    let manifest = d.join("refs.json");
+    let o = run(INGEST, &[p(&input), "--store", p(&store), "--manifest", p(&manifest), "--json"], "");
+    let s: Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(s["ingested"].as_u64(), Some(1), "{s}");
+    let reasons: Vec<String> = s["invalid_files"].as_array().unwrap().iter().map(|f| format!("{} {}", f["file"], f["reason"])).collect();
+    assert!(reasons.iter().all(|r| !r.contains("a.safetensors")), "a.safetensors keeps the id: {reasons:?}");
+    for bad in ["a.ckpt\"", "a.ckpt.gz\""] {
+        let r = reasons.iter().find(|r| r.contains(bad)).unwrap_or_else(|| panic!("{bad} reported: {reasons:?}"));
+        assert!(!r.contains("also derived"), "{bad} is invalid for its own bytes: {r}");
+    }
+    let m: Manifest = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+    let ids: Vec<&str> = m.refs.iter().map(|r| r.sample_id.as_str()).collect();
+    assert_eq!(ids, ["a"]);
 }
 
 /// A resumed ingest publish that stores a sample again (its source changed since the killed

@@ -458,55 +458,90 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
     } else {
         None
     };
-    // Duplicate sample ids (data_1.ckpt and data_1.ckpt.gz) cannot both be stored: the first
-    // file (in INPUT's sorted order) keeps the id, every later one is skipped naming it.
-    let mut first_with_id: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    // Duplicate sample ids (data_1.ckpt and data_1.ckpt.gz) cannot both be stored: the files
+    // of one id are tried in INPUT's sorted order, one after the other, and the first that
+    // ingests keeps the id; every later one is skipped naming it. An invalid file does not take
+    // the id from a valid one after it.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut group_of: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, f) in inputs.iter().enumerate() {
+        let g = *group_of.entry(sample_id_for(&f.rel)).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[g].push(i);
+    }
     let dirs = crate::fsio::DirSync::default();
     // Ingest is I/O bound (reads, O_DIRECT writes, fsyncs): run more files at once than there
     // are cores so that one file's fsync overlaps other files' work.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).saturating_mul(4).clamp(4, 16);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| Error::Internal(format!("thread pool: {e}")))?;
-    let results: Vec<std::result::Result<Outcome, Failure>> = pool.install(|| inputs
-        .iter()
-        .map(|f| match first_with_id.entry(sample_id_for(&f.rel)) {
-            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(&f.rel);
-                None
+    let one_file = |InputFile { path: src, rel, linked, broken, .. }: &InputFile| -> std::result::Result<Outcome, Failure> {
+        if let Err(e) = crate::failpoint::hit("ingest.file") {
+            return Err(Failure::Fatal(Error::Internal(e.to_string())));
+        }
+        // A stop signal: the files not started yet are left for the rerun.
+        if let Some(signal) = crate::stop::requested() {
+            return Err(Failure::Fatal(Error::Interrupted { signal }));
+        }
+        let r = match broken {
+            Some(reason) => Err(Failure::Invalid(reason.clone())),
+            // Moving the link's target would take a file from wherever it lives, outside
+            // INPUT perhaps; moving the link would store a link.
+            None if *linked && opts.mode == PlaceMode::Move => {
+                Err(Failure::Invalid("a symbolic link: --mode move takes files, not links (use --mode copy or link)".into()))
             }
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .zip(&inputs)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|(dup, InputFile { path: src, rel, linked, broken, .. })| {
-            if let Err(e) = crate::failpoint::hit("ingest.file") {
-                return Err(Failure::Fatal(Error::Internal(e.to_string())));
-            }
-            // A stop signal: the files not started yet are left for the rerun.
-            if let Some(signal) = crate::stop::requested() {
-                return Err(Failure::Fatal(Error::Interrupted { signal }));
-            }
-            let r = match (dup, broken) {
-                (_, Some(reason)) => Err(Failure::Invalid(reason.clone())),
-                (Some(first), _) => Err(Failure::Invalid(format!(
-                    "sample id {:?} of {rel} is also derived from {first}, the first file with it, which keeps it",
-                    sample_id_for(rel)
-                ))),
-                // Moving the link's target would take a file from wherever it lives, outside
-                // INPUT perhaps; moving the link would store a link.
-                _ if *linked && opts.mode == PlaceMode::Move => {
-                    Err(Failure::Invalid("a symbolic link: --mode move takes files, not links (use --mode copy or link)".into()))
+            None => ingest_one(&store, src, rel, opts, &dirs, closed.as_ref()),
+        };
+        if let Some(b) = &bar {
+            b.inc(1);
+        }
+        r
+    };
+    let per_group: Vec<Vec<(usize, std::result::Result<Outcome, Failure>)>> = pool.install(|| {
+        groups
+            .par_iter()
+            .map(|g| {
+                let mut keeper: Option<&str> = None;
+                let mut out = Vec::with_capacity(g.len());
+                for &i in g {
+                    let rel = &inputs[i].rel;
+                    let r = match keeper {
+                        Some(first) => {
+                            if let Some(b) = &bar {
+                                b.inc(1);
+                            }
+                            Err(Failure::Invalid(format!(
+                                "sample id {:?} of {rel} is also derived from {first}, the first valid file with it, which keeps it",
+                                sample_id_for(rel)
+                            )))
+                        }
+                        None => one_file(&inputs[i]),
+                    };
+                    if r.is_ok() {
+                        keeper = Some(rel);
+                    }
+                    let fatal = matches!(r, Err(Failure::Fatal(_)));
+                    out.push((i, r));
+                    if fatal {
+                        break;
+                    }
                 }
-                _ => ingest_one(&store, src, rel, opts, &dirs, closed.as_ref()),
-            };
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-            r
-        })
-        .collect());
+                out
+            })
+            .collect()
+    });
+    // Back in INPUT's order; a file its group did not get to (after a fatal error) is left
+    // for the rerun, like one a stop signal kept from starting.
+    let mut slots: Vec<Option<std::result::Result<Outcome, Failure>>> = (0..inputs.len()).map(|_| None).collect();
+    for (i, r) in per_group.into_iter().flatten() {
+        slots[i] = Some(r);
+    }
+    let fatal_first = slots.iter().position(|r| matches!(r, Some(Err(Failure::Fatal(_)))));
+    let results: Vec<std::result::Result<Outcome, Failure>> = match fatal_first {
+        Some(at) => slots.into_iter().take(at + 1).map(|r| r.expect("every file before the first fatal one was tried")).collect(),
+        None => slots.into_iter().map(|r| r.expect("every file was tried")).collect(),
+    };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
