@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_PKGS := numpy safetensors zstandard xxhash blake3 pytest
 
-.PHONY: build venv test test-rust test-python crash bench bench-quick demo clean check-kernels
+.PHONY: build venv test test-rust test-python fmt-check crash bench bench-quick demo clean check-kernels
 
 build:
 	$(CARGO) build --release --locked
@@ -37,7 +37,11 @@ check-kernels:
 test-python: build venv
 	DISAGG_BIN_DIR=target/release $(PY) -m pytest -q tests/python
 
-test: test-rust test-python
+# Formatting (rustfmt.toml), where the toolchain has rustfmt.
+fmt-check:
+	@if $(CARGO) fmt --version >/dev/null 2>&1; then $(CARGO) fmt --check; else echo "fmt-check: no rustfmt in this toolchain: skipped"; fi
+
+test: fmt-check test-rust test-python
 
 # The crash loop with many more random kills than `make test` runs.
 crash:

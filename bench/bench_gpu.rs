@@ -102,9 +102,8 @@ fn main() -> Result<(), GpuError> {
             });
             // The CPU path on many tensors: `threads` equal pieces encoded in parallel.
             let piece = len.div_ceil(threads).max(1);
-            let (t_cpun, _) = best(3, || {
-                old.par_chunks(piece).zip(new.par_chunks(piece)).map(|(o, w)| codec::encode(enc, o, w, std::io::sink()).expect("cpu encode")).sum::<u64>()
-            });
+            let (t_cpun, _) =
+                best(3, || old.par_chunks(piece).zip(new.par_chunks(piece)).map(|(o, w)| codec::encode(enc, o, w, std::io::sink()).expect("cpu encode")).sum::<u64>());
             let (t_host, got) = best(3, || {
                 let mut v = Vec::new();
                 g.encode(enc, &old, &new, &mut v).map(|_| v)

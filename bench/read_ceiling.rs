@@ -46,11 +46,7 @@ fn one_pass(old: &Path, new: &Path, pread: bool) -> std::io::Result<(u64, u64)> 
     }
     let bytes = maps.iter().map(|(_, m)| m.len() as u64).sum();
     const PIECE: usize = 4 << 20;
-    let differing = maps
-        .par_iter()
-        .flat_map(|(o, n)| o.par_chunks(PIECE).zip(n.par_chunks(PIECE)))
-        .map(|(a, b)| count_differing(a, b))
-        .sum();
+    let differing = maps.par_iter().flat_map(|(o, n)| o.par_chunks(PIECE).zip(n.par_chunks(PIECE))).map(|(a, b)| count_differing(a, b)).sum();
     Ok((bytes, differing))
 }
 

@@ -6,7 +6,9 @@ use disagg::error::Error;
 /// newest full version (or BASE), apply the chain of deltas in place, verify every checksum.
 /// Crash-safe: a run killed at any point is repaired by the next one.
 #[derive(Parser)]
-#[command(version, after_help = "Examples:
+#[command(
+    version,
+    after_help = "Examples:
   delta-apply --local /local/model --base /models/Qwen3-8B --source /shared/weights --target latest
   delta-apply --local /local/model --base /models/Qwen3-8B --source /shared/weights --target 12 --json
   delta-apply --local /local/model --base /models/Qwen3-8B --source /shared/weights --no-fsync
@@ -15,7 +17,8 @@ Exit codes: 0 ok (also when already at the target), 2 usage, 3 malformed version
 4 local checkpoint lacks a patched tensor, 5 conflict (incomplete version, broken chain),
 6 not found, 7 checksum mismatch (state not advanced; the next run repairs), 8 pre-read hook
 failed, 9 lock wait timed out, 10 I/O, 130/143 stopped by SIGINT/SIGTERM before LOCAL changed
-or between seed and patch (a patch in progress is finished first; a second signal kills).")]
+or between seed and patch (a patch in progress is finished first; a second signal kills)."
+)]
 struct Args {
     #[command(flatten)]
     host: disagg::cli::HostArgs,

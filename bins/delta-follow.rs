@@ -6,7 +6,9 @@ use std::path::PathBuf;
 /// the delta-apply code, then run the reload command. Failures are retried with backoff and
 /// recorded in a status file that delta-gc reads; an unverified checkpoint is never reloaded.
 #[derive(Parser)]
-#[command(version, after_help = "Examples:
+#[command(
+    version,
+    after_help = "Examples:
   delta-follow --local /local/model --base /models/Qwen3-8B --source /shared/weights \\
     --reload-cmd 'scripts/sglang-reload.sh http://127.0.0.1:30000'
   delta-follow --local /local/model --base /models/Qwen3-8B --source /shared/weights --once --json
@@ -22,7 +24,8 @@ the oldest version this host may still read.
 Exit codes (--once, or a status file that cannot be written): 0 ok, 2 usage, 3 malformed
 version or pointer, 4 LOCAL lacks a patched tensor, 5 conflict (incomplete version, broken
 chain), 6 not found, 7 checksum mismatch (nothing reloaded), 8 reload command failed, 10 I/O.
-Without --once, failures are retried with backoff and never end the loop.")]
+Without --once, failures are retried with backoff and never end the loop."
+)]
 struct Args {
     #[command(flatten)]
     host: disagg::cli::HostArgs,

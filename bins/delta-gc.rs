@@ -6,14 +6,17 @@ use std::path::PathBuf;
 /// `latest`, every version a live follower may still read, the last N versions, and anything
 /// younger than --min-age. Safe to run from cron while hosts pull.
 #[derive(Parser)]
-#[command(version, after_help = "Examples:
+#[command(
+    version,
+    after_help = "Examples:
   delta-gc /shared/weights --keep 3 --dry-run --json
   */10 * * * *  delta-gc /shared/weights --keep 3 >> /var/log/delta-gc.log 2>&1    (crontab)
   delta-gc /shared/weights --followers '/shared/weights/.followers/*.json' --min-age 900
 
 Exit codes: 0 ok (also when nothing was collectable), 2 usage, 3 malformed pointer or follower
 status file, 5 the chain of `latest` is broken (nothing collected), 6 SRC not found, 9 another
-delta-gc holds the lock, 10 I/O.")]
+delta-gc holds the lock, 10 I/O."
+)]
 struct Args {
     /// Publish root holding weight_vNNNNNN directories and `latest`.
     src: PathBuf,

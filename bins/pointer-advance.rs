@@ -6,14 +6,17 @@ use std::path::PathBuf;
 /// Move SRC/latest to VERSION atomically (git update-ref style), after checking that the
 /// version and the chain of bases below it are completely published.
 #[derive(Parser)]
-#[command(version, after_help = "Examples:
+#[command(
+    version,
+    after_help = "Examples:
   pointer-advance /shared/weights 7
   pointer-advance /shared/weights 8 --expect weight_v000007
   pointer-advance /shared/weights 3 --run-id run-42 --expect none
 
 Exit codes: 0 ok (also when already there), 2 usage, 3 malformed version or pointer,
 5 conflict (--expect mismatch, backwards move, incomplete version or chain), 6 not found,
-9 latest.lock held, 10 I/O.")]
+9 latest.lock held, 10 I/O."
+)]
 struct Args {
     /// Publish root.
     src: PathBuf,

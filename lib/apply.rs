@@ -228,7 +228,8 @@ impl LocalCheckpoint {
     /// intent, because replacing another boot's mark must not make LOCAL look trusted: a run
     /// killed between the two leaves the intent, so LOCAL stays dirty.
     fn mark_unsynced(&self) -> Result<()> {
-        let boot_id = boot_id().ok_or_else(|| Error::Usage("--no-fsync needs the kernel's boot id (/proc/sys/kernel/random/boot_id) to tell a reboot from a killed process".into()))?;
+        let boot_id =
+            boot_id().ok_or_else(|| Error::Usage("--no-fsync needs the kernel's boot id (/proc/sys/kernel/random/boot_id) to tell a reboot from a killed process".into()))?;
         if let Some(Ok(u)) = Self::read_json::<Unsynced>(&self.unsynced_path())? {
             if u.boot_id == boot_id {
                 return Ok(());
@@ -453,7 +454,11 @@ impl LocalCheckpoint {
                 // a time, `--target N`, finds the culprit).
                 let note = if sources.len() > 1 {
                     let files: Vec<String> = sources.iter().map(|&(di, fi)| deltas[di].2[fi].path().display().to_string()).collect();
-                    format!(" (the payloads of {} versions were applied folded; any of these files may hold the bad one: {}; apply one version at a time with --target to find it)", sources.len(), files.join(", "))
+                    format!(
+                        " (the payloads of {} versions were applied folded; any of these files may hold the bad one: {}; apply one version at a time with --target to find it)",
+                        sources.len(),
+                        files.join(", ")
+                    )
                 } else {
                     String::new()
                 };
@@ -609,7 +614,9 @@ fn pull_once(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(P
 
     let target = match &opts.target {
         Target::Version(v) => Pointer { run_id: opts.run_id.clone(), version: *v },
-        Target::Latest => read_latest(&opts.source)?.ok_or_else(|| Error::not_found(opts.source.join(crate::pointer::POINTER_NAME), "no `latest` pointer has been published yet"))?,
+        Target::Latest => {
+            read_latest(&opts.source)?.ok_or_else(|| Error::not_found(opts.source.join(crate::pointer::POINTER_NAME), "no `latest` pointer has been published yet"))?
+        }
     };
     let root = target.root(&opts.source);
     let run_id = target.run_id.clone();
@@ -683,7 +690,12 @@ fn pull_once(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(P
         validated.push(v.validate_files()?);
     }
     let source = Some(source_id(&opts.source));
-    let recorded = |v: &VersionDir, files: &[SafetensorsFile]| SyncState { version: version_str(v.number), run_id: run_id.clone(), source: source.clone(), fingerprint: Some(v.fingerprint(files)) };
+    let recorded = |v: &VersionDir, files: &[SafetensorsFile]| SyncState {
+        version: version_str(v.number),
+        run_id: run_id.clone(),
+        source: source.clone(),
+        fingerprint: Some(v.fingerprint(files)),
+    };
     let seeded_version = usize::from(seed.is_some_and(|s| s > 0));
     let deltas: Vec<(&VersionDir, &DeltaMeta, &[SafetensorsFile])> =
         chain[seeded_version..].iter().zip(&validated[seeded_version..]).map(|(v, files)| (v, v.delta().expect("only deltas after the seed"), files.as_slice())).collect();
@@ -719,17 +731,26 @@ fn pull_once(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(P
             if recorded != seed_sample {
                 return Err(Error::Content {
                     path: seed_dir,
-                    reason: format!("full version {s} holds weights with content sample {seed_sample}, but its index records {recorded}: its files are not the ones it was published with"),
+                    reason: format!(
+                        "full version {s} holds weights with content sample {seed_sample}, but its index records {recorded}: its files are not the ones it was published with"
+                    ),
                 });
             }
         }
         if let Some(&(first, meta, _)) = deltas.first() {
             if let Some(expected) = meta.base_sample.as_ref().filter(|e| **e != seed_sample) {
-                return Err(Error::conflict(&seed_dir, if s == 0 {
-                    format!("--base holds other weights (content sample {seed_sample}) than the ones version {} was made against (its base_sample {expected}): it is not the checkpoint the trainer started from", first.number)
-                } else {
-                    format!("version {} was made against other weights (base_sample {expected}) than full version {s} holds ({seed_sample}): the chain in {} is inconsistent", first.number, root.display())
-                }));
+                return Err(Error::conflict(
+                    &seed_dir,
+                    if s == 0 {
+                        format!("--base holds other weights (content sample {seed_sample}) than the ones version {} was made against (its base_sample {expected}): it is not the checkpoint the trainer started from", first.number)
+                    } else {
+                        format!(
+                            "version {} was made against other weights (base_sample {expected}) than full version {s} holds ({seed_sample}): the chain in {} is inconsistent",
+                            first.number,
+                            root.display()
+                        )
+                    },
+                ));
             }
         }
         let t = Instant::now();
@@ -742,7 +763,10 @@ fn pull_once(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(P
             if copied != seed_sample {
                 return Err(Error::Content {
                     path: opts.local.clone(),
-                    reason: format!("the copy of {} has content sample {copied}, the seed {seed_sample}: the seed changed while it was copied, or the copy is damaged", seed_dir.display()),
+                    reason: format!(
+                        "the copy of {} has content sample {copied}, the seed {seed_sample}: the seed changed while it was copied, or the copy is damaged",
+                        seed_dir.display()
+                    ),
                 });
             }
             Ok(())

@@ -91,8 +91,7 @@ impl SafetensorsFile {
             return Err(Error::bad_input(&path, format!("not a safetensors file: {len} bytes, shorter than the 8-byte header length")));
         }
         let mut map = InputMap::new(&file, &path).at(&path)?;
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
-            .map_err(|e| Error::bad_input(&path, format!("not a valid safetensors file: {e}")))?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| Error::bad_input(&path, format!("not a valid safetensors file: {e}")))?;
         let data_start = 8 + header_len;
         map.set_data_start(data_start);
         let mut tensors: Vec<TensorEntry> = meta
@@ -297,9 +296,7 @@ impl Checkpoint {
             for (name, file) in &index.weight_map {
                 match by_name.get(name) {
                     Some(loc) if files[loc.file].path().file_name().is_some_and(|n| n == file.as_str()) => {}
-                    Some(loc) => {
-                        return Err(Error::bad_input(&index_path, format!("index puts tensor {name:?} in {file}, but it is in {}", files[loc.file].path().display())))
-                    }
+                    Some(loc) => return Err(Error::bad_input(&index_path, format!("index puts tensor {name:?} in {file}, but it is in {}", files[loc.file].path().display()))),
                     None => return Err(Error::bad_input(&index_path, format!("index lists tensor {name:?} in {file}, which does not hold it"))),
                 }
             }

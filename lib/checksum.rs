@@ -77,10 +77,7 @@ impl fmt::Display for ChecksumAlg {
 impl FromStr for ChecksumAlg {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        ChecksumAlg::ALL
-            .into_iter()
-            .find(|a| a.name() == s)
-            .ok_or_else(|| format!("unknown checksum format {s:?} (expected xxh3-128, blake3 or adler32)"))
+        ChecksumAlg::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| format!("unknown checksum format {s:?} (expected xxh3-128, blake3 or adler32)"))
     }
 }
 

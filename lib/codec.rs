@@ -294,7 +294,11 @@ fn encode_xor<W: Write>(src: &mut impl PairSource, out: W, mut hasher: Option<&m
 /// `overwrite` encoder (the first pass of sparse_frame's xor scan), handing over a block at a
 /// time so the callers' loops stay tight. `seen(new)` gets each window's new bytes after its
 /// scan. Returns whether the whole tensor was scanned.
-fn for_each_diff_block(src: &mut impl PairSource, mut f: impl FnMut(usize, &[u32], &[u8]) -> Result<bool, PayloadError>, mut seen: impl FnMut(&[u8])) -> Result<bool, PayloadError> {
+fn for_each_diff_block(
+    src: &mut impl PairSource,
+    mut f: impl FnMut(usize, &[u32], &[u8]) -> Result<bool, PayloadError>,
+    mut seen: impl FnMut(&[u8]),
+) -> Result<bool, PayloadError> {
     use crate::sparse_frame::BLOCK;
     let mut scan = crate::sparse_frame::NonzeroScan::default();
     for_each_window(src, |at, o, w| {
@@ -592,11 +596,8 @@ pub fn apply_folded_to(payloads: &[(Encoding, &[u8])], target: &mut impl PatchTa
 
 fn apply_folded_capped(payloads: &[(Encoding, &[u8])], target: &mut impl PatchTarget, mut seen: impl FnMut(&[u8]), positions_cap: u64) -> Result<(), (usize, PayloadError)> {
     let len = target.len();
-    let mut cursors = payloads
-        .iter()
-        .enumerate()
-        .map(|(i, (enc, frame))| PayloadCursor::new(*enc, frame, len, positions_cap).map_err(|e| (i, e)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut cursors =
+        payloads.iter().enumerate().map(|(i, (enc, frame))| PayloadCursor::new(*enc, frame, len, positions_cap).map_err(|e| (i, e))).collect::<Result<Vec<_>, _>>()?;
     let mut fault = None;
     let mut base = 0;
     while base < len {
@@ -1133,7 +1134,10 @@ mod tests {
             (vec![Piece::Raw(vec![7; BLOCK]), Piece::Rle(0, BLOCK), Piece::Rle(9, BLOCK), sparse_piece(&mut s, 5000, false, true)], None),
             // In block 3, at its 50th sequence.
             (sparse(&mut s, 6, 77, Some(3), false), Some(3 * BLOCK + 1000..4 * BLOCK)),
-            (vec![Piece::Rle(0, BLOCK), sparse_piece(&mut s, 100_000, false, false), sparse_piece(&mut s, 100_000, false, false), sparse_piece(&mut s, 9, false, false)], Some(BLOCK + 100_000..BLOCK + 100_001)),
+            (
+                vec![Piece::Rle(0, BLOCK), sparse_piece(&mut s, 100_000, false, false), sparse_piece(&mut s, 100_000, false, false), sparse_piece(&mut s, 9, false, false)],
+                Some(BLOCK + 100_000..BLOCK + 100_001),
+            ),
         ];
         for (i, (pieces, handover)) in cases.iter().enumerate() {
             let (content, frame) = our_frame(pieces);
@@ -1189,7 +1193,12 @@ mod tests {
             let mut t = old.clone();
             let got = apply(Encoding::Xor, &f, &mut t).ok().map(|()| t);
             let want = materialized_xor(&f, old);
-            assert!(got == want, "iteration {it}: fused apply {} where the materializing decoder {}", if got.is_some() { "succeeds" } else { "fails" }, if want.is_some() { "succeeds" } else { "fails" });
+            assert!(
+                got == want,
+                "iteration {it}: fused apply {} where the materializing decoder {}",
+                if got.is_some() { "succeeds" } else { "fails" },
+                if want.is_some() { "succeeds" } else { "fails" }
+            );
             if want.is_some() {
                 same_ok += 1;
             } else {

@@ -23,8 +23,8 @@ use crate::version::{version_dir_name, version_str, Encoding, VersionDir, INCOMP
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use std::fs::File;
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -316,7 +316,10 @@ fn create_version_dir(src: &Path, version: u64, replace_incomplete: bool) -> Res
             return Err(Error::conflict(&dir, format!("version {version} is already published; versions are immutable, publish a new number")));
         }
         if !replace_incomplete {
-            return Err(Error::conflict(&dir, format!("an incomplete version {version} exists (a publisher crashed or is still writing); rerun with --replace-incomplete if no publisher is running")));
+            return Err(Error::conflict(
+                &dir,
+                format!("an incomplete version {version} exists (a publisher crashed or is still writing); rerun with --replace-incomplete if no publisher is running"),
+            ));
         }
         std::fs::remove_dir_all(&dir).at(&dir)?;
     }
@@ -1040,7 +1043,14 @@ mod tests {
     }
 
     /// [`write`] with `budget` bytes for payloads in memory; also returns how many spilled.
-    fn write_within(budget: usize, dir: &Path, tensors: &[(String, Option<Vec<u8>>)], completion: &[usize], max_file: u64, max_number: u64) -> (Vec<(String, Vec<u8>)>, u64, usize) {
+    fn write_within(
+        budget: usize,
+        dir: &Path,
+        tensors: &[(String, Option<Vec<u8>>)],
+        completion: &[usize],
+        max_file: u64,
+        max_number: u64,
+    ) -> (Vec<(String, Vec<u8>)>, u64, usize) {
         let area = SpillArea::new(dir, budget);
         let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
         let files = DeltaFiles::new(dir, max_file, names, 32, max_number);
@@ -1162,12 +1172,15 @@ mod tests {
         // Thousands of payloads waiting to be written (a MoE model behind its embedding): one
         // scratch file holds them all, since each was complete before the next began.
         let contents: Vec<Vec<u8>> = (0..3000).map(|i| vec![(i % 251) as u8; 1 + i % 700]).collect();
-        let mut held: Vec<Payload> = contents.iter().map(|c| {
-            let mut w = SpillWriter::new(&area);
-            w.write_all(c).unwrap();
-            assert!(w.spilled());
-            w.into_payload()
-        }).collect();
+        let mut held: Vec<Payload> = contents
+            .iter()
+            .map(|c| {
+                let mut w = SpillWriter::new(&area);
+                w.write_all(c).unwrap();
+                assert!(w.spilled());
+                w.into_payload()
+            })
+            .collect();
         assert_eq!(scratch_files(&held), 1, "scratch files for 3000 spilled payloads");
         // Two under construction at once get a file each; one abandoned gives its space back.
         let (mut a, mut b) = (SpillWriter::new(&area), SpillWriter::new(&area));
@@ -1197,8 +1210,12 @@ mod tests {
     fn delta_file_headers_are_what_serde_json_writes() {
         let names = ["model.embed_tokens.weight", "with \"quotes\" and \\", "tab\tnew\nline\u{1}", "ünïcödé ✓", ""];
         let sums: Vec<String> = (0..names.len()).map(|i| format!("{i:032x}")).collect();
-        let entries: Vec<HeaderEntry> =
-            names.iter().zip(&sums).enumerate().map(|(i, (name, checksum))| HeaderEntry { name, checksum, len: 10 * i as u64 + 1, begin: 100 * i as u64, end: 100 * i as u64 + 10 * i as u64 + 1 }).collect();
+        let entries: Vec<HeaderEntry> = names
+            .iter()
+            .zip(&sums)
+            .enumerate()
+            .map(|(i, (name, checksum))| HeaderEntry { name, checksum, len: 10 * i as u64 + 1, begin: 100 * i as u64, end: 100 * i as u64 + 10 * i as u64 + 1 })
+            .collect();
         let mut header = Map::new();
         header.insert("__metadata__".into(), Value::Object(entries.iter().map(|e| (e.name.to_string(), Value::String(e.checksum.to_string()))).collect()));
         header.extend(entries.iter().map(|e| (e.name.to_string(), json!({"dtype": "U8", "shape": [e.len], "data_offsets": [e.begin, e.end]}))));

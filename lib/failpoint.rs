@@ -37,10 +37,7 @@ pub fn hit(_name: &str) -> std::io::Result<()> {
 #[cfg(feature = "failpoints")]
 pub fn clock_ahead_secs(name: &str) -> f64 {
     let Ok(spec) = std::env::var("DISAGG_FAILPOINT") else { return 0.0 };
-    spec.split(',')
-        .filter_map(|item| item.split_once(':'))
-        .find_map(|(n, action)| if n == name { action.strip_prefix("ahead-")?.parse().ok() } else { None })
-        .unwrap_or(0.0)
+    spec.split(',').filter_map(|item| item.split_once(':')).find_map(|(n, action)| if n == name { action.strip_prefix("ahead-")?.parse().ok() } else { None }).unwrap_or(0.0)
 }
 
 #[cfg(not(feature = "failpoints"))]
@@ -53,7 +50,6 @@ pub fn clock_ahead_secs(_name: &str) -> f64 {
 #[macro_export]
 macro_rules! failpoint {
     ($name:expr) => {
-        $crate::failpoint::hit($name)
-            .map_err(|e| $crate::error::Error::Internal(format!("{}", e)))?
+        $crate::failpoint::hit($name).map_err(|e| $crate::error::Error::Internal(format!("{}", e)))?
     };
 }

@@ -37,8 +37,8 @@ use crate::fsio::{self, HostLock};
 use crate::pointer::{read_latest, Pointer};
 use crate::version::parse_version_str;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 

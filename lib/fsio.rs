@@ -173,7 +173,11 @@ pub fn check_room_for_copy(src: &Path, dst_dir: &Path, needed: u64, what: &str) 
         path: dst_dir.to_path_buf(),
         source: io::Error::new(
             io::ErrorKind::StorageFull,
-            format!("not enough free space to {what}: the copy needs {} more ({needed} bytes), the file system has {} free", indicatif::HumanBytes(needed), indicatif::HumanBytes(free)),
+            format!(
+                "not enough free space to {what}: the copy needs {} more ({needed} bytes), the file system has {} free",
+                indicatif::HumanBytes(needed),
+                indicatif::HumanBytes(free)
+            ),
         ),
     })
 }
@@ -516,10 +520,7 @@ impl RefLock {
                             .unwrap_or_else(|| "age unknown".into());
                         return Err(Error::Locked {
                             path: lock,
-                            reason: format!(
-                                "held by another writer for more than {:?} ({age}); if no writer is running, a crashed one left it: remove it by hand",
-                                timeout
-                            ),
+                            reason: format!("held by another writer for more than {:?} ({age}); if no writer is running, a crashed one left it: remove it by hand", timeout),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(backoff_ms + jitter_ms(backoff_ms)));
@@ -721,7 +722,9 @@ mod tests {
 
     #[test]
     fn only_missing_operations_count_as_unsupported() {
-        for (code, unsupported) in [(libc::EINVAL, true), (libc::EOPNOTSUPP, true), (libc::ENOTSUP, true), (libc::EIO, false), (libc::ENOSPC, false), (libc::EDQUOT, false), (libc::EISDIR, false)] {
+        for (code, unsupported) in
+            [(libc::EINVAL, true), (libc::EOPNOTSUPP, true), (libc::ENOTSUP, true), (libc::EIO, false), (libc::ENOSPC, false), (libc::EDQUOT, false), (libc::EISDIR, false)]
+        {
             assert_eq!(unsupported_here(&io::Error::from_raw_os_error(code)), unsupported, "errno {code}");
         }
     }

@@ -360,11 +360,7 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
         }
     }
     // 5. live followers of this run.
-    let globs = if opts.followers.is_empty() {
-        vec![opts.src.join(FOLLOWERS_DIR).join("*.json").to_string_lossy().into_owned()]
-    } else {
-        opts.followers.clone()
-    };
+    let globs = if opts.followers.is_empty() { vec![opts.src.join(FOLLOWERS_DIR).join("*.json").to_string_lossy().into_owned()] } else { opts.followers.clone() };
     let mut seen = std::collections::BTreeSet::new();
     for g in &globs {
         for path in glob_files(g)? {
@@ -380,10 +376,7 @@ pub fn collect(opts: &GcOptions) -> Result<GcReport> {
             let by_clock = st.age_secs();
             let by_mtime = std::fs::metadata(&path).map(|m| mtime_age(&m, now)).unwrap_or(by_clock);
             if (by_clock - by_mtime).abs() > CLOCK_SKEW_WARNING_SECS {
-                let w = format!(
-                    "follower {who}: its clock and the status file's mtime disagree by {:.0}s (clock skew between hosts?); using the younger age",
-                    by_clock - by_mtime
-                );
+                let w = format!("follower {who}: its clock and the status file's mtime disagree by {:.0}s (clock skew between hosts?); using the younger age", by_clock - by_mtime);
                 report.warn(w);
             }
             let age = by_clock.min(by_mtime);

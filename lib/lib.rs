@@ -3,13 +3,13 @@
 //! Every on-disk format lives in this library and is specified byte by byte in
 //! `docs/FORMATS.md`; the binaries under `bins/` only parse arguments and call one function here.
 
+pub mod cli;
 pub mod error;
 pub mod failpoint;
 pub mod fsio;
 pub mod inputmap;
 pub mod pool;
 pub mod progress;
-pub mod cli;
 pub mod report;
 pub mod stop;
 
@@ -18,14 +18,14 @@ pub mod apply;
 pub mod checkpoint;
 pub mod checksum;
 pub mod codec;
-pub mod sparse_frame;
-pub mod zstd_decode;
-pub mod zstd_block;
 pub mod diff;
 pub mod gpu;
 pub mod hooks;
 pub mod pointer;
+pub mod sparse_frame;
 pub mod version;
+pub mod zstd_block;
+pub mod zstd_decode;
 
 // The fleet: following `latest` on every rollout host, pruning old versions.
 pub mod follow;

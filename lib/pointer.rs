@@ -129,9 +129,7 @@ pub fn check_publishable(src: &Path, target: &Pointer) -> Result<()> {
         }
         let base = d.base_version;
         cur = VersionDir::open(&root, base).map_err(|e| match e {
-            Error::NotFound { .. } | Error::Conflict { .. } => {
-                Error::conflict(&cur.path, format!("its base version {base} is missing or incomplete: {e}"))
-            }
+            Error::NotFound { .. } | Error::Conflict { .. } => Error::conflict(&cur.path, format!("its base version {base} is missing or incomplete: {e}")),
             other => other,
         })?;
     }

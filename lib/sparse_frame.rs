@@ -18,8 +18,8 @@
 //! [`SEGMENT`] at a time (the streaming writers buffer at most one), so memory is bounded
 //! whatever the tensor size and the bytes do not depend on how the input arrives.
 
-use std::io::{self, Write};
 use crate::zstd_block::{BlockEncoder, Sequence};
+use std::io::{self, Write};
 
 /// Bytes of content per zstd block (the format's maximum).
 pub const BLOCK: usize = 128 << 10;
@@ -408,7 +408,16 @@ pub(crate) fn scan_block_dispatch<S: XorSource>(src: &S, b0: usize, b1: usize, s
 /// Encode `src[from..to]` (a whole number of blocks, or the tensor's tail) as blocks written
 /// to `out`; returns its nonzero byte count. `last`: this range ends the frame.
 #[allow(clippy::too_many_arguments)]
-fn encode_segment<S: XorSource>(src: &S, from: usize, to: usize, last: bool, enc: &mut BlockEncoder, bufs: &mut Buffers, out: &mut impl Write, seen: &mut impl FnMut(std::ops::Range<usize>)) -> io::Result<u64> {
+fn encode_segment<S: XorSource>(
+    src: &S,
+    from: usize,
+    to: usize,
+    last: bool,
+    enc: &mut BlockEncoder,
+    bufs: &mut Buffers,
+    out: &mut impl Write,
+    seen: &mut impl FnMut(std::ops::Range<usize>),
+) -> io::Result<u64> {
     bufs.frame.clear();
     let mut nonzero = 0;
     let mut b0 = from;
@@ -962,7 +971,11 @@ pub(crate) mod tests {
             let positions: Vec<u32> = (0..n)
                 .map(|_| {
                     let r = rng(&mut s);
-                    p += 1 + match r % 10 { 0 => (r >> 8) as u32 % 10_000, 1 => 0, _ => (r >> 8) as u32 % 150 };
+                    p += 1 + match r % 10 {
+                        0 => (r >> 8) as u32 % 10_000,
+                        1 => 0,
+                        _ => (r >> 8) as u32 % 150,
+                    };
                     p
                 })
                 .collect();

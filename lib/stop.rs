@@ -73,10 +73,7 @@ pub fn wait_readable(fd: libc::c_int) -> bool {
         if requested().is_some() {
             return false;
         }
-        let mut fds = [
-            libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: WAKE[0].load(Ordering::SeqCst), events: libc::POLLIN, revents: 0 },
-        ];
+        let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: WAKE[0].load(Ordering::SeqCst), events: libc::POLLIN, revents: 0 }];
         // SAFETY: two valid pollfds (a negative fd is ignored by poll); no timeout.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if n > 0 && fds[0].revents != 0 {

@@ -154,11 +154,7 @@ impl VersionDir {
             Some("zstd") => {}
             other => return Err(bad(format!("metadata.compression_format is {other:?}; only \"zstd\" is defined"))),
         }
-        let checksum = index
-            .metadata_str("checksum_format")
-            .ok_or_else(|| bad("delta index has no metadata.checksum_format".into()))?
-            .parse::<ChecksumAlg>()
-            .map_err(bad)?;
+        let checksum = index.metadata_str("checksum_format").ok_or_else(|| bad("delta index has no metadata.checksum_format".into()))?.parse::<ChecksumAlg>().map_err(bad)?;
         let base_sample = Self::sample_key(index_path, index, "base_sample")?;
         Ok(VersionKind::Delta(DeltaMeta { base_version, encoding, checksum, base_sample }))
     }

@@ -57,7 +57,22 @@ pub(crate) mod hits {
     pub const NCOUNT_LOW_PROB: usize = 11;
     pub const NORM_FALLBACK: usize = 12;
     pub const REP_LL0_MINUS1: usize = 13;
-    pub const NAMES: [&str; 14] = ["lit raw", "lit rle", "huf 1 stream", "huf 4 streams", "treeless", "fse weights", "direct weights", "predefined", "rle table", "fse table", "repeat table", "-1 cells", "norm fallback", "rep1-1"];
+    pub const NAMES: [&str; 14] = [
+        "lit raw",
+        "lit rle",
+        "huf 1 stream",
+        "huf 4 streams",
+        "treeless",
+        "fse weights",
+        "direct weights",
+        "predefined",
+        "rle table",
+        "fse table",
+        "repeat table",
+        "-1 cells",
+        "norm fallback",
+        "rep1-1",
+    ];
     pub static HITS: [AtomicUsize; 14] = [const { AtomicUsize::new(0) }; 14];
     pub fn hit(i: usize) {
         HITS[i].fetch_add(1, Ordering::Relaxed);
@@ -77,19 +92,15 @@ macro_rules! hit {
 // ---------------------------------------------------------------------------------------------
 // Code tables (RFC 8878 §3.1.1.3.2.1.1)
 
-const LL_BASE: [u32; 36] = [
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 28, 32, 40, 48, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768,
-    65536,
-];
+const LL_BASE: [u32; 36] =
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 28, 32, 40, 48, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536];
 const LL_BITS: [u8; 36] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
 const ML_BASE: [u32; 53] = [
-    3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 37, 39, 41, 43, 47, 51,
-    59, 67, 83, 99, 131, 259, 515, 1027, 2051, 4099, 8195, 16387, 32771, 65539,
+    3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 37, 39, 41, 43, 47, 51, 59, 67, 83, 99, 131, 259,
+    515, 1027, 2051, 4099, 8195, 16387, 32771, 65539,
 ];
-const ML_BITS: [u8; 53] = [
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 7, 8, 9, 10, 11, 12,
-    13, 14, 15, 16,
-];
+const ML_BITS: [u8; 53] =
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
 
 const LL_CODE: [u8; 64] = {
     let mut t = [0u8; 64];
@@ -147,10 +158,8 @@ fn ml_code(ml_base: u32) -> u8 {
 
 /// Predefined distributions (§3.1.1.3.2.2).
 const LL_DEFAULT: [i16; 36] = [4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 2, 1, 1, 1, 1, 1, -1, -1, -1, -1];
-const ML_DEFAULT: [i16; 53] = [
-    1, 4, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1,
-    -1, -1, -1, -1,
-];
+const ML_DEFAULT: [i16; 53] =
+    [1, 4, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1];
 const OF_DEFAULT: [i16; 29] = [1, 1, 1, 1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1];
 
 // ---------------------------------------------------------------------------------------------
@@ -731,7 +740,13 @@ fn raw_literals_header(out: &mut Vec<u8>, kind: u32, n: usize) {
 }
 
 fn raw_literals_size(n: usize) -> usize {
-    n + if n < 32 { 1 } else if n < 4096 { 2 } else { 3 }
+    n + if n < 32 {
+        1
+    } else if n < 4096 {
+        2
+    } else {
+        3
+    }
 }
 
 impl Literals {
@@ -1197,7 +1212,10 @@ impl BlockEncoder {
             lit_sum += u64::from(s.lit_len);
             // One branch for all the checks.
             if (s.match_len < 3) | (s.offset == 0) | (s.match_len > MAX_BLOCK as u32) | (s.lit_len >= MAX_BLOCK as u32) | (u64::from(s.offset) > pos.min(WINDOW)) {
-                return Err(invalid(format!("bad sequence {s:?} at frame position {} (offsets reach at most the frame's start and {WINDOW} back; match_len >= 3)", pos - u64::from(s.lit_len))));
+                return Err(invalid(format!(
+                    "bad sequence {s:?} at frame position {} (offsets reach at most the frame's start and {WINDOW} back; match_len >= 3)",
+                    pos - u64::from(s.lit_len)
+                )));
             }
             pos += u64::from(s.match_len);
             let ob = resolve_offset(&mut rep, s.offset, s.lit_len == 0);
@@ -1392,7 +1410,17 @@ pub(crate) mod tests {
             // of at least lit_len + 8 as the call requires; seqs is a valid slice.
             let r = unsafe {
                 sys::ZSTD_CCtx_reset(self.0, sys::ZSTD_ResetDirective::ZSTD_reset_session_only);
-                sys::ZSTD_compressSequencesAndLiterals(self.0, dst.as_mut_ptr().cast(), cap, seqs.as_ptr(), seqs.len(), lits.as_ptr().cast(), lit_len, lits.capacity(), decompressed)
+                sys::ZSTD_compressSequencesAndLiterals(
+                    self.0,
+                    dst.as_mut_ptr().cast(),
+                    cap,
+                    seqs.as_ptr(),
+                    seqs.len(),
+                    lits.as_ptr().cast(),
+                    lit_len,
+                    lits.capacity(),
+                    decompressed,
+                )
             };
             // SAFETY: ZSTD_isError is a pure function.
             if unsafe { sys::ZSTD_isError(r) } != 0 {
@@ -1796,7 +1824,13 @@ pub(crate) mod tests {
         let mut segs: Vec<_> = x.chunks(SEGMENT).map(scan_segment).collect();
         let nseq: usize = segs.iter().map(|s| s.0.len()).sum();
         let nlit: usize = segs.iter().map(|s| s.1.len()).sum();
-        println!("{} MiB, {} blocks, {:.0} seqs and {:.0} literals a block", total >> 20, total / BLOCK, nseq as f64 / (total / BLOCK) as f64, nlit as f64 / (total / BLOCK) as f64);
+        println!(
+            "{} MiB, {} blocks, {:.0} seqs and {:.0} literals a block",
+            total >> 20,
+            total / BLOCK,
+            nseq as f64 / (total / BLOCK) as f64,
+            nlit as f64 / (total / BLOCK) as f64
+        );
         let mut cctx = SeqCctx::new(true).unwrap();
         let mut enc = BlockEncoder::new();
         let mut frame = Vec::new();

@@ -333,21 +333,18 @@ enum Kind {
     MatchLength,
 }
 
-const LL_BASE: [u32; 36] = [
-    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 28, 32, 40, 48, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536,
-];
+const LL_BASE: [u32; 36] =
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 28, 32, 40, 48, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536];
 const LL_BITS: [u8; 36] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
 const ML_BASE: [u32; 53] = [
-    3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 37, 39, 41, 43, 47, 51, 59, 67, 83, 99, 131, 259, 515, 1027, 2051,
-    4099, 8195, 16387, 32771, 65539,
+    3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 37, 39, 41, 43, 47, 51, 59, 67, 83, 99, 131, 259,
+    515, 1027, 2051, 4099, 8195, 16387, 32771, 65539,
 ];
-const ML_BITS: [u8; 53] = [
-    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-];
+const ML_BITS: [u8; 53] =
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
 const LL_DEFAULT: [i16; 36] = [4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 2, 1, 1, 1, 1, 1, -1, -1, -1, -1];
-const ML_DEFAULT: [i16; 53] = [
-    1, 4, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1,
-];
+const ML_DEFAULT: [i16; 53] =
+    [1, 4, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1];
 const OF_DEFAULT: [i16; 29] = [1, 1, 1, 1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1];
 
 impl Kind {
@@ -636,12 +633,8 @@ fn huf_4streams(tab: &HufTable, src: &[u8], out: &mut [u8]) -> Result<(), Decode
         return Err(DecodeError::Literals("too few literals for 4 streams"));
     }
     let bad = || DecodeError::Literals("bad Huffman stream");
-    let (mut b1, mut b2, mut b3, mut b4) = (
-        BitReader::new(i1).ok_or_else(bad)?,
-        BitReader::new(i2).ok_or_else(bad)?,
-        BitReader::new(i3).ok_or_else(bad)?,
-        BitReader::new(i4).ok_or_else(bad)?,
-    );
+    let (mut b1, mut b2, mut b3, mut b4) =
+        (BitReader::new(i1).ok_or_else(bad)?, BitReader::new(i2).ok_or_else(bad)?, BitReader::new(i3).ok_or_else(bad)?, BitReader::new(i4).ok_or_else(bad)?);
     let (o1, rest) = out.split_at_mut(seg);
     let (o2, rest) = rest.split_at_mut(seg);
     let (o3, o4) = rest.split_at_mut(seg);
@@ -1616,7 +1609,8 @@ mod tests {
             Data::Zeros => vec![0; len],
             Data::Random => (0..len).map(|_| rng(&mut s) as u8).collect(),
             Data::Text => {
-                const WORDS: [&str; 16] = ["the ", "weight ", "delta ", "of ", "a ", "rollout ", "tensor\n", "step ", "is ", "zstd ", "frame, ", "and ", "bf16 ", "shard ", "file ", "x"];
+                const WORDS: [&str; 16] =
+                    ["the ", "weight ", "delta ", "of ", "a ", "rollout ", "tensor\n", "step ", "is ", "zstd ", "frame, ", "and ", "bf16 ", "shard ", "file ", "x"];
                 let mut v = Vec::with_capacity(len + 16);
                 while v.len() < len {
                     let r = rng(&mut s);
@@ -1729,7 +1723,14 @@ mod tests {
                     let (hs, bits) = [(3, 10), (3, 10), (4, 14), (5, 18)][sf as usize];
                     hs + ((le_bytes(&b[..hs]) >> (4 + bits)) & ((1 << bits) - 1)) as usize
                 };
-                let q = lits_end + if b[lits_end] < 128 { 1 } else if b[lits_end] < 255 { 2 } else { 3 };
+                let q = lits_end
+                    + if b[lits_end] < 128 {
+                        1
+                    } else if b[lits_end] < 255 {
+                        2
+                    } else {
+                        3
+                    };
                 if b[lits_end] != 0 {
                     modes = b[q];
                 }

@@ -243,9 +243,8 @@ fn publisher_killed_or_failing_mid_stream_leaves_nothing_under_a_final_name() {
     ok(&run(DIFF, &[p(&steps[0]), p(&steps[1]), "--publish", p(&src), "--version", "1"], &[]));
     ok(&run(ADVANCE, &[p(&src), "1"], &[]));
     let v2 = src.join("weight_v000002");
-    let final_names = |d: &Path| -> Vec<String> {
-        std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect()
-    };
+    let final_names =
+        |d: &Path| -> Vec<String> { std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect() };
     // Killed after the first payload went into its (temp) data file: no data file or index
     // under a final name, the version is refused, and a rerun must be told to replace it.
     let out = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2"], &[("DISAGG_FAILPOINT", "diff.after_payload")]);
@@ -257,7 +256,8 @@ fn publisher_killed_or_failing_mid_stream_leaves_nothing_under_a_final_name() {
     let out = run(DIFF, &[p(&steps[1]), p(&steps[2]), "--publish", p(&src), "--version", "2", "--replace-incomplete"], &[("DISAGG_FAILPOINT", "diff.after_payload:error")]);
     assert!(out.status.code().is_some_and(|c| c != 0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!v2.exists(), "a failed publish removes its version directory: {:?}", std::fs::read_dir(&v2).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>()));
-    let hidden: Vec<String> = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".deleting-") || n.starts_with(".tmp-")).collect();
+    let hidden: Vec<String> =
+        std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(".deleting-") || n.starts_with(".tmp-")).collect();
     assert_eq!(hidden, Vec::<String>::new(), "no tree being removed or temp file left in the publish root");
     assert_eq!(run(ADVANCE, &[p(&src), "2"], &[]).status.code(), Some(6), "nothing to point at");
     // The same failure just before the index (every data file already renamed to its final

@@ -3,7 +3,7 @@
 
 use disagg::dataplane::channel::{self, Cursor};
 use disagg::dataplane::sample_ref::{Manifest, SampleRef};
-use disagg::dataplane::store::{FeatureStore, LeaseRecord, StoreOptions, TensorData, Dtype};
+use disagg::dataplane::store::{Dtype, FeatureStore, LeaseRecord, StoreOptions, TensorData};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -85,11 +85,8 @@ fn four_producers_no_loss_no_duplicate() {
     // The tail starts before any producer, but after the channel exists (a missing channel is
     // exit 6; creating it after the spawn raced with the tail's start).
     fs::create_dir_all(&ch).unwrap();
-    let tail = Command::new(TAIL)
-        .args([p(&ch), "--cursor", "c", "--follow", "--expect-producers", "4", "--idle-timeout", "30"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+    let tail =
+        Command::new(TAIL).args([p(&ch), "--cursor", "c", "--follow", "--expect-producers", "4", "--idle-timeout", "30"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
     let tail = tail.unwrap();
     let producers: Vec<_> = (0..4)
         .map(|k| {
@@ -309,12 +306,8 @@ fn sharding_is_disjoint_and_complete() {
 fn backpressure_blocks_until_consumed() {
     let d = temp_dir("bp");
     let ch = d.join("ch");
-    let mut prod = Command::new(PUBLISH)
-        .args([p(&ch), "--producer", "p0", "--max-in-flight", "40", "--close", "--json"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut prod =
+        Command::new(PUBLISH).args([p(&ch), "--producer", "p0", "--max-in-flight", "40", "--close", "--json"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     prod.stdin.take().unwrap().write_all(refs_text("bp", 200).as_bytes()).unwrap();
     std::thread::sleep(Duration::from_millis(700));
     assert!(prod.try_wait().unwrap().is_none(), "producer must block at 40 in flight");
@@ -509,12 +502,7 @@ fn staleness_passes_refs_at_the_size_cap() {
     let w = d.join("w");
     fs::create_dir_all(&w).unwrap();
     fs::write(w.join("latest"), "weight_v000005\n").unwrap();
-    let text = format!(
-        "{}\n{}\n{}\n",
-        ref_of_len("big", 5, 65_526),
-        ref_of_len("big-stale", 1, channel_max_ref()),
-        sample_ref("small", Some(5))
-    );
+    let text = format!("{}\n{}\n{}\n", ref_of_len("big", 5, 65_526), ref_of_len("big-stale", 1, channel_max_ref()), sample_ref("small", Some(5)));
     ok(&run(PUBLISH, &[p(&ch), "--producer", "p0", "--close"], &text));
     let ids = |o: &Output| parse_out(&ok(o)).into_iter().map(|l| l.2).collect::<Vec<_>>();
     assert_eq!(ids(&run(TAIL, &[p(&ch)], "")), ["big", "big-stale", "small"]);
@@ -543,8 +531,7 @@ fn publish_caps_the_compact_ref_and_every_line_fits() {
     let d = temp_dir("cap");
     // 40 feature specs without their optional fields: the compact form adds four per spec.
     let mut r = sample_ref("specs", Some(1));
-    let specs: serde_json::Map<String, Value> =
-        (0..40).map(|i| (format!("f{i}"), json!({"name": format!("f{i}"), "shape": [1], "dtype": "int64"}))).collect();
+    let specs: serde_json::Map<String, Value> = (0..40).map(|i| (format!("f{i}"), json!({"name": format!("f{i}"), "shape": [1], "dtype": "int64"}))).collect();
     r["feature_specs"] = Value::Object(specs);
     r["metadata"]["pad"] = json!("");
     let base = r.to_string().len();
@@ -1169,11 +1156,7 @@ fn store_quota_waits_then_fails_clearly() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("quota"));
     // SIGTERM ends a long quota wait at once (exit 143), leaving no temp file in the store.
     let store3 = d2.join("store3");
-    let mut c = Command::new(INGEST)
-        .args([p(&input), "--store", p(&store3), "--quota-bytes", "2000", "--quota-wait", "60"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut c = Command::new(INGEST).args([p(&input), "--store", p(&store3), "--quota-bytes", "2000", "--quota-wait", "60"]).stderr(Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(700));
     assert!(c.try_wait().unwrap().is_none(), "waiting for quota");
     signal(&c, libc::SIGTERM);
@@ -1264,18 +1247,8 @@ fn corrupt_lines_count_as_consumed_so_backpressure_drains() {
     let c: Cursor = serde_json::from_slice(&fs::read(ch.join(".cursor-c.json")).unwrap()).unwrap();
     assert_eq!((c.producers["refs.jsonl"].next_seq, c.producers["refs.jsonl"].consumed, c.delivered), (3, 3, 2));
     // The producer's backpressure drains past it: at most one ref in flight, and a tail running.
-    let mut tail = Command::new(TAIL)
-        .args([p(&ch), "--cursor", "c", "--follow", "--idle-timeout", "20"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut prod = Command::new(PUBLISH)
-        .args([p(&ch), "--layout", "single-file", "--max-in-flight", "1", "--close"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut tail = Command::new(TAIL).args([p(&ch), "--cursor", "c", "--follow", "--idle-timeout", "20"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut prod = Command::new(PUBLISH).args([p(&ch), "--layout", "single-file", "--max-in-flight", "1", "--close"]).stdin(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     prod.stdin.take().unwrap().write_all(refs_text("bp", 5).as_bytes()).unwrap();
     let code = exit_within(&mut prod, Duration::from_secs(15));
     if code.is_none() {
@@ -1329,12 +1302,7 @@ fn single_file_torn_tail_is_repaired_by_the_next_producer() {
     let complete = fs::read_to_string(&path).unwrap();
     let torn = complete.lines().next().unwrap().replace("a-0", "torn");
     fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(torn.as_bytes()).unwrap();
-    let tail = Command::new(TAIL)
-        .args([p(&ch), "--cursor", "c", "--follow", "--idle-timeout", "20", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let tail = Command::new(TAIL).args([p(&ch), "--cursor", "c", "--follow", "--idle-timeout", "20", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // The tail has read the three lines and waits on the partial one.
     let start = Instant::now();
     while fs::read_to_string(ch.join(".consumed_count")).unwrap_or_default() != "3\n" {
@@ -1369,12 +1337,7 @@ fn single_file_repair_killed_before_the_cut_is_redone() {
     let path = ch.join("refs.jsonl");
     let complete = fs::read_to_string(&path).unwrap();
     fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"sample_id\":\"half").unwrap();
-    let o = Command::new(PUBLISH)
-        .args([p(&ch), "--layout", "single-file"])
-        .env("DISAGG_FAILPOINT", "publish.before_repair")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = Command::new(PUBLISH).args([p(&ch), "--layout", "single-file"]).env("DISAGG_FAILPOINT", "publish.before_repair").stdin(Stdio::null()).output().unwrap();
     assert!(!o.status.success());
     assert_eq!(fs::read_to_string(&path).unwrap(), format!("{complete}{{\"sample_id\":\"half"));
     ok(&run(PUBLISH, &[p(&ch), "--layout", "single-file", "--close"], &refs_text("b", 1)));
@@ -1395,10 +1358,12 @@ fn a_failing_tail_commits_what_it_printed_and_nothing_unprinted() {
     // stdout is a full disk: nothing printed, nothing acknowledged.
     let o = Command::new(TAIL).args([p(&ch), "--cursor", "c"]).stdout(fs::File::create("/dev/full").unwrap()).output().unwrap();
     assert_eq!(o.status.code(), Some(10), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(!ch.join("cursors/c.json").exists() || {
-        let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
-        c.delivered == 0
-    });
+    assert!(
+        !ch.join("cursors/c.json").exists() || {
+            let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
+            c.delivered == 0
+        }
+    );
     let o = run(TAIL, &[p(&ch), "--cursor", "c"], "");
     assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
     let ids: Vec<String> = parse_out(&String::from_utf8(o.stdout).unwrap()).into_iter().map(|l| l.2).collect();
@@ -1828,7 +1793,13 @@ fn ingest_publish_resumed_republishes_a_sample_stored_again() {
     let s: Value = serde_json::from_str(&ok(&run(INGEST, &args, ""))).unwrap();
     assert_eq!((s["ingested"].as_u64(), s["skipped_intact"].as_u64(), s["published"].as_u64()), (Some(1), Some(1), Some(3)));
     let lines = ok(&run(TAIL, &[p(&ch), "--follow"], ""));
-    let got: Vec<(String, u64)> = lines.lines().map(|l| { let r = unstamped(l); (r.sample_id, r.metadata["generation"].as_u64().unwrap()) }).collect();
+    let got: Vec<(String, u64)> = lines
+        .lines()
+        .map(|l| {
+            let r = unstamped(l);
+            (r.sample_id, r.metadata["generation"].as_u64().unwrap())
+        })
+        .collect();
     assert_eq!(got, [("a".to_string(), 1), ("b".to_string(), 1), ("a".to_string(), 2)]);
     // The last ref of a names the object the store has now.
     let last = unstamped(lines.lines().last().unwrap());
@@ -1858,10 +1829,7 @@ fn ingest_into_a_closed_stream_refuses_a_changed_file_before_storing_it() {
         let args = [p(&input), "--store", p(&store), "--publish", p(&ch), "--mode", "copy"];
         ok(&run(INGEST, &args, ""));
         assert!(ch.join("producers/ingest/closed").exists());
-        let keys: Vec<String> = ok(&run(TAIL, &[p(&ch), "--follow"], ""))
-            .lines()
-            .map(|l| unstamped(l).metadata["store_key"].as_str().unwrap().to_string())
-            .collect();
+        let keys: Vec<String> = ok(&run(TAIL, &[p(&ch), "--follow"], "")).lines().map(|l| unstamped(l).metadata["store_key"].as_str().unwrap().to_string()).collect();
         assert_eq!(keys.len(), 3);
         let before = count_files(&store, ".safetensors");
         // a's and c's sources change (a new mtime is enough for the ingest to store them again).

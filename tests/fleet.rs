@@ -40,10 +40,8 @@ fn reloaded_versions(log: &Path) -> Vec<u64> {
 }
 
 fn follow_args<'a>(t: &'a TestDir, status: &'a Path, extra: &[&'a str]) -> Vec<String> {
-    let mut a: Vec<String> = ["--local", t.join("local").s(), "--base", t.join("ckpt0").s(), "--source", t.join("src").s(), "--status", status.s()]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut a: Vec<String> =
+        ["--local", t.join("local").s(), "--base", t.join("ckpt0").s(), "--source", t.join("src").s(), "--status", status.s()].iter().map(|s| s.to_string()).collect();
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
@@ -378,11 +376,7 @@ fn reload_holds_the_local_lock_and_an_idle_follower_notices_local_moved() {
     let (status, log, started) = (t.join("status.json"), t.join("reloads.txt"), t.join("reload-started"));
     run(FOLLOW, follow_args(&t, &status, &["--once"])).ok();
     advance(&src, 3);
-    let reload = format!(
-        "touch '{s}'; sleep 1; echo \"$DISAGG_VERSION $(cat \"$DISAGG_LOCAL/.weight_sync/state.json\")\" >> '{l}'",
-        s = started.display(),
-        l = log.display()
-    );
+    let reload = format!("touch '{s}'; sleep 1; echo \"$DISAGG_VERSION $(cat \"$DISAGG_LOCAL/.weight_sync/state.json\")\" >> '{l}'", s = started.display(), l = log.display());
     let (mut follower, _) = spawn(FOLLOW, follow_args(&t, &status, &["--once", "--reload-cmd", &reload]));
     wait_for("the reload to start", Duration::from_secs(20), || started.exists());
     let apply_to = |v: u64| run(APPLY, ["--local", local.s(), "--base", chain.ckpts[0].s(), "--source", src.s(), "--target", &v.to_string(), "--json"]).ok().json();
@@ -468,7 +462,8 @@ fn gc_keeps_the_chain_newer_versions_and_last_n() {
     let r = gc(&src, &["--keep", "0", "--dry-run"]);
     assert_eq!(ids(&r["deleted"]), vec![1, 2, 3]);
     assert_eq!(versions_on_disk(&src), (1..=8).collect::<Vec<_>>(), "--dry-run removes nothing");
-    let why: Vec<(u64, Vec<String>)> = r["versions"].as_array().unwrap().iter().map(|v| (v["version"].as_u64().unwrap(), serde_json::from_value(v["reasons"].clone()).unwrap())).collect();
+    let why: Vec<(u64, Vec<String>)> =
+        r["versions"].as_array().unwrap().iter().map(|v| (v["version"].as_u64().unwrap(), serde_json::from_value(v["reasons"].clone()).unwrap())).collect();
     assert!(why.contains(&(4, vec!["chain-of-latest".to_string()])), "{why:?}");
     assert!(why.iter().any(|(v, r)| *v == 8 && r.contains(&"newer-than-latest".to_string())));
 
@@ -710,10 +705,7 @@ fn gc_never_deletes_under_concurrent_pulls() {
         })
         .collect();
     // And one follower, whose status file protects what it reads.
-    let (mut follower, _) = spawn(
-        FOLLOW,
-        ["--local", t.join("follower").s(), "--base", chain.ckpts[0].s(), "--source", src.s(), "--poll", "0.05", "--until", &steps.to_string()],
-    );
+    let (mut follower, _) = spawn(FOLLOW, ["--local", t.join("follower").s(), "--base", chain.ckpts[0].s(), "--source", src.s(), "--poll", "0.05", "--until", &steps.to_string()]);
     trainer.join().unwrap();
     let (mut pulls, mut failures) = (0, Vec::new());
     for p in pullers {

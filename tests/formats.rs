@@ -277,7 +277,11 @@ fn content_sample_example() {
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let n: usize = f[2].trim_matches(['[', ']']).parse().unwrap();
-            let size = match f[1] { "F32" => 4, "BF16" => 2, other => panic!("{other}") };
+            let size = match f[1] {
+                "F32" => 4,
+                "BF16" => 2,
+                other => panic!("{other}"),
+            };
             (f[0].to_string(), f[1].to_string(), n * size)
         })
         .collect();

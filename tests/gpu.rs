@@ -190,7 +190,8 @@ fn big_pair(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
 }
 
 fn publish_with(old: &std::path::Path, new: &std::path::Path, src: &std::path::Path, encoding: &str, device: Option<&str>) -> Run {
-    let mut args = vec![old.s().to_string(), new.s().to_string(), "--publish".into(), src.s().into(), "--version".into(), "1".into(), "--encoding".into(), encoding.into(), "--json".into()];
+    let mut args =
+        vec![old.s().to_string(), new.s().to_string(), "--publish".into(), src.s().into(), "--version".into(), "1".into(), "--encoding".into(), encoding.into(), "--json".into()];
     if let Some(d) = device {
         args.extend(["--device".to_string(), d.to_string()]);
     }

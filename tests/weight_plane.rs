@@ -284,19 +284,13 @@ fn diff_post_write_hook() {
     let c = make_chain(&t.path, 2, 1);
     let src = t.join("src");
     let marker = t.join("marker");
-    let hook = format!(
-        "echo \"$DISAGG_VERSION\" > {m} && test -f \"$DISAGG_VERSION_DIR/{INDEX}\" && echo indexed >> {m}",
-        m = marker.s()
-    );
+    let hook = format!("echo \"$DISAGG_VERSION\" > {m} && test -f \"$DISAGG_VERSION_DIR/{INDEX}\" && echo indexed >> {m}", m = marker.s());
     publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &["--post-write-hook", &hook]);
     assert_eq!(fs::read_to_string(&marker).unwrap(), "1\nindexed\n", "hook ran after the index was written, with DISAGG_VERSION");
 
     let marker2 = t.join("marker2");
     let failing = format!("touch {} && exit 3", marker2.s());
-    run(DIFF, [c.ckpts[1].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "2", "--post-write-hook", &failing])
-        .code(8)
-        .stderr_contains("hook")
-        .stderr_contains(&failing);
+    run(DIFF, [c.ckpts[1].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "2", "--post-write-hook", &failing]).code(8).stderr_contains("hook").stderr_contains(&failing);
     assert!(marker2.exists(), "the failing hook did run");
 }
 
@@ -318,9 +312,7 @@ fn diff_replace_incomplete() {
 
     // A complete version is never replaced, flag or not.
     let before = snapshot(&src);
-    run(DIFF, [c.ckpts[0].s(), c.ckpts[0].s(), "--publish", src.s(), "--version", "1", "--replace-incomplete"])
-        .code(5)
-        .stderr_contains("already published");
+    run(DIFF, [c.ckpts[0].s(), c.ckpts[0].s(), "--publish", src.s(), "--version", "1", "--replace-incomplete"]).code(5).stderr_contains("already published");
     assert!(snapshot(&src) == before);
 }
 
@@ -331,9 +323,7 @@ fn diff_refuses_existing_version() {
     let src = t.join("src");
     publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
     let before = snapshot(&src);
-    run(DIFF, [c.ckpts[1].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "1"])
-        .code(5)
-        .stderr_contains("weight_v000001");
+    run(DIFF, [c.ckpts[1].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "1"]).code(5).stderr_contains("weight_v000001");
     assert!(snapshot(&src) == before, "existing version untouched");
     assert_no_temp_files(&src);
 }
@@ -438,12 +428,8 @@ fn diff_refuses_incompatible_checkpoints() {
     shape[1].shape = vec![64, 128]; // same bytes, transposed shape
     let mut dtype = m.clone();
     dtype[2].dtype = "I32".into(); // same bytes, other dtype
-    let cases: [(&str, Model, &str); 4] = [
-        ("missing", model_without(m, "lm_head.weight"), "lm_head.weight"),
-        ("extra", extra, "extra.bias"),
-        ("shape", shape, UP0),
-        ("dtype", dtype, NORM0),
-    ];
+    let cases: [(&str, Model, &str); 4] =
+        [("missing", model_without(m, "lm_head.weight"), "lm_head.weight"), ("extra", extra, "extra.bias"), ("shape", shape, UP0), ("dtype", dtype, NORM0)];
     for (what, model, name) in cases {
         let new = t.join(what);
         write_checkpoint(&new, &model, 1);
@@ -576,13 +562,7 @@ fn input_read_modes_publish_the_same_bytes() {
 /// its inputs, and wait for it.
 #[cfg(feature = "failpoints")]
 fn run_while(bin: &str, args: &[&str], fp: &str, meanwhile: impl FnOnce()) -> std::process::Output {
-    let child = std::process::Command::new(bin)
-        .args(args)
-        .env("DISAGG_FAILPOINT", fp)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = std::process::Command::new(bin).args(args).env("DISAGG_FAILPOINT", fp).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(400));
     meanwhile();
     child.wait_with_output().unwrap()
@@ -601,12 +581,9 @@ fn a_file_truncated_while_it_is_read_is_an_io_error_naming_it() {
     let whole = fs::read(&new_file).unwrap();
     for mode in ["mmap", "pread"] {
         let src = t.join(format!("src-{mode}"));
-        let out = run_while(
-            DIFF,
-            &[c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1", "--input-read", mode],
-            "diff.before_encode:sleep-1500",
-            || fs::OpenOptions::new().write(true).open(&new_file).unwrap().set_len(whole.len() as u64 / 3).unwrap(),
-        );
+        let out = run_while(DIFF, &[c.ckpts[0].s(), c.ckpts[1].s(), "--publish", src.s(), "--version", "1", "--input-read", mode], "diff.before_encode:sleep-1500", || {
+            fs::OpenOptions::new().write(true).open(&new_file).unwrap().set_len(whole.len() as u64 / 3).unwrap()
+        });
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(10), "{mode}: {err}");
         assert!(err.starts_with("delta-diff: error: ") && err.contains(new_file.s()) && err.contains("shrank while it was being read"), "{mode}: {err}");
@@ -893,7 +870,13 @@ fn tools_work_without_o_tmpfile_or_directory_fsync() {
     for (v, enc) in [(1u64, "xor"), (2, "overwrite")] {
         let want = publish(&c.ckpts[v as usize - 1], &c.ckpts[v as usize], &plain, v, &["--encoding", enc]);
         let vs = v.to_string();
-        let r = run_env(DIFF, [c.ckpts[v as usize - 1].s(), c.ckpts[v as usize].s(), "--publish", shared.s(), "--version", &vs, "--encoding", enc, "--payload-memory", "0", "--json"], &lacking).ok().json();
+        let r = run_env(
+            DIFF,
+            [c.ckpts[v as usize - 1].s(), c.ckpts[v as usize].s(), "--publish", shared.s(), "--version", &vs, "--encoding", enc, "--payload-memory", "0", "--json"],
+            &lacking,
+        )
+        .ok()
+        .json();
         assert_eq!(r["payloads_spilled"], want["tensors_changed"], "{enc}: every payload spilled");
         assert_eq!(file_names(&vdir(&shared, v)), file_names(&vdir(&plain, v)), "{enc}: no scratch file left behind");
         for f in file_names(&vdir(&plain, v)) {
@@ -1144,7 +1127,11 @@ fn apply_without_fsync_is_trusted_within_a_boot_and_reseeded_after_a_reboot() {
     assert_local_is(&local, &c.ckpts[3], &c.models[3]);
     // Killed right after it replaced another boot's mark, a run must not have made LOCAL look
     // trusted: its intent, written first, keeps LOCAL dirty.
-    let killed = run_env(APPLY, ["--local", local.s(), "--base", c.ckpts[0].s(), "--source", src.s(), "--target", "3", "--no-fsync"], &[("DISAGG_BOOT_ID", "boot-c"), ("DISAGG_FAILPOINT", "apply.after_mark")]);
+    let killed = run_env(
+        APPLY,
+        ["--local", local.s(), "--base", c.ckpts[0].s(), "--source", src.s(), "--target", "3", "--no-fsync"],
+        &[("DISAGG_BOOT_ID", "boot-c"), ("DISAGG_FAILPOINT", "apply.after_mark")],
+    );
     assert_eq!(killed.out.status.code(), None, "aborted at the failpoint");
     assert_eq!(read_json(&mark), json!({"boot_id": "boot-c"}));
     let r = pull("3", "boot-c", &["--no-fsync"]);
@@ -1829,10 +1816,7 @@ fn diff_refuses_an_old_that_is_not_the_published_base() {
     publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
     // Version 2 of a trainer that diffed against its step-0 checkpoint instead of step 1: every
     // host would patch version 1's bytes with a delta made against version 0's.
-    run(DIFF, [c.ckpts[0].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "2"])
-        .code(5)
-        .stderr_contains(c.ckpts[0].s())
-        .stderr_contains("other weights than version 1");
+    run(DIFF, [c.ckpts[0].s(), c.ckpts[2].s(), "--publish", src.s(), "--version", "2"]).code(5).stderr_contains(c.ckpts[0].s()).stderr_contains("other weights than version 1");
     assert!(!vdir(&src, 2).exists(), "nothing written");
     publish(&c.ckpts[1], &c.ckpts[2], &src, 2, &[]);
     // A full version records its sample too.

@@ -76,10 +76,7 @@ pub enum Layout {
 
 /// True for names usable as producer and cursor names: `[A-Za-z0-9._-]{1,128}`, not starting with `.`.
 pub fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME_BYTES
-        && !s.starts_with('.')
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    !s.is_empty() && s.len() <= MAX_NAME_BYTES && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 fn check_name(what: &str, s: &str) -> Result<()> {
@@ -126,10 +123,7 @@ pub fn encode_line_into(out: &mut Vec<u8>, r: &SampleRef, producer: &str, seq: u
 pub fn encode_line(r: &SampleRef, producer: &str, seq: u64) -> String {
     let mut r = r.clone();
     r.metadata.remove("disagg");
-    r.metadata.insert(
-        "disagg".into(),
-        serde_json::json!({"producer": producer, "seq": seq, "xxh3": "0000000000000000"}),
-    );
+    r.metadata.insert("disagg".into(), serde_json::json!({"producer": producer, "seq": seq, "xxh3": "0000000000000000"}));
     let mut line = r.to_json();
     let digits_at = line.len() - LINE_END.len() - 16;
     let sum = twox_hash::XxHash3_64::oneshot(&line.as_bytes()[..digits_at]);
@@ -286,12 +280,7 @@ fn count_complete_lines(f: &File, chunk: usize) -> io::Result<(u64, u64, u64)> {
 fn last_valid_seq(path: &Path, producer: &str) -> Result<Option<u64>> {
     let bytes = fs::read(path).at(path)?;
     let (lines, _) = complete_lines(&bytes);
-    Ok(lines
-        .iter()
-        .rev()
-        .filter_map(|l| check_line(l).ok())
-        .find(|s| s.producer == producer)
-        .map(|s| s.seq))
+    Ok(lines.iter().rev().filter_map(|l| check_line(l).ok()).find(|s| s.producer == producer).map(|s| s.seq))
 }
 
 /// Sample ids of the refs `producer` has published into `channel` (segments layout), in seq
@@ -456,12 +445,7 @@ impl RefProducer {
             // A stop signal must reach the thread reading stdin, never this one.
             crate::stop::spawn_unsignalled(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let hb = Heartbeat {
-                        pid: std::process::id(),
-                        host: host.clone(),
-                        unix_ms: unix_ms(),
-                        published: published.load(Ordering::Relaxed),
-                    };
+                    let hb = Heartbeat { pid: std::process::id(), host: host.clone(), unix_ms: unix_ms(), published: published.load(Ordering::Relaxed) };
                     let _ = fsio::write_atomic(&path, format!("{}\n", serde_json::to_string(&hb).unwrap_or_default()).as_bytes());
                     let mut slept = Duration::ZERO;
                     while slept < HEARTBEAT_INTERVAL && !stop.load(Ordering::Relaxed) {
@@ -471,19 +455,7 @@ impl RefProducer {
                 }
             })
         });
-        Ok(RefProducer {
-            channel: channel.to_path_buf(),
-            dir,
-            name: name.to_string(),
-            layout,
-            next_seq,
-            epoch,
-            segment,
-            fsync,
-            published,
-            stop,
-            heartbeat,
-        })
+        Ok(RefProducer { channel: channel.to_path_buf(), dir, name: name.to_string(), layout, next_seq, epoch, segment, fsync, published, stop, heartbeat })
     }
 
     /// Refs durably published so far by this producer (over all its runs).
@@ -571,10 +543,9 @@ impl RefProducer {
     pub fn close(mut self) -> Result<()> {
         self.stop_heartbeat();
         match self.layout {
-            Layout::Segments => fsio::write_atomic(
-                self.dir.join(CLOSED_FILE),
-                format!("{}\n", serde_json::to_string(&Closed { published: self.next_seq }).expect("serializes")).as_bytes(),
-            ),
+            Layout::Segments => {
+                fsio::write_atomic(self.dir.join(CLOSED_FILE), format!("{}\n", serde_json::to_string(&Closed { published: self.next_seq }).expect("serializes")).as_bytes())
+            }
             Layout::SingleFile => fsio::write_atomic(self.channel.join(".closed"), b""),
         }
     }
@@ -795,15 +766,8 @@ pub fn publish_with(opts: &PublishOptions, input: &mut dyn BufRead, more_ready: 
     }
     let mut p = RefProducer::open(&opts.channel, &opts.producer, opts.layout, opts.fsync)?;
     let before = p.published();
-    let mut summary = PublishSummary {
-        producer: opts.producer.clone(),
-        published_before: before,
-        published_now: 0,
-        published_total: before,
-        skipped_resumed: 0,
-        waited_ms: 0,
-        closed: false,
-    };
+    let mut summary =
+        PublishSummary { producer: opts.producer.clone(), published_before: before, published_now: 0, published_total: before, skipped_resumed: 0, waited_ms: 0, closed: false };
     if let Some(reason) = &opts.fail {
         p.fail(reason)?;
         return Ok(summary);
@@ -1035,11 +999,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
     if let Some(c) = &opts.cursor {
         check_name("cursor", c)?;
     }
-    let layout = if opts.channel.join(SINGLE_FILE).exists() && !opts.channel.join(PRODUCERS_DIR).exists() {
-        Layout::SingleFile
-    } else {
-        Layout::Segments
-    };
+    let layout = if opts.channel.join(SINGLE_FILE).exists() && !opts.channel.join(PRODUCERS_DIR).exists() { Layout::SingleFile } else { Layout::Segments };
     if !opts.channel.is_dir() {
         return Err(Error::not_found(&opts.channel, "no such channel directory"));
     }
@@ -1169,21 +1129,14 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                         // The last seqs are the corrupt lines skipped after the last valid one:
                         // published, lost, acknowledged as a jump to them would have been.
                         let (first, missing) = (s.pos.next_seq, n - s.pos.next_seq);
-                        eprintln!(
-                            "ref-tail: warning: {}: the last {missing} seqs of producer {} (from {first}) were corrupt lines: acknowledged as lost",
-                            s.dir.display(),
-                            s.name
-                        );
+                        eprintln!("ref-tail: warning: {}: the last {missing} seqs of producer {} (from {first}) were corrupt lines: acknowledged as lost", s.dir.display(), s.name);
                         ack_lost(s, opts, first, n);
                         s.pos.next_seq = n;
                         s.pos.corrupt_after = 0;
                         unacked = true;
                     }
                     if s.pos.next_seq < n {
-                        return Err(Error::bad_input(
-                            &s.dir,
-                            format!("producer {} closed with {n} refs published but its segments end at {}", s.name, s.pos.next_seq),
-                        ));
+                        return Err(Error::bad_input(&s.dir, format!("producer {} closed with {n} refs published but its segments end at {}", s.name, s.pos.next_seq)));
                     }
                 }
                 s.done = true;
@@ -1224,11 +1177,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
         }
         if let Some(limit) = opts.idle_timeout {
             if last_activity.elapsed() > limit {
-                let fresh: Vec<String> = streams
-                    .values()
-                    .filter(|s| !s.done && heartbeat_age(&s.dir).is_some_and(|a| a < limit))
-                    .map(|s| s.name.clone())
-                    .collect();
+                let fresh: Vec<String> = streams.values().filter(|s| !s.done && heartbeat_age(&s.dir).is_some_and(|a| a < limit)).map(|s| s.name.clone()).collect();
                 if fresh.is_empty() {
                     let open: Vec<String> = streams
                         .values()
@@ -1238,11 +1187,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
                             None => format!("{} (no heartbeat)", s.name),
                         })
                         .collect();
-                    let what = if open.is_empty() {
-                        format!("no producer closed (expected {})", opts.expect_producers.max(1))
-                    } else {
-                        open.join(", ")
-                    };
+                    let what = if open.is_empty() { format!("no producer closed (expected {})", opts.expect_producers.max(1)) } else { open.join(", ") };
                     if layout == Layout::SingleFile {
                         let _ = fsio::write_atomic(opts.channel.join(".consumer_failed"), b"idle timeout\n");
                     }
@@ -1292,8 +1237,7 @@ pub fn tail(opts: &TailOptions, out: &mut dyn Write) -> Result<TailSummary> {
 /// stream, when none was committed yet), its positions and counts left as they are; the stale
 /// refs it covers are synced first.
 fn commit_stale_mark(path: &Path, live: &Cursor, mark: &StaleOutMark, stale_out: &mut Option<StaleOut>) -> Result<()> {
-    let mut committed =
-        read_cursor(path)?.unwrap_or_else(|| Cursor { schema_version: 1, name: live.name.clone(), rank: live.rank, world: live.world, ..Default::default() });
+    let mut committed = read_cursor(path)?.unwrap_or_else(|| Cursor { schema_version: 1, name: live.name.clone(), rank: live.rank, world: live.world, ..Default::default() });
     if committed.stale_out.as_ref() == Some(mark) {
         return Ok(());
     }
@@ -1398,11 +1342,7 @@ impl StaleOut {
             len = meta.len();
             let used = last_line_end(&file, len).at(path)?;
             if used != len {
-                eprintln!(
-                    "ref-tail: warning: {}: cutting a torn last line ({} bytes after the last newline, at byte {used}; its write was cut short)",
-                    path.display(),
-                    len - used
-                );
+                eprintln!("ref-tail: warning: {}: cutting a torn last line ({} bytes after the last newline, at byte {used}; its write was cut short)", path.display(), len - used);
                 file.set_len(used).at(path)?;
                 file.sync_data().at(path)?;
                 len = used;
@@ -1420,10 +1360,7 @@ impl StaleOut {
         if let Err(e) = self.file.write_all(&l) {
             if self.regular {
                 if let Err(c) = self.file.set_len(self.len) {
-                    return Err(Error::io(
-                        &self.path,
-                        io::Error::new(e.kind(), format!("{e}; cutting the partial line back to byte {} failed too: {c}", self.len)),
-                    ));
+                    return Err(Error::io(&self.path, io::Error::new(e.kind(), format!("{e}; cutting the partial line back to byte {} failed too: {c}", self.len))));
                 }
             }
             return Err(Error::io(&self.path, e));
@@ -1583,11 +1520,7 @@ fn read_stream(
             let seq = match stamp {
                 Ok(seq) => seq,
                 Err(e) => {
-                    eprintln!(
-                        "ref-tail: warning: {}: skipping corrupt line at byte {}: {e}",
-                        path.display(),
-                        s.pos.offset + line_at as u64
-                    );
+                    eprintln!("ref-tail: warning: {}: skipping corrupt line at byte {}: {e}", path.display(), s.pos.offset + line_at as u64);
                     summary.corrupt += 1;
                     if layout == Layout::SingleFile {
                         // Its producer counted it as published: it is a line of the file, and
@@ -1695,12 +1628,7 @@ fn read_stream(
             Some(next) => {
                 // The rest of a skipped over-long line was counted (corrupt) already.
                 if !rest.is_empty() && s.long_line.is_none() {
-                    eprintln!(
-                        "ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; its writer was restarted)",
-                        path.display(),
-                        s.pos.offset,
-                        rest.len()
-                    );
+                    eprintln!("ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; its writer was restarted)", path.display(), s.pos.offset, rest.len());
                     summary.torn += 1;
                 }
                 s.pos.segment = next;
@@ -1717,12 +1645,7 @@ fn read_stream(
                     s.long_line = None;
                     progressed = true;
                 } else if closed && !rest.is_empty() {
-                    eprintln!(
-                        "ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; the producer closed)",
-                        path.display(),
-                        s.pos.offset,
-                        rest.len()
-                    );
+                    eprintln!("ref-tail: warning: {}: skipping torn line at byte {} ({} bytes; the producer closed)", path.display(), s.pos.offset, rest.len());
                     summary.torn += 1;
                     s.pos.offset += rest.len() as u64;
                     progressed = true;

@@ -77,11 +77,7 @@ pub struct IngestSummary {
 /// The sample id of an input file, from its path relative to INPUT.
 pub fn sample_id_for(rel: &str) -> String {
     let stem = EXTENSIONS.iter().find_map(|e| rel.strip_suffix(e)).unwrap_or(rel);
-    let mut id: String = stem
-        .replace('/', "__")
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' })
-        .collect();
+    let mut id: String = stem.replace('/', "__").chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' }).collect();
     if id.starts_with('.') {
         id.replace_range(0..1, "_");
     }
@@ -488,9 +484,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
             Some(reason) => Err(Failure::Invalid(reason.clone())),
             // Moving the link's target would take a file from wherever it lives, outside
             // INPUT perhaps; moving the link would store a link.
-            None if *linked && opts.mode == PlaceMode::Move => {
-                Err(Failure::Invalid("a symbolic link: --mode move takes files, not links (use --mode copy or link)".into()))
-            }
+            None if *linked && opts.mode == PlaceMode::Move => Err(Failure::Invalid("a symbolic link: --mode move takes files, not links (use --mode copy or link)".into())),
             None => ingest_one(&store, src, rel, opts, &dirs, closed.as_ref()),
         };
         if let Some(b) = &bar {
@@ -511,10 +505,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
                             if let Some(b) = &bar {
                                 b.inc(1);
                             }
-                            Err(Failure::Invalid(format!(
-                                "sample id {:?} of {rel} is also derived from {first}, the first valid file with it, which keeps it",
-                                sample_id_for(rel)
-                            )))
+                            Err(Failure::Invalid(format!("sample id {:?} of {rel} is also derived from {first}, the first valid file with it, which keeps it", sample_id_for(rel))))
                         }
                         None => one_file(&inputs[i]),
                     };
@@ -636,8 +627,7 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         // added, or one invalid then and fixed now, shifts every ref after it). A sample this
         // run stored again (its source changed: a new generation, new keys) is published again;
         // one published with the object it still has is not.
-        let published: std::collections::HashSet<(String, BTreeMap<String, String>)> =
-            channel::published_sample_keys(ch, &opts.producer)?.into_iter().collect();
+        let published: std::collections::HashSet<(String, BTreeMap<String, String>)> = channel::published_sample_keys(ch, &opts.producer)?.into_iter().collect();
         let todo: Vec<SampleRef> = refs.into_iter().filter(|r| !published.contains(&(r.sample_id.clone(), r.feature_keys.clone()))).collect();
         if let Some(closed) = &closed {
             // A rerun of an ingest that finished (a --mode move one included, whose INPUT
@@ -741,11 +731,7 @@ fn carried_refs(manifest: &Path, input: &str, inputs: &[InputFile]) -> Result<(V
         }
         Err(e) => return Err(Error::io(manifest, e)),
     };
-    let carried: Vec<SampleRef> = old
-        .refs
-        .into_iter()
-        .filter(|r| r.source_task_id.as_deref().is_some_and(|s| moved.contains(s)) && !here.contains(&r.sample_id))
-        .collect();
+    let carried: Vec<SampleRef> = old.refs.into_iter().filter(|r| r.source_task_id.as_deref().is_some_and(|s| moved.contains(s)) && !here.contains(&r.sample_id)).collect();
     let still: Vec<String> = carried.iter().filter_map(|r| r.source_task_id.clone()).collect();
     Ok((carried, Some(still)))
 }

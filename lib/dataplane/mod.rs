@@ -8,6 +8,6 @@ pub mod staleness;
 pub mod store;
 pub mod torch_ckpt;
 
-pub use channel::{RefProducer, TailOptions, PublishOptions, Layout};
+pub use channel::{Layout, PublishOptions, RefProducer, TailOptions};
 pub use sample_ref::{FeatureSpec, Manifest, SampleRef};
 pub use store::{FeatureStore, Lease};

@@ -11,9 +11,7 @@ use std::path::Path;
 /// The version `SRC/latest` points at (the weight plane's own parser). Missing pointer: not
 /// found (6); malformed: bad input (3).
 pub fn read_latest_version(src: &Path) -> Result<u64> {
-    read_latest(src)?
-        .map(|p| p.version)
-        .ok_or_else(|| Error::not_found(src.join(POINTER_NAME), "no weight pointer has been published; staleness needs one"))
+    read_latest(src)?.map(|p| p.version).ok_or_else(|| Error::not_found(src.join(POINTER_NAME), "no weight pointer has been published; staleness needs one"))
 }
 
 /// True when `r` was generated with weights older than `latest - max_staleness`.

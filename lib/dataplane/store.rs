@@ -50,8 +50,7 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    pub const ALL: [Dtype; 10] =
-        [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64, Dtype::I64, Dtype::I32, Dtype::I16, Dtype::I8, Dtype::U8, Dtype::Bool];
+    pub const ALL: [Dtype; 10] = [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64, Dtype::I64, Dtype::I32, Dtype::I16, Dtype::I8, Dtype::U8, Dtype::Bool];
 
     pub fn size(self) -> usize {
         match self {
@@ -137,9 +136,7 @@ impl Dtype {
                 Dtype::BF16 => b.chunks_exact(2).fold(false, |a, c| a | (u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x7f80)),
                 Dtype::F16 => b.chunks_exact(2).fold(false, |a, c| a | (u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x7c00)),
                 Dtype::F32 => b.chunks_exact(4).fold(false, |a, c| a | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7fff_ffff > 0x7f80_0000)),
-                Dtype::F64 => b
-                    .chunks_exact(8)
-                    .fold(false, |a, c| a | (u64::from_le_bytes(c.try_into().expect("8 bytes")) & 0x7fff_ffff_ffff_ffff > 0x7ff0_0000_0000_0000)),
+                Dtype::F64 => b.chunks_exact(8).fold(false, |a, c| a | (u64::from_le_bytes(c.try_into().expect("8 bytes")) & 0x7fff_ffff_ffff_ffff > 0x7ff0_0000_0000_0000)),
                 _ => false,
             }
         };
@@ -239,10 +236,7 @@ pub fn unix_ms() -> u64 {
 /// True for ids usable as sample ids and lease holders: `[A-Za-z0-9._-]{1,200}`, not starting
 /// with `.` (no colons: SpecForge's ids with colons break on some file systems).
 pub fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_SAMPLE_ID_BYTES
-        && !s.starts_with('.')
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    !s.is_empty() && s.len() <= MAX_SAMPLE_ID_BYTES && !s.starts_with('.') && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// The shard directory of a sample: two lowercase hex digits.
@@ -655,9 +649,7 @@ impl FeatureStore {
             PlaceMode::Link => fs::hard_link(src, &obj.path).at(&obj.path).and_then(|_| fsio::fsync_dir(obj.path.parent().expect("in a dir"))),
             PlaceMode::Move => match fs::rename(src, &obj.path) {
                 Ok(()) => fsio::fsync_dir(obj.path.parent().expect("in a dir")).and_then(|_| fsio::fsync_dir(src.parent().unwrap_or(Path::new(".")))),
-                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                    fsio::copy_atomic(src, &obj.path).and_then(|_| fsio::remove_durable(src))
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => fsio::copy_atomic(src, &obj.path).and_then(|_| fsio::remove_durable(src)),
                 Err(e) => Err(Error::io(&obj.path, e)),
             },
         };
@@ -729,9 +721,7 @@ impl FeatureStore {
     pub fn get(&self, sample_id: &str, holder: &str, ttl: Duration) -> Result<Lease> {
         self.check_id("sample id", sample_id)?;
         self.check_id("lease holder", holder)?;
-        let obj = self
-            .current(sample_id)?
-            .ok_or_else(|| Error::not_found(self.sample_dir(sample_id), format!("sample {sample_id} has no object")))?;
+        let obj = self.current(sample_id)?.ok_or_else(|| Error::not_found(self.sample_dir(sample_id), format!("sample {sample_id} has no object")))?;
         let now = unix_ms();
         let record = LeaseRecord {
             holder: holder.to_string(),
@@ -824,9 +814,8 @@ impl FeatureStore {
                     }
                     let obj = self.object(&sample_id, g);
                     let retained = self.retain_path(&sample_id, g).exists();
-                    let too_old = max_unleased_age.is_some_and(|max| {
-                        fs::metadata(&obj.path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > max)
-                    });
+                    let too_old =
+                        max_unleased_age.is_some_and(|max| fs::metadata(&obj.path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a > max));
                     if (freed_by_expiry.contains(&g) && !retained) || too_old {
                         report.bytes_freed += self.delete_object(&sample_id, g)?;
                         report.objects_freed += 1;

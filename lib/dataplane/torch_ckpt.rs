@@ -415,9 +415,7 @@ impl<'a> Unpickler<'a> {
                     let (pid, _) = self.pop()?;
                     let s = match pid {
                         Val::Tuple(t) => match t.as_slice() {
-                            [Val::Str(tag), Val::Global(Global::Storage(dtype)), Val::Str(key), Val::Str(_location), Val::Int(numel)]
-                                if tag == "storage" && *numel >= 0 =>
-                            {
+                            [Val::Str(tag), Val::Global(Global::Storage(dtype)), Val::Str(key), Val::Str(_location), Val::Int(numel)] if tag == "storage" && *numel >= 0 => {
                                 StorageRef { dtype: *dtype, key: key.clone(), numel: *numel as u64 }
                             }
                             _ => return Err(self.err("persistent id is not ('storage', torch.<Type>Storage, key, location, numel)")),
@@ -469,10 +467,7 @@ impl<'a> Unpickler<'a> {
 /// Read a gzip stream fully, bounded by [`MAX_DECOMPRESSED_BYTES`].
 pub fn gunzip(bytes: &[u8]) -> Result<Vec<u8>, CkptError> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .take(MAX_DECOMPRESSED_BYTES + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| CkptError::Gzip(e.to_string()))?;
+    flate2::read::GzDecoder::new(bytes).take(MAX_DECOMPRESSED_BYTES + 1).read_to_end(&mut out).map_err(|e| CkptError::Gzip(e.to_string()))?;
     if out.len() as u64 > MAX_DECOMPRESSED_BYTES {
         return Err(CkptError::TooLarge);
     }

@@ -269,9 +269,7 @@ impl Engine {
                 // library more, the device half a second; a build without CUDA measures nothing
                 // (its `driver_present` answers at once).
                 let pays = if cfg!(feature = "cuda") { gpu_can_pay(&measure_cpu_costs(), candidate_bytes, threads) } else { Ok(()) };
-                let tried = pays
-                    .and_then(|()| driver_present().map_err(|why| format!("auto: {why}")))
-                    .and_then(|()| GpuDiffer::new().map_err(|e| format!("auto: {e}")));
+                let tried = pays.and_then(|()| driver_present().map_err(|why| format!("auto: {why}"))).and_then(|()| GpuDiffer::new().map_err(|e| format!("auto: {e}")));
                 tried.map_err(|why| note = Some(why)).ok()
             }
             Device::Cuda => Some(GpuDiffer::new().map_err(|e| crate::error::Error::Usage(format!("--device cuda: {e}; use --device cpu or auto")))?),
@@ -305,7 +303,15 @@ impl Engine {
     /// takes a share of the tensors alongside the CPU threads instead of queueing them. The new
     /// bytes also go to `hasher` (the tensor's checksum). Returns the changed byte count; 0 means
     /// the tensors are equal, and what `out` and `hasher` got is to be dropped.
-    pub fn encode<W: Write>(&self, encoding: Encoding, read: crate::inputmap::InputRead, old: codec::TensorFile, new: codec::TensorFile, mut out: W, hasher: &mut crate::checksum::Hasher) -> Result<u64, PayloadError> {
+    pub fn encode<W: Write>(
+        &self,
+        encoding: Encoding,
+        read: crate::inputmap::InputRead,
+        old: codec::TensorFile,
+        new: codec::TensorFile,
+        mut out: W,
+        hasher: &mut crate::checksum::Hasher,
+    ) -> Result<u64, PayloadError> {
         if let Some(gpu) = &self.gpu {
             let (ob, nb) = (old.mapped, new.mapped);
             let wanted = match self.device {
@@ -411,7 +417,8 @@ mod tests {
             std::fs::write(&po, &old).unwrap();
             std::fs::write(&pn, &new).unwrap();
             let (fo, fnew) = (std::fs::File::open(&po).unwrap(), std::fs::File::open(&pn).unwrap());
-            let (to, tn) = (codec::TensorFile { mapped: &old, map: None, file: &fo, path: &po, offset: 0 }, codec::TensorFile { mapped: &new, map: None, file: &fnew, path: &pn, offset: 0 });
+            let (to, tn) =
+                (codec::TensorFile { mapped: &old, map: None, file: &fo, path: &po, offset: 0 }, codec::TensorFile { mapped: &new, map: None, file: &fnew, path: &pn, offset: 0 });
             assert_eq!(e.encode(enc, crate::inputmap::InputRead::Pread, to, tn, &mut a, &mut h).unwrap(), 2);
             std::fs::remove_dir_all(&dir).unwrap();
             codec::encode(enc, &old, &new, &mut b).unwrap();
