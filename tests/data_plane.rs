@@ -1592,6 +1592,27 @@ fn tail_until_stderr(args: &[&str], what: &str) -> (std::process::Child, std::th
     (child, rest)
 }
 
+/// Bytes of the over-long line the long-line tests write before its newline: past the cap.
+const LONG_LINE_PART: usize = disagg::dataplane::channel::MAX_LINE_BYTES + 2000;
+
+/// `d/ch`, a single-file channel: ref `x0`, then the first [`LONG_LINE_PART`] bytes of a line.
+fn single_file_ending_in_a_long_line(d: &Path) -> (PathBuf, PathBuf) {
+    let ch = d.join("ch");
+    fs::create_dir_all(&ch).unwrap();
+    let refs = ch.join("refs.jsonl");
+    fs::write(&refs, format!("{}\n{}", sample_ref("x0", None), "x".repeat(LONG_LINE_PART))).unwrap();
+    (ch, refs)
+}
+
+/// `d/ch2`, producer `q`'s segment: ref `c-0`, then the first [`LONG_LINE_PART`] bytes of a line.
+fn segment_ending_in_a_long_line(d: &Path) -> (PathBuf, PathBuf) {
+    let ch2 = d.join("ch2");
+    ok(&run(PUBLISH, &[p(&ch2), "--producer", "q"], &refs_text("c", 1)));
+    let seg = only_segment(&ch2, "q");
+    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all("x".repeat(LONG_LINE_PART).as_bytes()).unwrap();
+    (ch2, seg)
+}
+
 /// A line longer than the line cap whose newline comes in a later read (here: written after
 /// the tail skipped the first part) is one corrupt line, counted once; in the single-file
 /// layout it also takes one line index (one seq, acknowledged once). Before, the rest of it
@@ -1599,12 +1620,8 @@ fn tail_until_stderr(args: &[&str], what: &str) -> (std::process::Child, std::th
 #[test]
 fn an_over_long_line_split_across_reads_is_counted_once() {
     let d = temp_dir("long-split");
-    let long = "x".repeat(disagg::dataplane::channel::MAX_LINE_BYTES + 2000);
     // Single file.
-    let ch = d.join("ch");
-    fs::create_dir_all(&ch).unwrap();
-    let refs = ch.join("refs.jsonl");
-    fs::write(&refs, format!("{}\n{long}", sample_ref("x0", None))).unwrap();
+    let (ch, refs) = single_file_ending_in_a_long_line(&d);
     let (child, err) = tail_until_stderr(&[p(&ch), "--cursor", "c", "--follow", "--json", "--idle-timeout", "60"], "longer than");
     fs::OpenOptions::new().append(true).open(&refs).unwrap().write_all(format!("yyyy\n{}\n", sample_ref("x2", None)).as_bytes()).unwrap();
     fs::write(ch.join(".closed"), "").unwrap();
@@ -1619,10 +1636,7 @@ fn an_over_long_line_split_across_reads_is_counted_once() {
     assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "3\n");
 
     // Segments: the seq it took is learnt from the next valid line.
-    let ch2 = d.join("ch2");
-    ok(&run(PUBLISH, &[p(&ch2), "--producer", "q"], &refs_text("c", 1)));
-    let seg = only_segment(&ch2, "q");
-    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(long.as_bytes()).unwrap();
+    let (ch2, seg) = segment_ending_in_a_long_line(&d);
     let (child, err) = tail_until_stderr(&[p(&ch2), "--cursor", "c", "--follow", "--json", "--idle-timeout", "60"], "longer than");
     let next = SampleRef::parse(sample_ref("c-2", None).to_string().as_bytes()).unwrap();
     let line = channel::encode_line(&next, "q", 2);
@@ -1659,12 +1673,8 @@ fn wait_for_cursor_delivered(path: &Path, n: u64) {
 #[test]
 fn a_cursor_committed_inside_an_over_long_line_resumes_at_its_start() {
     let d = temp_dir("long-cursor");
-    let long = "x".repeat(disagg::dataplane::channel::MAX_LINE_BYTES + 2000);
     // Single file.
-    let ch = d.join("ch");
-    fs::create_dir_all(&ch).unwrap();
-    let refs = ch.join("refs.jsonl");
-    fs::write(&refs, format!("{}\n{long}", sample_ref("x0", None))).unwrap();
+    let (ch, refs) = single_file_ending_in_a_long_line(&d);
     let mut child = Command::new(TAIL).args([p(&ch), "--cursor", "c", "--follow"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for_cursor_delivered(&ch.join(".cursor-c.json"), 1);
     child.kill().unwrap();
@@ -1684,11 +1694,8 @@ fn a_cursor_committed_inside_an_over_long_line_resumes_at_its_start() {
     assert_eq!(fs::read_to_string(ch.join(".consumed_count")).unwrap(), "3\n");
 
     // Segments.
-    let ch2 = d.join("ch2");
-    ok(&run(PUBLISH, &[p(&ch2), "--producer", "q"], &refs_text("c", 1)));
-    let seg = only_segment(&ch2, "q");
-    let line0_len = fs::metadata(&seg).unwrap().len();
-    fs::OpenOptions::new().append(true).open(&seg).unwrap().write_all(long.as_bytes()).unwrap();
+    let (ch2, seg) = segment_ending_in_a_long_line(&d);
+    let line0_len = fs::metadata(&seg).unwrap().len() - LONG_LINE_PART as u64;
     let mut child = Command::new(TAIL).args([p(&ch2), "--cursor", "c", "--follow"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for_cursor_delivered(&ch2.join("cursors/c.json"), 1);
     child.kill().unwrap();
