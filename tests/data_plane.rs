@@ -1568,6 +1568,32 @@ fn a_corrupt_last_line_of_a_closed_producer_is_skipped() {
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// A jump in the seqs that corrupt lines do not account for is counted as `missing` in
+/// `--json` (and said in the warning): refs no line held, told apart from corrupt ones. Before,
+/// both were one "sequence jumps" warning and only the corrupt line was counted.
+#[test]
+fn seqs_no_line_held_are_counted_missing_apart_from_corrupt_lines() {
+    let d = temp_dir("tail-missing");
+    let ch = d.join("ch");
+    ok(&run(PUBLISH, &[p(&ch), "--producer", "q"], &refs_text("c", 6)));
+    let seg = only_segment(&ch, "q");
+    // Seq 1 corrupt, seqs 3 and 4 gone: a jump 1 → 2 (one corrupt line) and 3 → 5 (in no line).
+    let lines: Vec<String> = fs::read_to_string(&seg).unwrap().lines().map(str::to_string).collect();
+    let kept = [lines[0].clone(), lines[1].replacen("c-1\"", "c-Z\"", 1), lines[2].clone(), lines[5].clone()];
+    fs::write(&seg, format!("{}\n", kept.join("\n"))).unwrap();
+    let o = run(TAIL, &[p(&ch), "--cursor", "c", "--json"], "");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let ids: Vec<String> = parse_out(&String::from_utf8(o.stdout).unwrap()).into_iter().map(|l| l.2).collect();
+    assert_eq!(ids, ["c-0", "c-2", "c-5"]);
+    let summary: Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!((summary["corrupt"].as_u64(), summary["missing"].as_u64()), (Some(1), Some(2)), "{err}");
+    assert!(err.contains("sequence jumps from 1 to 2\n"), "a corrupt line accounts for seq 1: {err}");
+    assert!(err.contains("sequence jumps from 3 to 5 (2 of them in no line read)"), "{err}");
+    let c: Cursor = serde_json::from_slice(&fs::read(ch.join("cursors/c.json")).unwrap()).unwrap();
+    assert_eq!((c.producers["q"].next_seq, c.producers["q"].consumed), (6, 6));
+}
+
 /// A following tail; waits until its stderr has a line containing `what`, then returns the
 /// child with the rest of its stderr collected by a thread (joined for the whole text).
 fn tail_until_stderr(args: &[&str], what: &str) -> (std::process::Child, std::thread::JoinHandle<String>) {

@@ -961,6 +961,8 @@ pub struct TailSummary {
     pub other_shards: u64,
     pub torn: u64,
     pub corrupt: u64,
+    /// Seqs skipped by a jump that no corrupt line accounts for (segments).
+    pub missing: u64,
     pub duplicates: u64,
     pub producers: usize,
     pub latest_version: Option<u64>,
@@ -1570,9 +1572,14 @@ fn read_stream(
                     }
                 }
             }
-            s.pos.corrupt_after = 0;
+            let corrupt_before = std::mem::take(&mut s.pos.corrupt_after);
             if seq > s.pos.next_seq {
-                eprintln!("ref-tail: warning: {}: sequence jumps from {} to {seq}", path.display(), s.pos.next_seq);
+                // Seqs the corrupt lines skipped since the last valid line cannot account for
+                // were never seen at all: lost by the producer, or a segment cut.
+                let missing = (seq - s.pos.next_seq).saturating_sub(corrupt_before);
+                summary.missing += missing;
+                let why = if missing > 0 { format!(" ({missing} of them in no line read)") } else { String::new() };
+                eprintln!("ref-tail: warning: {}: sequence jumps from {} to {seq}{why}", path.display(), s.pos.next_seq);
                 // The missing seqs were published (a corrupt line, skipped above, or lost):
                 // acknowledged as lost, or in-flight backpressure would never drain.
                 *acked |= ack_lost(s, opts, s.pos.next_seq, seq);
