@@ -39,7 +39,8 @@ struct Args {
     /// With --follow, wait until at least N producers exist before exiting.
     #[arg(long, value_name = "N", default_value_t = 1)]
     expect_producers: usize,
-    /// Print a JSON summary on stderr at exit.
+    /// Print a JSON summary on stderr at exit: delivered, stale, other_shards, torn, corrupt,
+    /// missing (seqs no line held), duplicates, producers, latest_version.
     #[arg(long)]
     json: bool,
 }
