@@ -121,7 +121,7 @@ pub fn source_id(source: &Path) -> String {
 fn same_directory(recorded: &Path, source: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(recorded), std::fs::metadata(source)) {
-        (Ok(a), Ok(b)) => a.is_dir() && (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
     }
 }

@@ -480,17 +480,13 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
         if let Some(signal) = crate::stop::requested() {
             return Err(Failure::Fatal(Error::Interrupted { signal }));
         }
-        let r = match broken {
+        match broken {
             Some(reason) => Err(Failure::Invalid(reason.clone())),
             // Moving the link's target would take a file from wherever it lives, outside
             // INPUT perhaps; moving the link would store a link.
             None if *linked && opts.mode == PlaceMode::Move => Err(Failure::Invalid("a symbolic link: --mode move takes files, not links (use --mode copy or link)".into())),
             None => ingest_one(&store, src, rel, opts, &dirs, closed.as_ref()),
-        };
-        if let Some(b) = &bar {
-            b.inc(1);
         }
-        r
     };
     let per_group: Vec<Vec<(usize, std::result::Result<Outcome, Failure>)>> = pool.install(|| {
         groups
@@ -502,13 +498,13 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
                     let rel = &inputs[i].rel;
                     let r = match keeper {
                         Some(first) => {
-                            if let Some(b) = &bar {
-                                b.inc(1);
-                            }
                             Err(Failure::Invalid(format!("sample id {:?} of {rel} is also derived from {first}, the first valid file with it, which keeps it", sample_id_for(rel))))
                         }
                         None => one_file(&inputs[i]),
                     };
+                    if let Some(b) = &bar {
+                        b.inc(1);
+                    }
                     if r.is_ok() {
                         keeper = Some(rel);
                     }
@@ -522,17 +518,14 @@ pub fn ingest(opts: &IngestOptions) -> Result<IngestSummary> {
             })
             .collect()
     });
-    // Back in INPUT's order; a file its group did not get to (after a fatal error) is left
-    // for the rerun, like one a stop signal kept from starting.
+    // Back in INPUT's order. A file its group did not get to (after a fatal error) is left for
+    // the rerun, like one a stop signal kept from starting: it comes after that fatal error,
+    // where the results end, and the loop below returns at the error.
     let mut slots: Vec<Option<std::result::Result<Outcome, Failure>>> = (0..inputs.len()).map(|_| None).collect();
     for (i, r) in per_group.into_iter().flatten() {
         slots[i] = Some(r);
     }
-    let fatal_first = slots.iter().position(|r| matches!(r, Some(Err(Failure::Fatal(_)))));
-    let results: Vec<std::result::Result<Outcome, Failure>> = match fatal_first {
-        Some(at) => slots.into_iter().take(at + 1).map(|r| r.expect("every file before the first fatal one was tried")).collect(),
-        None => slots.into_iter().map(|r| r.expect("every file was tried")).collect(),
-    };
+    let results: Vec<std::result::Result<Outcome, Failure>> = slots.into_iter().map_while(|r| r).collect();
     if let Some(b) = bar {
         b.finish_and_clear();
     }
