@@ -540,14 +540,54 @@ impl<'a> ChainPlan<'a> {
     }
 }
 
-/// LOCAL is patched in place: it must not be the base checkpoint, however spelled. Callers
-/// check before they take LOCAL's lock, whose sync directory would be a write into BASE.
-pub fn check_local_is_not_base(local: &Path, base: Option<&Path>) -> Result<()> {
-    if let Some(base) = base {
-        if let (Ok(a), Ok(b)) = (local.canonicalize(), base.canonicalize()) {
-            if a == b {
-                return Err(Error::Usage(format!("--local and --base are the same directory ({}); LOCAL is patched in place", a.display())));
+/// `p` made absolute with every symlink of the part that exists resolved, and the part that does
+/// not (a LOCAL not yet created) appended as written, `.` and `..` folded: where `p` would be.
+fn resolved(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut missing = Vec::new();
+    let mut existing = abs.as_path();
+    let mut base = loop {
+        if let Ok(c) = existing.canonicalize() {
+            break c;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_os_string());
+                existing = parent;
             }
+            // A path whose existing part is only `..` components past the root, or unreadable.
+            _ => break existing.to_path_buf(),
+        }
+    };
+    for name in missing.into_iter().rev() {
+        match name.to_str() {
+            Some("..") => {
+                base.pop();
+            }
+            Some(".") => {}
+            _ => base.push(name),
+        }
+    }
+    base
+}
+
+/// LOCAL is patched in place and seeded by deleting the plain files the seed lacks, so it must
+/// lie apart from what it reads: not BASE or a directory inside it (its sync directory would be
+/// a write into BASE), and not SRC or a directory inside it (a seed would delete SRC's `latest`,
+/// a patch rewrite a published version for every other host). Refused (usage, exit 2) however
+/// spelled, before LOCAL's lock is taken or LOCAL created.
+pub fn check_local_apart(local: &Path, base: Option<&Path>, source: &Path) -> Result<()> {
+    let l = resolved(local);
+    for (flag, dir) in [("--base", base), ("--source", Some(source))] {
+        let Some(dir) = dir else { continue };
+        let d = resolved(dir);
+        if l.starts_with(&d) {
+            let how = if l == d { "the same directory as" } else { "inside" };
+            return Err(Error::Usage(format!(
+                "--local {} is {how} {flag} {}; LOCAL is patched and seeded in place, so it must lie apart from what it reads",
+                l.display(),
+                d.display()
+            )));
         }
     }
     Ok(())
@@ -578,11 +618,11 @@ pub fn pull_locked(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn F
     pull_checked(opts, lock, before_read)
 }
 
-/// What is wrong with `opts` whatever is on disk, refused before LOCAL's lock is taken (its
-/// sync directory would be created inside BASE, or under a run id that is a path).
+/// What is wrong with `opts` whatever is on disk, refused before LOCAL's lock is taken (a LOCAL
+/// that is or lies inside BASE or SRC, a run id that is a path).
 fn check_pull_options(opts: &ApplyOptions) -> Result<()> {
     crate::version::check_run_id_arg(opts.run_id.as_deref())?;
-    check_local_is_not_base(&opts.local, opts.base.as_deref())
+    check_local_apart(&opts.local, opts.base.as_deref(), &opts.source)
 }
 
 /// The pull itself, once [`check_pull_options`] passed, under `lock`. A LOCAL whose state

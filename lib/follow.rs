@@ -270,6 +270,8 @@ impl Follower {
         if opts.poll.is_zero() && !opts.once {
             return Err(Error::Usage("--poll must be > 0".into()));
         }
+        // Before anything is created: a LOCAL inside SRC would otherwise be made there.
+        apply::check_local_apart(&opts.local, opts.base.as_deref(), &opts.source)?;
         let name = opts.name.clone().unwrap_or_else(|| default_name(&opts.local));
         if !crate::version::is_valid_run_id(&name) {
             return Err(Error::Usage(format!("--name {name:?}: use letters, digits, '.', '_' or '-'")));
@@ -281,7 +283,6 @@ impl Follower {
             }
         }
         std::fs::create_dir_all(&opts.local).map_err(|e| Error::io(&opts.local, e))?;
-        apply::check_local_is_not_base(&opts.local, opts.base.as_deref())?;
         let local = LocalCheckpoint::new(&opts.local);
         // What LOCAL holds now, judged as the pull judges it, so the first status does not name
         // a version whose bytes are torn. Under the lock: it waits out a delta-apply in progress.

@@ -152,6 +152,24 @@ fn follow_without_fsync_applies_marks_and_a_durable_pull_settles() {
     assert_holds(&t.join("local"), &chain.models[3]);
 }
 
+/// A follower whose LOCAL is inside SRC is refused before it creates LOCAL there (a directory
+/// in SRC that another host's listing or GC would see) or writes a status file.
+#[test]
+fn follow_refuses_a_local_inside_source_before_creating_it() {
+    let t = TestDir::new("follow-local-in-src");
+    let chain = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish_chain(&chain, &src);
+    advance(&src, 1);
+    let before = snapshot(&src);
+    let local = src.join("weight_v000009");
+    let (status, base) = (t.join("status.json"), t.join("ckpt0"));
+    let args = ["--local", local.s(), "--base", base.s(), "--source", src.s(), "--status", status.s(), "--once"];
+    run(FOLLOW, args).code(2).stderr_contains("inside --source");
+    assert!(!local.exists() && !status.exists());
+    assert!(snapshot(&src) == before, "SRC untouched");
+}
+
 #[test]
 fn follow_once_pulls_verifies_reloads_and_records_status() {
     let t = TestDir::new("follow-once");

@@ -1475,6 +1475,42 @@ fn apply_corrupt_zstd_frame() {
     assert!(!intent_exists(&local));
 }
 
+/// LOCAL is seeded by deleting the plain files the seed lacks and patched in place: one that is
+/// SRC deleted SRC's `latest`, one inside a published version rewrote it for every host. Both,
+/// and a LOCAL inside BASE, are refused before anything is created or read (exit 2).
+#[test]
+fn apply_refuses_a_local_that_is_or_lies_inside_base_or_source() {
+    let t = TestDir::new("apply_local_apart");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    publish(&c.ckpts[1], &c.ckpts[2], &src, 3, &["--full"]);
+    run(ADVANCE, [src.s(), "3"]).ok();
+    let (src_before, base_before) = (snapshot(&src), snapshot(&c.ckpts[0]));
+    std::os::unix::fs::symlink(&src, t.join("src-link")).unwrap();
+    let inside_base = c.ckpts[0].join("local");
+    let cases = [
+        (src.clone(), "the same directory as --source"),
+        (vdir(&src, 3), "inside --source"),
+        (src.join("hosts").join("..").join("local"), "inside --source"),
+        (t.join("src-link"), "the same directory as --source"),
+        (inside_base.clone(), "inside --base"),
+    ];
+    for (local, why) in &cases {
+        apply(local, Some(&c.ckpts[0]), &src, "latest", &[]).code(2).stderr_contains(why);
+        if why.ends_with("--source") {
+            // Also where no BASE is needed (version 3 is full).
+            apply(local, None, &src, "3", &[]).code(2);
+        }
+    }
+    assert!(snapshot(&src) == src_before, "SRC untouched");
+    assert!(snapshot(&c.ckpts[0]) == base_before && !inside_base.exists(), "BASE untouched");
+    // A sibling whose name only starts like SRC's lies apart.
+    let sibling = t.join("src-local");
+    apply(&sibling, Some(&c.ckpts[0]), &src, "latest", &[]).ok();
+    assert_local_is(&sibling, &c.ckpts[2], &c.models[2]);
+}
+
 #[test]
 fn apply_base_checks() {
     let t = TestDir::new("apply_base");
