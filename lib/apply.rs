@@ -379,6 +379,18 @@ impl LocalCheckpoint {
         Ok(())
     }
 
+    /// Remove the temp files (`.NAME.tmp-PID-N`, §1) a copy killed part way left in LOCAL: under
+    /// the host lock no one else writes them, and left in place they would count against the
+    /// room a reseed needs (a killed seed of a large model then refused every retry).
+    fn remove_stale_temps(&self) -> Result<()> {
+        for e in std::fs::read_dir(&self.dir).at(&self.dir)?.flatten() {
+            if fsio::is_temp_name(&e.file_name().to_string_lossy()) && e.file_type().is_ok_and(|t| t.is_file()) {
+                fsio::remove_durable(&e.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Refuse a seed that cannot fit before LOCAL is touched (no intent written, so a clean
     /// LOCAL stays clean), rather than fill the host's disk under the engine and everything
     /// else on it and fail part way. What the copy adds is the seed's bytes less those of the
@@ -392,15 +404,8 @@ impl LocalCheckpoint {
         fsio::check_room_for_copy(seed, &self.dir, adds.saturating_sub(frees), &format!("seed from {}", seed.display()))
     }
 
-    /// Map every tensor a chain of deltas patches to its LOCAL file, before anything is written:
-    /// a delta that patches a tensor LOCAL lacks is refused (exit 4) while LOCAL is still
-    /// clean, so the next run finds nothing to repair.
-    fn plan_chain<'a>(&self, deltas: &'a [(&'a VersionDir, &'a DeltaMeta, &'a [SafetensorsFile])]) -> Result<ChainPlan<'a>> {
-        ChainPlan::new(Checkpoint::open(&self.dir)?, deltas)
-    }
-
     /// Apply a chain of validated deltas (oldest first, each based on the one before) in place,
-    /// as [`Self::plan_chain`] mapped them, folded: every tensor any of them changes is patched
+    /// as [`ChainPlan::new`] mapped them, folded: every tensor any of them changes is patched
     /// by all of its payloads in one pass (see [`codec::apply_folded`]) and checked against the
     /// checksum of the newest delta that changed it. With `durable`, the bytes are on disk
     /// (fsync) before this returns.
@@ -501,7 +506,7 @@ fn foreign(recorded: &SyncState, v: u64, source: &Path) -> Option<String> {
     (now != *fp).then(|| format!("version {v} in {} was published again since LOCAL applied it (fingerprint {now}, LOCAL has {fp})", root.display()))
 }
 
-/// Where a chain's patches go ([`LocalCheckpoint::plan_chain`]): LOCAL's layout, each patched
+/// Where a chain's patches go: LOCAL's layout, each patched
 /// tensor's payloads in chain order (delta, data file), and the patched tensors of each LOCAL file.
 struct ChainPlan<'a> {
     layout: Checkpoint,
@@ -795,6 +800,7 @@ fn pull_once(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(P
         }
         let t = Instant::now();
         let names = seed_files(&seed_dir)?;
+        local.remove_stale_temps()?;
         local.check_room_for(&seed_dir, &names)?;
         local.mutate("seed", version_now, &to, durable, || {
             local.seed_from(&seed_dir, &names, durable)?;
@@ -819,12 +825,12 @@ fn pull_once(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(P
     if let Some(&(last, _, files)) = deltas.last() {
         crate::stop::check()?;
         let to = recorded(last, files);
-        let plan = local.plan_chain(&deltas)?;
+        let layout = Checkpoint::open(&opts.local)?;
         let (first, meta, _) = deltas[0];
         if let (None, Some(expected)) = (seed, &meta.base_sample) {
             // LOCAL's state and headers checked out (§6 step 2); its bytes must be the version
             // it records too, or the deltas would patch other weights than they were made against.
-            let actual = plan.layout.content_sample();
+            let actual = layout.content_sample();
             if actual != *expected {
                 return Ok(Pulled::Diverged(format!(
                     "LOCAL's content sample {actual} is not the base_sample {expected} that version {} was made against: its bytes are not version {}'s",
@@ -832,6 +838,14 @@ fn pull_once(opts: &ApplyOptions, lock: &HostLock, before_read: &mut dyn FnMut(P
                 )));
             }
         }
+        let plan = match ChainPlan::new(layout, &deltas) {
+            Ok(plan) => plan,
+            // A seed is checked for every tensor the chain patches before it is copied, so a
+            // LOCAL that was not seeded here and lacks one (a file of it lost or replaced) does
+            // not hold the version it records: reseeded, not refused on every run.
+            Err(Error::Incompatible(why)) if seed.is_none() => return Ok(Pulled::Diverged(format!("LOCAL is not version {}: {why}", meta.base_version))),
+            Err(e) => return Err(e),
+        };
         report.tensors_patched += local.mutate("apply", version_now, &to, durable, || {
             let patched = local.apply_chain(plan, &deltas, durable)?;
             if let Some(expected) = last.sample() {

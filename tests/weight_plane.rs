@@ -741,6 +741,39 @@ fn a_seed_larger_than_the_free_space_is_refused_before_local_is_touched() {
     assert_local_is(&local, &c.ckpts[2], &c.models[2]);
 }
 
+/// A seed killed part way leaves the temp of the file it was copying (§1). On a LOCAL disk with
+/// room for one copy of the model, that temp used to count against the room the next seed
+/// needs, so every retry was refused (exit 10) until someone removed it by hand; the seed now
+/// removes such temps first. Run on a small tmpfs in a private mount namespace (skipped where
+/// it cannot mount).
+#[test]
+fn a_temp_left_by_a_killed_seed_does_not_block_the_next_seed() {
+    let t = TestDir::new("seed_stale_temp");
+    let c = make_chain(&t.path, 1, 1);
+    let src = t.join("src");
+    publish(&c.ckpts[0], &c.ckpts[1], &src, 1, &[]);
+    let model: u64 = file_names(&c.ckpts[0]).iter().map(|n| fs::metadata(c.ckpts[0].join(n)).unwrap().len()).sum();
+    let disk = t.join("disk");
+    fs::create_dir(&disk).unwrap();
+    // Room for the model and a half; the stale temp takes 80 % of a model.
+    let script = r#"mount -t tmpfs -o size="$3" tmpfs "$2" 2>/dev/null || exit 77
+mkdir "$2/local" && head -c "$4" /dev/urandom > "$2/local/.model.safetensors.tmp-4242-0" || exit 78
+"$5" --local "$2/local" --base "$6" --source "$1" --target 1; echo "rc=$?"
+ls -A "$2/local"; cmp "$2/local/model.safetensors" "$7" && echo same"#;
+    let (size, temp) = ((model * 3 / 2 + 8192).to_string(), (model * 4 / 5).to_string());
+    let want = c.ckpts[1].join(SINGLE);
+    let args = ["-m", "--propagation", "private", "sh", "-c", script, "sh", src.s(), disk.s(), &size, &temp, APPLY, c.ckpts[0].s(), want.s()];
+    let r = run("unshare", args);
+    if r.out.status.code() == Some(77) || r.stderr().starts_with("unshare:") {
+        eprintln!("skipped: no tmpfs mount here ({})", r.stderr().trim());
+        return;
+    }
+    let out = r.stdout();
+    assert!(out.contains("rc=0"), "the seed was refused: {out}\n{}", r.stderr());
+    assert!(!out.contains(".tmp-4242-0"), "the stale temp is still there: {out}");
+    assert!(out.lines().any(|l| l == "same"), "LOCAL does not hold version 1: {out}");
+}
+
 /// A full version that cannot fit on the publish file system is refused before its directory
 /// exists (a sparse ride-along file larger than the free space stands in for a big checkpoint):
 /// nothing is copied, no version directory is left, and with room the publish goes through.
@@ -1312,6 +1345,38 @@ fn a_source_seen_through_a_bind_mount_is_the_same_source() {
     publish(&c.ckpts[0], &c.ckpts[2], &b, 2, &["--base-version", "0"]);
     let r = apply(&local, Some(&c.ckpts[0]), &b, "2", &["--json"]).ok().json();
     assert!(r["foreign_reason"].as_str().is_some_and(|s| s.contains("another source")), "{r}");
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+}
+
+/// A LOCAL whose state checks out but whose files lack a tensor the next delta patches (a file
+/// replaced by another model's) is not the version it records: reseeded and replayed, where it
+/// used to be refused as incompatible (exit 4) on every run, which nothing repaired.
+#[test]
+fn a_local_that_lost_a_patched_tensor_is_reseeded_not_refused_forever() {
+    let t = TestDir::new("apply_lost_tensor");
+    let c = make_chain(&t.path, 2, 1);
+    let src = t.join("src");
+    publish_chain(&c, &src);
+    let local = t.join("local");
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    write_checkpoint(&t.join("other"), &model_without(&c.models[1], EMBED), 1);
+    fs::copy(t.join("other").join(SINGLE), local.join(SINGLE)).unwrap();
+    // Our deltas record what they were made against, so the content sample tells first; a
+    // delta written by another tool (slime) records no base_sample, and the missing tensor tells.
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &["--json"]).ok().json();
+    assert_eq!((r["seeded_from"].as_u64(), applied(&r)), (Some(0), vec![1, 2]), "{r}");
+    assert!(r["foreign_reason"].as_str().is_some_and(|s| s.contains("content sample")), "{r}");
+    assert_local_is(&local, &c.ckpts[2], &c.models[2]);
+
+    apply(&local, Some(&c.ckpts[0]), &src, "1", &[]).ok();
+    let index = vdir(&src, 2).join(INDEX);
+    let mut ix = read_json(&index);
+    ix["metadata"].as_object_mut().unwrap().remove("base_sample");
+    fs::write(&index, serde_json::to_vec(&ix).unwrap()).unwrap();
+    fs::copy(t.join("other").join(SINGLE), local.join(SINGLE)).unwrap();
+    let r = apply(&local, Some(&c.ckpts[0]), &src, "2", &["--json"]).ok().json();
+    assert_eq!((r["seeded_from"].as_u64(), applied(&r)), (Some(0), vec![1, 2]), "{r}");
+    assert!(r["foreign_reason"].as_str().is_some_and(|s| s.contains("is not version 1") && s.contains(EMBED)), "{r}");
     assert_local_is(&local, &c.ckpts[2], &c.models[2]);
 }
 
